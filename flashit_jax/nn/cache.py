@@ -1,0 +1,52 @@
+"""The key/value cache: a pytree every decoding strategy shares.
+
+Per-layer buffers (layers may differ in KV heads after structured pruning) of shape
+[B, max_len, Hkv, D]; slot j of sequence b holds the key of position j. `lengths[b]` counts
+the valid slots, so rolling back (speculative decoding) only lowers `lengths`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    k: list
+    v: list
+    lengths: jax.Array  # int32 [B]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[1]
+
+    @property
+    def batch(self) -> int:
+        return self.lengths.shape[0]
+
+    def rollback(self, lengths) -> "KVCache":
+        """The same cache with `lengths` (int or int32 [B]) valid slots; later slots are ignored."""
+        lengths = jnp.broadcast_to(jnp.asarray(lengths, jnp.int32), self.lengths.shape)
+        return dataclasses.replace(self, lengths=lengths)
+
+
+def init_kv_cache(batch: int, max_len: int, kv_heads, head_dim: int, dtype) -> KVCache:
+    """`kv_heads` is one int per layer."""
+    k = [jnp.zeros((batch, max_len, h, head_dim), dtype) for h in kv_heads]
+    v = [jnp.zeros((batch, max_len, h, head_dim), dtype) for h in kv_heads]
+    return KVCache(k=k, v=v, lengths=jnp.zeros((batch,), jnp.int32))
+
+
+def write_slots(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """Write new [B, T, H, D] into buf [B, S, H, D] at slots start[b] + t.
+
+    Out-of-range slots are dropped, never clamped onto valid ones (`dynamic_update_slice`
+    would shift them); callers check capacity before decoding.
+    """
+    b, t = new.shape[:2]
+    slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    bidx = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], slots.shape)
+    return buf.at[bidx, slots].set(new.astype(buf.dtype), mode="drop")

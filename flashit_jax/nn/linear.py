@@ -1,0 +1,79 @@
+"""`linear`, `embed` and `unembed`: the only places a model touches a weight matrix.
+
+Each dispatches on the weight's Python type, so a quantized or sparse weight (a pytree node
+registered here by its own module) runs through the unchanged model. A plain array is the
+default. Weights are laid out `[in, out]` for linear and `[vocab, dim]` for embeddings.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class WeightOps(NamedTuple):
+    linear: Callable[[jax.Array, Any], jax.Array] | None = None  # (x [..., in], w) -> [..., out]
+    embed: Callable[[jax.Array, Any], jax.Array] | None = None  # (ids [...], w) -> [..., dim]
+    unembed: Callable[[jax.Array, Any], jax.Array] | None = None  # (x [..., dim], w) -> [..., vocab] fp32
+
+
+_OPS: dict[type, WeightOps] = {}
+
+
+def register_weight_type(cls: type, ops: WeightOps) -> None:
+    """Make `linear`/`embed`/`unembed` accept weights of type `cls` (e.g. QArray)."""
+    _OPS[cls] = ops
+
+
+def _ops(w) -> WeightOps | None:
+    return _OPS.get(type(w))
+
+
+def weight_shape(w) -> tuple[int, ...]:
+    """Logical shape of a weight, plain or packed (packed types expose `.shape`)."""
+    return tuple(w.shape)
+
+
+def _dense(w, dtype):
+    return w if w.dtype == dtype else w.astype(dtype)
+
+
+def linear(x: jax.Array, w, b: jax.Array | None = None) -> jax.Array:
+    """y = x @ w + b with w `[in, out]`; the result has x's dtype, accumulated in fp32."""
+    ops = _ops(w)
+    if ops is not None and ops.linear is not None:
+        y = ops.linear(x, w)
+    else:
+        if x.shape[-1] != w.shape[0]:
+            raise ValueError(f"linear: x has {x.shape[-1]} features but w is {tuple(w.shape)} ([in, out])")
+        y = jnp.einsum("...i,io->...o", x, _dense(w, x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+    if b is not None:
+        y = y + b.astype(y.dtype)
+    return y
+
+
+def embed(ids: jax.Array, w, dtype=None) -> jax.Array:
+    """Rows of the `[vocab, dim]` table; `dtype` defaults to the table's."""
+    ops = _ops(w)
+    if ops is not None and ops.embed is not None:
+        out = ops.embed(ids, w)
+    else:
+        out = jnp.take(w, ids, axis=0)
+    return out if dtype is None else out.astype(dtype)
+
+
+def unembed(x: jax.Array, w) -> jax.Array:
+    """fp32 logits x @ w.T against a `[vocab, dim]` table (tied embeddings)."""
+    ops = _ops(w)
+    if ops is not None and ops.unembed is not None:
+        return ops.unembed(x, w)
+    return jnp.einsum("...d,vd->...v", x, _dense(w, x.dtype), preferred_element_type=jnp.float32)
+
+
+def linear_logits(x: jax.Array, w) -> jax.Array:
+    """fp32 logits x @ w for an untied `[dim, vocab]` head."""
+    ops = _ops(w)
+    if ops is not None and ops.linear is not None:
+        return ops.linear(x, w).astype(jnp.float32)
+    return jnp.einsum("...d,dv->...v", x, _dense(w, x.dtype), preferred_element_type=jnp.float32)

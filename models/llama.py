@@ -1,0 +1,282 @@
+"""The Llama family in one file: Llama 2/3, Mistral, Qwen2, Gemma and SmolLM2.
+
+Parameters are declared with Flax NNX (`Llama`), then used as a plain pytree:
+
+    graphdef, state = nnx.split(Llama(config, rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(state)
+    logits, cache, aux = forward(params, tokens, positions, cache, config=config)
+
+Linear weights are `[in, out]`. Per-layer head counts and widths are read off the weights,
+so structurally pruned layers (fewer heads, narrower MLP, fewer layers) run unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flashit_jax import nn
+from flashit_jax.nn.rope import RopeScaling
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    head_dim: int = 0  # 0: dim // n_heads
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rope_freq_factors: tuple[float, ...] | None = None  # llama.cpp's rope_freqs tensor
+    max_position: int = 4096
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2
+    act: str = "silu"  # "silu": SwiGLU; "gelu_tanh": GeGLU (Gemma)
+    norm_offset: float = 0.0  # Gemma scales by (1 + w)
+    embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(dim)
+    sliding_window: int | None = None  # Mistral
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    family: str = "llama"  # llama | mistral | qwen2 | gemma | smollm2: which HF class this mirrors
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.act not in ("silu", "gelu_tanh"):
+            raise ValueError(f"unsupported activation {self.act!r} (silu, gelu_tanh)")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if self.rope_freq_factors is not None:
+            d["rope_freq_factors"] = list(self.rope_freq_factors)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
+        d = dict(d)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown LlamaConfig fields: {sorted(unknown)}")
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        if d.get("rope_freq_factors") is not None:
+            d["rope_freq_factors"] = tuple(d["rope_freq_factors"])
+        return cls(**d)
+
+    @property
+    def n_params(self) -> int:
+        qkvo = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        per_layer = qkvo + 3 * self.dim * self.ffn_dim + 2 * self.dim
+        head = 0 if self.tie_embeddings else self.dim * self.vocab_size
+        return self.vocab_size * self.dim + self.n_layers * per_layer + self.dim + head
+
+
+# Logical axis names of every parameter, matched on '/'-joined paths; `flashit_jax.sharding`
+# maps them onto mesh axes with one rules table.
+PARAM_AXES: list[tuple[str, tuple[str | None, ...]]] = [
+    (r"embed/w", ("vocab", "embed")),
+    (r"lm_head/w", ("embed", "vocab")),
+    (r"layers/\d+/attn/[qkv]/w", ("embed", "heads")),
+    (r"layers/\d+/attn/[qkv]/b", ("heads",)),
+    (r"layers/\d+/attn/o/w", ("heads", "embed")),
+    (r"layers/\d+/mlp/(gate|up)/w", ("embed", "mlp")),
+    (r"layers/\d+/mlp/down/w", ("mlp", "embed")),
+    (r".*norm/scale", ("norm",)),
+]
+
+
+# ----------------------------------------------------------------------------- NNX modules
+_INIT_STD = 0.02
+
+
+class Linear(nnx.Module):
+    def __init__(self, din: int, dout: int, *, bias: bool = False, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.w = nnx.Param((_INIT_STD * jax.random.normal(rngs.params(), (din, dout), jnp.float32)).astype(dtype))
+        if bias:
+            self.b = nnx.Param(jnp.zeros((dout,), dtype))
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.w = nnx.Param((_INIT_STD * jax.random.normal(rngs.params(), (vocab, dim), jnp.float32)).astype(dtype))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, offset: float, dtype=jnp.float32):
+        # Gemma's (1 + w) starts at w = 0 so that the initial scale is 1 either way.
+        self.scale = nnx.Param(jnp.full((dim,), 1.0 - offset, dtype))
+
+
+class Attention(nnx.Module):
+    def __init__(self, c: LlamaConfig, *, rngs: nnx.Rngs, dtype):
+        qd, kd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        self.q = Linear(c.dim, qd, bias=c.qkv_bias, rngs=rngs, dtype=dtype)
+        self.k = Linear(c.dim, kd, bias=c.qkv_bias, rngs=rngs, dtype=dtype)
+        self.v = Linear(c.dim, kd, bias=c.qkv_bias, rngs=rngs, dtype=dtype)
+        self.o = Linear(qd, c.dim, rngs=rngs, dtype=dtype)
+
+
+class MLP(nnx.Module):
+    def __init__(self, c: LlamaConfig, *, rngs: nnx.Rngs, dtype):
+        self.gate = Linear(c.dim, c.ffn_dim, rngs=rngs, dtype=dtype)
+        self.up = Linear(c.dim, c.ffn_dim, rngs=rngs, dtype=dtype)
+        self.down = Linear(c.ffn_dim, c.dim, rngs=rngs, dtype=dtype)
+
+
+class Block(nnx.Module):
+    def __init__(self, c: LlamaConfig, *, rngs: nnx.Rngs, dtype):
+        self.attn_norm = RMSNorm(c.dim, offset=c.norm_offset, dtype=dtype)
+        self.attn = Attention(c, rngs=rngs, dtype=dtype)
+        self.mlp_norm = RMSNorm(c.dim, offset=c.norm_offset, dtype=dtype)
+        self.mlp = MLP(c, rngs=rngs, dtype=dtype)
+
+
+class Llama(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        c = self.config = config
+        self.embed = Embed(c.vocab_size, c.dim, rngs=rngs, dtype=dtype)
+        self.layers = nnx.List([Block(c, rngs=rngs, dtype=dtype) for _ in range(c.n_layers)])
+        self.final_norm = RMSNorm(c.dim, offset=c.norm_offset, dtype=dtype)
+        if not c.tie_embeddings:
+            self.lm_head = Linear(c.dim, c.vocab_size, rngs=rngs, dtype=dtype)
+
+    def __call__(self, tokens, positions=None, cache=None, **kw):
+        params = nnx.to_pure_dict(nnx.state(self, nnx.Param))
+        return forward(params, tokens, positions, cache, config=self.config, **kw)
+
+
+def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> dict:
+    """Random parameters as a plain pytree, built under jit (no eager per-op dispatch)."""
+
+    @jax.jit
+    def make(key):
+        return nnx.to_pure_dict(nnx.state(Llama(config, rngs=nnx.Rngs(key), dtype=dtype), nnx.Param))
+
+    return make(key)
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16, params=None) -> nn.KVCache:
+    """Empty cache; pass `params` when layers differ in KV heads (structured pruning)."""
+    if params is None:
+        heads = [config.n_kv_heads] * config.n_layers
+    else:
+        heads = [_heads(params["layers"][i]["attn"]["k"]["w"], config.head_dim)
+                 for i in range(len(params["layers"]))]
+    return nn.init_kv_cache(batch, max_len, heads, config.head_dim, dtype)
+
+
+# ----------------------------------------------------------------------------- forward pass
+def _heads(w, head_dim: int) -> int:
+    return nn.weight_shape(w)[-1] // head_dim
+
+
+def _proj(p: dict, x, tap: dict | None, path: str):
+    if tap is not None:
+        tap[path] = x
+    return nn.linear(x, p["w"], p.get("b"))
+
+
+def _attention(p, x, positions, q_slots, kv_lengths, layer_cache, c: LlamaConfig, tap, pre, attn_impl,
+               segment_ids=None):
+    b, t, _ = x.shape
+    hd = c.head_dim
+    q = _proj(p["q"], x, tap, pre + "q").reshape(b, t, -1, hd)
+    k = _proj(p["k"], x, tap, pre + "k").reshape(b, t, -1, hd)
+    v = _proj(p["v"], x, tap, pre + "v").reshape(b, t, -1, hd)
+    inv_freq = nn.inv_frequencies(hd, c.rope_theta, c.rope_scaling, c.rope_freq_factors)
+    q = nn.apply_rope(q, positions, inv_freq)
+    k = nn.apply_rope(k, positions, inv_freq)
+    if layer_cache is not None:
+        kc, vc, start = layer_cache
+        k = kc = nn.write_slots(kc, k, start)
+        v = vc = nn.write_slots(vc, v, start)
+        layer_cache = (kc, vc)
+    o = nn.attention(q, k, v, q_positions=q_slots, kv_lengths=kv_lengths, causal=True, window=c.sliding_window,
+                     segment_ids=segment_ids, softcap=c.attn_softcap, impl=attn_impl)
+    return _proj(p["o"], o.reshape(b, t, -1), tap, pre + "o"), layer_cache
+
+
+def _mlp(p, x, c: LlamaConfig, tap, pre):
+    g = _proj(p["gate"], x, tap, pre + "gate")
+    u = _proj(p["up"], x, tap, pre + "up")
+    a = jax.nn.silu(g) if c.act == "silu" else jax.nn.gelu(g, approximate=True)
+    return _proj(p["down"], a * u, tap, pre + "down")
+
+
+def forward(params, tokens, positions=None, cache: nn.KVCache | None = None, *, config: LlamaConfig,
+            collect=(), segment_ids=None, logits_at=None, attn_impl: str = "auto", dtype=None):
+    """Logits for `tokens` [B, T].
+
+    positions int32 [B, T]: rotary positions (default: continue from the cache, else 0..T-1).
+    cache: a KVCache; the T new keys are written at slots lengths[b] + t and lengths grow by T
+      (after a right-padded batched prefill, `cache.rollback(prompt_lengths)`).
+    collect: "hidden" (residual stream after each layer) and/or "inputs" (the input of every
+      linear, keyed by its parameter path without the trailing "/w") into `aux`.
+    segment_ids int32 [B, T]: packed sequences attend within their own segment (no cache).
+    logits_at int32 [B]: compute logits only at these positions (prefill), shape [B, 1, V].
+    dtype: compute dtype, default the embedding's. Logits are fp32.
+    Returns (logits, cache, aux).
+    """
+    c = config
+    b, t = tokens.shape
+    steps = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+    if cache is None:
+        q_slots, kv_lengths = steps, jnp.full((b,), t, jnp.int32)
+    else:
+        if segment_ids is not None:
+            raise ValueError("segment_ids are for packed training batches, not cached decoding")
+        q_slots = cache.lengths[:, None] + steps
+        kv_lengths = cache.lengths + t
+    if positions is None:
+        positions = q_slots
+    collect = set(collect)
+    tap = {} if "inputs" in collect else None
+    x = nn.embed(tokens, params["embed"]["w"], dtype)
+    if c.embed_scale:
+        x = x * jnp.asarray(c.dim**0.5, x.dtype)
+    hidden, new_k, new_v = [], [], []
+    layers = params["layers"]
+    for i in range(len(layers)):
+        lp = layers[i]
+        pre = f"layers/{i}/"
+        layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.lengths)
+        h = nn.rms_norm(x, lp["attn_norm"]["scale"], c.norm_eps, c.norm_offset)
+        a, layer_cache = _attention(lp["attn"], h, positions, q_slots, kv_lengths, layer_cache, c, tap,
+                                    pre + "attn/", attn_impl, segment_ids)
+        x = x + a
+        h = nn.rms_norm(x, lp["mlp_norm"]["scale"], c.norm_eps, c.norm_offset)
+        x = x + _mlp(lp["mlp"], h, c, tap, pre + "mlp/")
+        if layer_cache is not None:
+            new_k.append(layer_cache[0])
+            new_v.append(layer_cache[1])
+        if "hidden" in collect:
+            hidden.append(x)
+    x = nn.rms_norm(x, params["final_norm"]["scale"], c.norm_eps, c.norm_offset)
+    if logits_at is not None:
+        x = x[jnp.arange(b), logits_at][:, None]
+    if c.tie_embeddings:
+        logits = nn.unembed(x, params["embed"]["w"])
+    else:
+        if tap is not None:
+            tap["lm_head"] = x
+        logits = nn.linear_logits(x, params["lm_head"]["w"])
+    if c.final_softcap is not None:
+        logits = c.final_softcap * jnp.tanh(logits / c.final_softcap)
+    aux = {}
+    if "hidden" in collect:
+        aux["hidden"] = hidden
+    if tap is not None:
+        aux["inputs"] = tap
+    new_cache = None if cache is None else nn.KVCache(k=new_k, v=new_v, lengths=cache.lengths + t)
+    return logits, new_cache, aux
+

@@ -1,0 +1,1 @@
+"""Training entry points (`python -m train.distill`, ...) and the training loop."""
