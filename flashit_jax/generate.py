@@ -1,0 +1,145 @@
+"""Batched autoregressive generation with a static, pre-allocated KV cache.
+
+One jitted prefill (right-padded prompts of different lengths, logits only at each prompt's
+last token) and one jitted decode step (the cache donated, so it is updated in place).
+Sampling: greedy (temperature 0), temperature, top-k, top-p; the warpers are shared with
+speculative decoding so that draft and target see the same distribution.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flashit_jax.errors import FlashitError
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def warp_logits(logits: jax.Array, s: Sampling) -> jax.Array:
+    """fp32 logits after temperature, top-k and top-p; excluded tokens get -inf."""
+    x = logits.astype(jnp.float32)
+    if s.greedy:
+        return x
+    x = x / jnp.float32(s.temperature)
+    if s.top_k:
+        kth = jax.lax.top_k(x, s.top_k)[0][..., -1:]
+        x = jnp.where(x < kth, -jnp.inf, x)
+    if s.top_p < 1.0:
+        sorted_x = jnp.sort(x, axis=-1)[..., ::-1]
+        cum = jnp.cumsum(jax.nn.softmax(sorted_x, axis=-1), axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (the first token always)
+        keep = (cum - jax.nn.softmax(sorted_x, axis=-1)) < jnp.float32(s.top_p)
+        cutoff = jnp.min(jnp.where(keep, sorted_x, jnp.inf), axis=-1, keepdims=True)
+        x = jnp.where(x < cutoff, -jnp.inf, x)
+    return x
+
+
+def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
+    """int32 tokens from logits [..., V]."""
+    if s.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, warp_logits(logits, s), axis=-1).astype(jnp.int32)
+
+
+@dataclasses.dataclass
+class GenerateResult:
+    tokens: np.ndarray  # int32 [B, max_new_tokens]; after EOS, filled with EOS
+    lengths: np.ndarray  # int32 [B]: generated tokens, EOS included
+    ttft_s: float  # prefill + first token, compiled
+    decode_s: float
+    tokens_per_s: float  # decode throughput: batch x decode steps / decode time
+    steps: int
+    compile_s: float
+
+
+@functools.partial(jax.jit, static_argnames=("model", "sampling", "attn_impl"), donate_argnames=("cache",))
+def _prefill(params, tokens, lengths, cache, key, *, model, sampling, attn_impl):
+    logits, cache, _ = model.forward(params, tokens, cache=cache, logits_at=lengths - 1, attn_impl=attn_impl)
+    return sample(logits[:, 0], key, sampling), cache.rollback(lengths)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "sampling", "eos_id", "attn_impl"),
+                   donate_argnames=("cache",))
+def _decode_step(params, cache, tok, done, key, *, model, sampling, eos_id, attn_impl):
+    logits, cache, _ = model.forward(params, tok[:, None], cache=cache, attn_impl=attn_impl)
+    nxt = sample(logits[:, 0], key, sampling)
+    if eos_id is not None:
+        nxt = jnp.where(done, eos_id, nxt)
+        done = done | (nxt == eos_id)
+    return nxt, cache, done
+
+
+def _bucket(n: int, multiple: int) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def generate(model, params, prompts, *, max_new_tokens: int, sampling: Sampling = Sampling(),
+             eos_id: int | None = None, cache_dtype=None, seed: int = 0, max_len: int | None = None,
+             attn_impl: str = "auto", pad_multiple: int = 64) -> GenerateResult:
+    """Generate up to `max_new_tokens` for each prompt (lists of token ids, lengths may differ)."""
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise FlashitError("generate needs at least one prompt, and every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise FlashitError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    b = len(prompts)
+    lens = np.array([len(p) for p in prompts], np.int32)
+    longest = int(lens.max())
+    need = longest + max_new_tokens
+    max_len = max_len or _bucket(need, 128)
+    if need > max_len:
+        raise FlashitError(f"prompt of {longest} tokens + {max_new_tokens} new tokens does not fit the cache of "
+                           f"{max_len} positions")
+    width = min(_bucket(longest, pad_multiple), max_len)
+    tokens = np.zeros((b, width), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    if cache_dtype is None:
+        cache_dtype = jax.tree.leaves(params["embed"])[0].dtype
+    key = jax.random.key(seed)
+    cache = model.init_cache(b, max_len, cache_dtype, params=params)
+    statics = dict(model=model, sampling=sampling, attn_impl=attn_impl)
+    t0 = time.perf_counter()
+    prefill = _prefill.lower(params, jnp.asarray(tokens), jnp.asarray(lens), cache, key, **statics).compile()
+    done0 = jnp.zeros((b,), bool)
+    step = _decode_step.lower(params, cache, jnp.zeros((b,), jnp.int32), done0, key, eos_id=eos_id,
+                              **statics).compile()
+    compile_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    tok, cache = prefill(params, jnp.asarray(tokens), jnp.asarray(lens), cache, jax.random.fold_in(key, 0))
+    tok.block_until_ready()
+    ttft = time.perf_counter() - t0
+    done = done0 if eos_id is None else tok == eos_id
+    out = [tok]
+    t0 = time.perf_counter()
+    for i in range(1, max_new_tokens):
+        tok, cache, done = step(params, cache, tok, done, jax.random.fold_in(key, i))
+        out.append(tok)
+        if eos_id is not None and i % 16 == 0 and bool(done.all()):
+            break
+    toks = np.asarray(jnp.stack(out, axis=1))
+    decode_s = time.perf_counter() - t0
+    steps = toks.shape[1] - 1
+    lengths = np.full((b,), toks.shape[1], np.int32)
+    if eos_id is not None:
+        hit = toks == eos_id
+        lengths = np.where(hit.any(1), hit.argmax(1) + 1, toks.shape[1]).astype(np.int32)
+        pad = np.full((b, max_new_tokens - toks.shape[1]), eos_id, np.int32)
+        toks = np.concatenate([toks, pad], axis=1)
+    return GenerateResult(tokens=toks, lengths=lengths, ttft_s=ttft, decode_s=decode_s,
+                          tokens_per_s=b * steps / decode_s if steps else 0.0, steps=steps, compile_s=compile_s)
