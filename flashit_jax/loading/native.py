@@ -2,7 +2,9 @@
 path, transforms.json (the transforms applied, in order) and the tokenizer.
 
 Packed weight types (QArray, sparse) serialize through `register_serializer`: each becomes
-several tensors `PATH::FIELD` plus a JSON entry in the safetensors metadata describing it.
+several tensors `PATH.FIELD` (e.g. `layers/0/attn/q/w.qvalues`) in model.safetensors, and its
+static fields go to the type's sidecar file (`quant.json` for QArray, `sparsity.json` for sparse
+weights), keyed by path.
 """
 from __future__ import annotations
 
@@ -17,12 +19,13 @@ from flashit_jax.errors import FlashitError
 
 FORMAT_VERSION = 1
 
-# type name -> (type, to_tensors(obj) -> (dict[field, np.ndarray], dict meta), from_tensors(fields, meta) -> obj)
-_SERIALIZERS: dict[str, tuple[type, Callable, Callable]] = {}
+# type name -> (to_tensors(obj) -> (dict[field, array], dict meta), from_tensors(fields, meta) -> obj, sidecar)
+_SERIALIZERS: dict[str, tuple[Callable, Callable, str]] = {}
 
 
-def register_serializer(cls: type, to_tensors: Callable, from_tensors: Callable) -> None:
-    _SERIALIZERS[cls.__name__] = (cls, to_tensors, from_tensors)
+def register_serializer(cls: type, to_tensors: Callable, from_tensors: Callable, sidecar: str) -> None:
+    """`sidecar` names the JSON file holding the static fields of every leaf of this type."""
+    _SERIALIZERS[cls.__name__] = (to_tensors, from_tensors, sidecar)
 
 
 def _config_dict(config) -> dict[str, Any]:
@@ -54,18 +57,23 @@ def save_model(path, config, params, *, tokenizer=None, transforms: list[dict] |
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, np.ndarray] = {}
-    packed: dict[str, Any] = {}
+    sidecars: dict[str, dict[str, Any]] = {}
     for name, leaf in tree.flatten(params).items():
         entry = _SERIALIZERS.get(type(leaf).__name__)
         if entry is not None:
-            fields, meta = entry[1](leaf)
-            packed[name] = {"type": type(leaf).__name__, "meta": meta, "fields": sorted(fields)}
+            fields, meta = entry[0](leaf)
+            sidecars.setdefault(entry[2], {})[name] = {"type": type(leaf).__name__, "fields": sorted(fields),
+                                                       **meta}
             for f, arr in fields.items():
-                tensors[f"{name}::{f}"] = np.asarray(jax.device_get(arr))
+                tensors[f"{name}.{f}"] = np.asarray(jax.device_get(arr))
         else:
             tensors[name] = np.asarray(jax.device_get(leaf))
+    for stale in {e[2] for e in _SERIALIZERS.values()} - set(sidecars):
+        (path / stale).unlink(missing_ok=True)
+    for fname, entries in sidecars.items():
+        (path / fname).write_text(json.dumps(entries, indent=1))
     tmp = path / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"flashit_jax_packed": json.dumps(packed)})
+    save_file(tensors, str(tmp))
     tmp.replace(path / "model.safetensors")
     (path / "config.json").write_text(json.dumps(_config_dict(config), indent=2))
     (path / "transforms.json").write_text(json.dumps(transforms or [], indent=2))
@@ -89,18 +97,27 @@ def load_native(path: Path):
         raise FlashitError(f"{path}: model.safetensors is missing")
     try:
         with safe_open(str(st), framework="numpy") as f:
-            meta = f.metadata() or {}
             raw = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise FlashitError(f"{st}: cannot read: {e}") from None
-    packed = json.loads(meta.get("flashit_jax_packed", "{}"))
-    flat: dict[str, Any] = {k: v for k, v in raw.items() if "::" not in k}
+    packed: dict[str, dict] = {}
+    for sidecar in sorted(path.glob("*.json")):
+        if sidecar.name in ("config.json", "transforms.json", "tokenizer.json", "tokenizer_config.json"):
+            continue
+        entries = json.loads(sidecar.read_text())
+        if isinstance(entries, dict) and all(isinstance(v, dict) and "type" in v for v in entries.values()):
+            packed.update(entries)
+    flat: dict[str, Any] = dict(raw)
     for name, info in packed.items():
-        if info["type"] not in _SERIALIZERS:
-            raise FlashitError(f"{st}: {name} is a {info['type']}, which no imported module can read "
+        info = dict(info)
+        kind, fields = info.pop("type"), info.pop("fields")
+        if kind not in _SERIALIZERS:
+            raise FlashitError(f"{path}: {name} is a {kind}, which no imported module can read "
                                "(import the module that defines it, e.g. flashit_jax.quant)")
-        fields = {f: raw[f"{name}::{f}"] for f in info["fields"]}
-        flat[name] = _SERIALIZERS[info["type"]][2](fields, info["meta"])
+        missing = [f for f in fields if f"{name}.{f}" not in raw]
+        if missing:
+            raise FlashitError(f"{st}: packed weight {name} lacks tensors {missing}")
+        flat[name] = _SERIALIZERS[kind][1]({f: flat.pop(f"{name}.{f}") for f in fields}, info)
     tf = path / "transforms.json"
     transforms = json.loads(tf.read_text()) if tf.exists() else []
     return config, flat, transforms
