@@ -68,8 +68,9 @@ class GenerateResult:
 
 @functools.partial(jax.jit, static_argnames=("model", "sampling", "attn_impl"), donate_argnames=("cache",))
 def _prefill(params, tokens, lengths, cache, key, *, model, sampling, attn_impl):
-    logits, cache, _ = model.forward(params, tokens, cache=cache, logits_at=lengths - 1, attn_impl=attn_impl)
-    return sample(logits[:, 0], key, sampling), cache.rollback(lengths)
+    logits, cache, _ = model.forward(params, tokens, cache=cache, logits_at=lengths - 1, seq_lengths=lengths,
+                                     attn_impl=attn_impl)
+    return sample(logits[:, 0], key, sampling), cache
 
 
 @functools.partial(jax.jit, static_argnames=("model", "sampling", "eos_id", "attn_impl"),

@@ -186,8 +186,9 @@ def _proj(p: dict, x, tap: dict | None, path: str):
     return nn.linear(x, p["w"], p.get("b"))
 
 
-def _attention(p, x, positions, q_slots, kv_lengths, layer_cache, c: LlamaConfig, tap, pre, attn_impl,
+def _attention(p, x, positions, q_slots, kv_lengths, cache, layer: int, c: LlamaConfig, tap, pre, attn_impl,
                segment_ids=None):
+    """Self-attention of one layer; with a cache, also returns the layer's new cache entry."""
     b, t, _ = x.shape
     hd = c.head_dim
     q = _proj(p["q"], x, tap, pre + "q").reshape(b, t, -1, hd)
@@ -196,14 +197,12 @@ def _attention(p, x, positions, q_slots, kv_lengths, layer_cache, c: LlamaConfig
     inv_freq = nn.inv_frequencies(hd, c.rope_theta, c.rope_scaling, c.rope_freq_factors)
     q = nn.apply_rope(q, positions, inv_freq)
     k = nn.apply_rope(k, positions, inv_freq)
-    if layer_cache is not None:
-        kc, vc, start = layer_cache
-        k = kc = nn.write_slots(kc, k, start)
-        v = vc = nn.write_slots(vc, v, start)
-        layer_cache = (kc, vc)
+    entry = None
+    if cache is not None:
+        k, v, entry = cache.update_layer(layer, k, v)
     o = nn.attention(q, k, v, q_positions=q_slots, kv_lengths=kv_lengths, causal=True, window=c.sliding_window,
                      segment_ids=segment_ids, softcap=c.attn_softcap, impl=attn_impl)
-    return _proj(p["o"], o.reshape(b, t, -1), tap, pre + "o"), layer_cache
+    return _proj(p["o"], o.reshape(b, t, -1), tap, pre + "o"), entry
 
 
 def _mlp(p, x, c: LlamaConfig, tap, pre):
@@ -214,12 +213,12 @@ def _mlp(p, x, c: LlamaConfig, tap, pre):
 
 
 def forward(params, tokens, positions=None, cache: nn.KVCache | None = None, *, config: LlamaConfig,
-            collect=(), segment_ids=None, logits_at=None, attn_impl: str = "auto", dtype=None):
+            collect=(), segment_ids=None, logits_at=None, seq_lengths=None, attn_impl: str = "auto", dtype=None):
     """Logits for `tokens` [B, T].
 
     positions int32 [B, T]: rotary positions (default: continue from the cache, else 0..T-1).
-    cache: a KVCache; the T new keys are written at slots lengths[b] + t and lengths grow by T
-      (after a right-padded batched prefill, `cache.rollback(prompt_lengths)`).
+    cache: a KVCache; the T new keys are written at slots lengths[b] + t and lengths grow by T,
+      or by seq_lengths[b] when given (right-padded rows: only the first seq_lengths[b] are real).
     collect: "hidden" (residual stream after each layer) and/or "inputs" (the input of every
       linear, keyed by its parameter path without the trailing "/w") into `aux`.
     segment_ids int32 [B, T]: packed sequences attend within their own segment (no cache).
@@ -244,21 +243,18 @@ def forward(params, tokens, positions=None, cache: nn.KVCache | None = None, *, 
     x = nn.embed(tokens, params["embed"]["w"], dtype)
     if c.embed_scale:
         x = x * jnp.asarray(c.dim**0.5, x.dtype)
-    hidden, new_k, new_v = [], [], []
+    hidden, entries = [], []
     layers = params["layers"]
     for i in range(len(layers)):
         lp = layers[i]
         pre = f"layers/{i}/"
-        layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.lengths)
         h = nn.rms_norm(x, lp["attn_norm"]["scale"], c.norm_eps, c.norm_offset)
-        a, layer_cache = _attention(lp["attn"], h, positions, q_slots, kv_lengths, layer_cache, c, tap,
-                                    pre + "attn/", attn_impl, segment_ids)
+        a, entry = _attention(lp["attn"], h, positions, q_slots, kv_lengths, cache, i, c, tap, pre + "attn/",
+                              attn_impl, segment_ids)
+        entries.append(entry)
         x = x + a
         h = nn.rms_norm(x, lp["mlp_norm"]["scale"], c.norm_eps, c.norm_offset)
         x = x + _mlp(lp["mlp"], h, c, tap, pre + "mlp/")
-        if layer_cache is not None:
-            new_k.append(layer_cache[0])
-            new_v.append(layer_cache[1])
         if "hidden" in collect:
             hidden.append(x)
     x = nn.rms_norm(x, params["final_norm"]["scale"], c.norm_eps, c.norm_offset)
@@ -277,6 +273,8 @@ def forward(params, tokens, positions=None, cache: nn.KVCache | None = None, *, 
         aux["hidden"] = hidden
     if tap is not None:
         aux["inputs"] = tap
-    new_cache = None if cache is None else nn.KVCache(k=new_k, v=new_v, lengths=cache.lengths + t)
+    new_cache = None
+    if cache is not None:
+        new_cache = cache.advance(entries, cache.lengths + (t if seq_lengths is None else seq_lengths))
     return logits, new_cache, aux
 

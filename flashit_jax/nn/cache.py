@@ -27,6 +27,20 @@ class KVCache:
     def batch(self) -> int:
         return self.lengths.shape[0]
 
+    def update_layer(self, i: int, k: jax.Array, v: jax.Array):
+        """Write layer i's new keys/values [B, T, Hkv, D] at slots lengths[b] + t.
+
+        Returns (keys, values) to attend over ([B, max_len, Hkv, D], compute dtype) and the
+        layer's new entry for `advance`. Cache variants (e.g. int8) override this pair.
+        """
+        kc = write_slots(self.k[i], k, self.lengths)
+        vc = write_slots(self.v[i], v, self.lengths)
+        return kc.astype(k.dtype), vc.astype(v.dtype), (kc, vc)
+
+    def advance(self, entries: list, lengths: jax.Array) -> "KVCache":
+        """The cache holding every layer's new entry, with `lengths` valid slots."""
+        return dataclasses.replace(self, k=[e[0] for e in entries], v=[e[1] for e in entries], lengths=lengths)
+
     def rollback(self, lengths) -> "KVCache":
         """The same cache with `lengths` (int or int32 [B]) valid slots; later slots are ignored."""
         lengths = jnp.broadcast_to(jnp.asarray(lengths, jnp.int32), self.lengths.shape)
