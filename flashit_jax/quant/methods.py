@@ -35,13 +35,16 @@ class RTN(Method):
 
 @dataclasses.dataclass(frozen=True)
 class GPTQ(Method):
+    """act_order (default): columns by decreasing Hessian diagonal, with group parameters fixed up
+    front ("static groups", so the stored format is unchanged and costs nothing at run time)."""
+
     name: ClassVar[str] = "gptq"
     needs_calibration: ClassVar[bool] = True
     bits: int = 4
     group_size: int | None = 64
     symmetric: bool = False
     damp: float = 0.01
-    act_order: bool = False
+    act_order: bool = True
     scale_dtype: str = "float16"
 
 

@@ -4,7 +4,7 @@
     w4g64, w3g64          4/3-bit asymmetric groups of 64 along `in` (RTN); any g: w4g128, w4g32
     w4g32-asym            the same with groups of 32: llama.cpp's Q4_1 layout (fp16 scale and min)
     w4g64-sym             symmetric groups
-    w4g64-gptq, w3g64-gptq, w4g64-gptq-act   GPTQ (act-order with -act)
+    w4g64-gptq, w3g64-gptq  GPTQ with act-order (static groups); -gptq-noact: in column order
     w4g64-awq, w3g64-awq  AWQ
     w8a8                  int8 weights (per channel) x int8 activations (per token, dynamic)
     w8a8-smoothquant      the same after SmoothQuant smoothing (alpha 0.5; -smoothquant0.8 for 0.8)
@@ -26,7 +26,7 @@ MATRICES = r"layers/\d+/(attn|mlp)/[^/]+/w"
 EMBEDDINGS = [r"embed/w", r"lm_head/w"]
 EMB8 = RTN(bits=8, group_size=None, symmetric=True)
 
-_WEIGHT_RE = re.compile(r"w(?P<bits>[2-8])(?:g(?P<group>\d+))?(?P<sym>-sym|-asym)?(?P<algo>-gptq(?:-act)?|-awq)?")
+_WEIGHT_RE = re.compile(r"w(?P<bits>[2-8])(?:g(?P<group>\d+))?(?P<sym>-sym|-asym)?(?P<algo>-gptq(?:-noact)?|-awq)?")
 _SQ_RE = re.compile(r"w8a8-smoothquant(?P<alpha>\d*\.?\d+)?")
 
 EXAMPLES = ["w8", "w4g64", "w4g32-asym", "w4g64-gptq", "w4g64-awq", "w3g64", "w3g64-gptq", "w3g64-awq",
@@ -53,7 +53,7 @@ def _base_method(base: str) -> Method:
     symmetric = m["sym"] == "-sym" if m["sym"] else bits == 8
     algo = m["algo"] or ""
     if algo.startswith("-gptq"):
-        return GPTQ(bits=bits, group_size=group, symmetric=symmetric, act_order=algo.endswith("-act"))
+        return GPTQ(bits=bits, group_size=group, symmetric=symmetric, act_order=not algo.endswith("-noact"))
     if algo == "-awq":
         return AWQ(bits=bits, group_size=group, symmetric=symmetric)
     return RTN(bits=bits, group_size=group, symmetric=symmetric)
