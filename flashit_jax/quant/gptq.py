@@ -43,8 +43,11 @@ class GPTQRule:
 
 def gptq_quantize(w_kn, h, *, bits: int, group_size: int, symmetric: bool, axis: int, shape, dtype,
                   scale_dtype: str = "float16", damp: float = 0.01, act_order: bool = False,
-                  block_size: int | None = None):
+                  clip: bool = False, block_size: int | None = None):
     """QArray of w [K, N] (stored orientation) minimizing the output error under H [K, K].
+
+    clip: with static groups (act-order or per channel), choose each group's range by AWQ's
+    clipping search (output error on the group's block of H) instead of min/max.
 
     Returns (QArray, obs.Solution) so that callers can report the OBS loss.
     """
@@ -53,7 +56,13 @@ def gptq_quantize(w_kn, h, *, bits: int, group_size: int, symmetric: bool, axis:
     static = act_order or group_size == k
     ctx0 = None
     if static:
-        _, s0, z0 = quantize_groups(w_kn, bits=bits, group_size=group_size, symmetric=symmetric,
+        ratios = None
+        if clip:
+            from flashit_jax.quant.smooth import awq_clip
+
+            ratios = awq_clip(w_kn, h, bits=bits, group_size=group_size, symmetric=symmetric,
+                              scale_dtype=jnp.dtype(scale_dtype))
+        _, s0, z0 = quantize_groups(w_kn, ratios, bits=bits, group_size=group_size, symmetric=symmetric,
                                     scale_dtype=jnp.dtype(scale_dtype))
         ctx0 = (s0, jnp.zeros_like(s0) if z0 is None else z0)
     rule = GPTQRule(bits=bits, group_size=group_size, symmetric=symmetric, scale_dtype=str(jnp.dtype(scale_dtype)),

@@ -36,7 +36,8 @@ class RTN(Method):
 @dataclasses.dataclass(frozen=True)
 class GPTQ(Method):
     """act_order (default): columns by decreasing Hessian diagonal, with group parameters fixed up
-    front ("static groups", so the stored format is unchanged and costs nothing at run time)."""
+    front ("static groups", so the stored format is unchanged and costs nothing at run time);
+    clip (default, with static groups): each group's range from AWQ's clipping search."""
 
     name: ClassVar[str] = "gptq"
     needs_calibration: ClassVar[bool] = True
@@ -45,6 +46,7 @@ class GPTQ(Method):
     symmetric: bool = False
     damp: float = 0.01
     act_order: bool = True
+    clip: bool = True
     scale_dtype: str = "float16"
 
 

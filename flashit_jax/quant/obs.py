@@ -45,9 +45,11 @@ def damped_inverse_cholesky(h, damp: float):
     dead = diag == 0
     h = h + jnp.diag(jnp.where(dead, 1.0, 0.0))
     h = h + jnp.eye(k, dtype=h.dtype) * (damp * jnp.mean(jnp.diag(h)))
-    low = jnp.linalg.cholesky(h)
-    hinv = jax.scipy.linalg.cho_solve((low, True), jnp.eye(k, dtype=h.dtype))
-    return jnp.linalg.cholesky(hinv).T, dead
+    # H = R R^T with R upper (the Cholesky factor of H with rows and columns reversed, reversed
+    # back), so H^-1 = R^-T R^-1 = U^T U with U = R^-1: one factorization, one triangular inverse.
+    r = jnp.linalg.cholesky(h[::-1, ::-1])[::-1, ::-1]
+    u = jax.scipy.linalg.solve_triangular(r, jnp.eye(k, dtype=h.dtype), lower=False)
+    return u, dead
 
 
 @functools.partial(jax.jit, static_argnames=("rule", "block_size"))
@@ -142,16 +144,16 @@ def solve(w, h, rule, *, block_size: int | None = None, damp: float = 0.01, act_
         raise ValueError(f"block size {bsz} must divide K={k} and be a multiple of the period {rule.period}")
     if act_order and rule.period:
         raise ValueError("act-order needs a rule with static context (period=None)")
+    dead = jnp.diag(h) == 0
+    w = jnp.where(dead[None, :], 0.0, w)
+    perm = jnp.argsort(-jnp.diag(h)) if act_order else jnp.arange(k)
+    hp = h[perm][:, perm] if act_order else h
     for attempt in range(4):
-        u, dead = damped_inverse_cholesky(h, damp * 10**attempt)
+        u, _ = damped_inverse_cholesky(hp, damp * 10**attempt)
         if bool(jnp.all(jnp.isfinite(u))):
             break
     else:
         raise FloatingPointError("the damped Hessian is not positive definite even with 1000x damping")
-    w = jnp.where(dead[None, :], 0.0, w)
-    perm = jnp.argsort(-jnp.diag(h)) if act_order else jnp.arange(k)
-    if act_order:
-        u, _ = damped_inverse_cholesky(h[perm][:, perm], damp * 10**attempt)
     q, aux, ctxs, loss = _solve(w, u, perm.astype(jnp.int32), ctx0, rule=rule, block_size=bsz)
     return Solution(q, aux, ctxs, loss)
 

@@ -76,7 +76,7 @@ def quantize_leaf(path: str, w, method: Method, calib: Calibration | None = None
 
         q, sol = gptq_quantize(w_kn, calib.get(path).h, bits=method.bits, group_size=method.group_size or k,
                                symmetric=method.symmetric, scale_dtype=method.scale_dtype, damp=method.damp,
-                               act_order=method.act_order, **common)
+                               act_order=method.act_order, clip=method.clip, **common)
         if log is not None:
             log.append({"path": path, "method": "gptq", "obs_loss": float(sol.loss)})
         return q
