@@ -156,3 +156,11 @@ def test_gpu_kernels_lower_to_triton():
                 S((64, 1024), jnp.bfloat16), S((1024, 512), jnp.int8), S((1, 512), jnp.float16))
     _lower_cuda(lambda a, b, c, d: gpu.int8_matmul(a, b, c, d), S((4, 256), jnp.int8), S((4, 1), jnp.float32),
                 S((256, 128), jnp.int8), S((1, 128), jnp.float32))
+
+
+def test_tpu_kernel_lowers_to_mosaic():
+    S = jax.ShapeDtypeStruct
+    exp = jax.export.export(jax.jit(lambda x, q, s, z: tpu.qmatmul(x, q, s, z, bits=4, packing="u4x2", n=1024)),
+                            platforms=("tpu",))(S((8, 1024), jnp.bfloat16), S((1024, 512), jnp.uint8),
+                                                S((8, 1024), jnp.float16), S((8, 1024), jnp.float16))
+    assert "tpu_custom_call" in exp.mlir_module()
