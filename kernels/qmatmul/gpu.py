@@ -8,8 +8,9 @@ activation dtype in registers and applies the group scale *after* the dot of one
 
 One program computes a [block_m, block_n] tile of packed columns (both nibble halves of
 "u4x2": two output tiles) over K / k_splits rows; with k_splits > 1 the partial sums (fp32)
-are added by XLA. Small M (decode, M = 1..16) pads M to one 16-row tile (the smallest tensor
-core shape) and splits K so that enough programs keep the memory system busy.
+are added by XLA. Small M (decode, M = 1..16) runs in one 16-row tile (the smallest tensor
+core shape; rows past M are masked, neither read nor written) and splits K so that enough
+programs keep the memory system busy.
 """
 from __future__ import annotations
 
@@ -78,13 +79,15 @@ def supported(m: int, k: int, n: int, packing: str, groups: int, x_dtype, blocks
     return ""
 
 
-def _kernel(x_ref, q_ref, *refs, n_steps, step, halves, grouped, has_zeros, offset, precision):
+def _kernel(x_ref, q_ref, *refs, n_steps, step, halves, grouped, has_zeros, offset, precision, m_total):
     ns = halves
     s_refs = refs[:ns]
     m_refs = refs[ns: 2 * ns] if has_zeros else ()
     o_refs = refs[(2 if has_zeros else 1) * ns:]
     bm, bn = x_ref.shape[0], q_ref.shape[1]
     cdt = x_ref.dtype
+    # Rows past M (decode: M = 1 in a 16-row tile) are masked: read as 0, never written.
+    rows = (pl.program_id(0) * bm + jnp.arange(bm, dtype=jnp.int32) < m_total)[:, None]
 
     def weights(qb):
         parts = [qb & 0xF, qb >> 4] if halves == 2 else [qb]
@@ -97,7 +100,7 @@ def _kernel(x_ref, q_ref, *refs, n_steps, step, halves, grouped, has_zeros, offs
 
     def body(t, carry):
         accs, xsum = carry
-        x = x_ref[:, pl.ds(t * step, step)]
+        x = plgpu.load(x_ref.at[:, pl.ds(t * step, step)], mask=rows, other=0.0)
         ws = weights(q_ref[pl.ds(t * step, step), :])
         xs = jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True) if has_zeros else None
         new = []
@@ -120,7 +123,7 @@ def _kernel(x_ref, q_ref, *refs, n_steps, step, halves, grouped, has_zeros, offs
             acc = acc * s_refs[h][...].astype(jnp.float32)
             if has_zeros:
                 acc = acc + xsum * m_refs[h][...].astype(jnp.float32)
-        o_refs[h][...] = acc.astype(o_refs[h].dtype)
+        plgpu.store(o_refs[h].at[...], acc.astype(o_refs[h].dtype), mask=rows)
 
 
 def qmatmul(x, q, scales, zeros=None, *, bits: int, packing: str, n: int, out_dtype=None,
@@ -145,11 +148,8 @@ def qmatmul(x, q, scales, zeros=None, *, bits: int, packing: str, n: int, out_dt
     steps = k // step
     splits = b.k_splits
     k_split = k // splits
-    m_pad = -(-m // b.block_m) * b.block_m
-    if m_pad != m:
-        x = jnp.pad(x, ((0, m_pad - m), (0, 0)))
     nb = n_packed // b.block_n
-    grid = (m_pad // b.block_m, nb, splits)
+    grid = (-(-m // b.block_m), nb, splits)
 
     x_spec = pl.BlockSpec((b.block_m, k_split), lambda i, j, s: (i, s))
     q_spec = pl.BlockSpec((k_split, b.block_n), lambda i, j, s: (s, j))
@@ -161,15 +161,15 @@ def qmatmul(x, q, scales, zeros=None, *, bits: int, packing: str, n: int, out_dt
     side_args = [scales] * halves + ([zeros] * halves if zeros is not None else [])
     side_specs = side * (2 if zeros is not None else 1)
     if splits > 1:
-        out_shape = [jax.ShapeDtypeStruct((splits, m_pad, n_packed), jnp.float32)] * halves
+        out_shape = [jax.ShapeDtypeStruct((splits, m, n_packed), jnp.float32)] * halves
         out_specs = [pl.BlockSpec((None, b.block_m, b.block_n), lambda i, j, s: (s, i, j))] * halves
     else:
-        out_shape = [jax.ShapeDtypeStruct((m_pad, n_packed), out_dtype)] * halves
+        out_shape = [jax.ShapeDtypeStruct((m, n_packed), out_dtype)] * halves
         out_specs = [pl.BlockSpec((b.block_m, b.block_n), lambda i, j, s: (i, j))] * halves
     precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
     kernel = functools.partial(
         _kernel, n_steps=steps // splits, step=step, halves=halves, grouped=grouped, has_zeros=zeros is not None,
-        offset=code_offset(packing, bits, zeros is not None), precision=precision)
+        offset=code_offset(packing, bits, zeros is not None), precision=precision, m_total=m)
     outs = pl.pallas_call(
         kernel, grid=grid, in_specs=[x_spec, q_spec, *side_specs], out_specs=out_specs, out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=b.num_warps, num_stages=b.num_stages),
@@ -178,7 +178,7 @@ def qmatmul(x, q, scales, zeros=None, *, bits: int, packing: str, n: int, out_dt
     if splits > 1:
         outs = [o.sum(axis=0) for o in outs]
     y = outs[0] if halves == 1 else jnp.concatenate(outs, axis=-1)
-    return y[:m].astype(out_dtype)
+    return y.astype(out_dtype)
 
 
 # ----------------------------------------------------------------------------- W8A8 (int8 x int8)
