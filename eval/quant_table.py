@@ -40,15 +40,15 @@ def describe_row(row: str) -> str:
     if row == "baseline":
         return "as loaded"
     if row == "kv-int8":
-        return "baseline weights, int8 KV cache (per token & head)"
+        return "baseline weights, int8 KV cache (scale per token and head)"
     from flashit_jax.quant import named_recipe
 
     parts = []
     for pattern, m in named_recipe(row):
-        what = "emb/lm_head" if "embed" in pattern or "lm_head" in pattern else "matrices"
-        if what == "emb/lm_head" and parts and parts[-1].startswith("emb/lm_head"):
-            continue
-        parts.append(f"{what}: {m.describe()}")
+        if "embed" in pattern:
+            parts.append("tied embedding/lm_head: int8, one scale per vocab row")
+        elif "lm_head" not in pattern:
+            parts.insert(0, m.short())
     return "; ".join(parts)
 
 
@@ -73,7 +73,7 @@ def markdown(results: dict, rows: list[str], settings: dict, baseline_note: str)
         size = f"{r['size_bytes'] / 1e6:.1f}"
         if row == "baseline" and r.get("file_bytes"):
             size += f" (GGUF file {r['file_bytes'] / 1e6:.1f})"
-        lines.append(f"| `{row}` | {r['ppl']:.4f} | {delta:+.2f} | {size} | {r['what']} |")
+        lines.append(f"| `{row}` | {r['ppl']:.4f} | {delta:+.2f} | {size} | {describe_row(row)} |")
     head = (f"model `{settings['model']}` ({baseline_note}); data `{settings['data']}:{settings['split']}`, "
             f"protocol {settings['protocol']}, ctx {settings['ctx']}, {results['baseline']['n_chunks']} chunks; "
             f"calibration {settings['calib_seqs']} x {settings['calib_len']} tokens of `{settings['calib']}:"
