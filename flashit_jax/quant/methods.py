@@ -116,7 +116,7 @@ class LLMInt8(Method):
     threshold: float = 6.0
 
     def short(self) -> str:
-        return f"LLM.int8: int8 W x int8 X, columns with |x| >= {self.threshold:g} in float"
+        return f"LLM.int8: int8 W x int8 X, input columns with abs(x) >= {self.threshold:g} in float"
 
 
 @dataclasses.dataclass(frozen=True)
