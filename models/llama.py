@@ -200,6 +200,8 @@ def _attention(p, x, positions, q_slots, kv_lengths, cache, layer: int, c: Llama
     entry = None
     if cache is not None:
         k, v, entry = cache.update_layer(layer, k, v)
+    else:  # query i at slot i, every key valid: the layout cuDNN / Mosaic GPU kernels serve
+        q_slots, kv_lengths = None, None
     o = nn.attention(q, k, v, q_positions=q_slots, kv_lengths=kv_lengths, causal=True, window=c.sliding_window,
                      segment_ids=segment_ids, softcap=c.attn_softcap, impl=attn_impl)
     return _proj(p["o"], o.reshape(b, t, -1), tap, pre + "o"), entry
