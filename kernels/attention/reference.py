@@ -41,7 +41,7 @@ def build_mask(
     if segment_ids is not None:
         q_seg, kv_seg = segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
         allowed = allowed & (q_seg[:, :, None] == kv_seg[:, None, :])
-    allowed = allowed[:, None]  # [B, 1, Tq, Tk]
+    allowed = jnp.broadcast_to(allowed, (qp.shape[0], qp.shape[1], tk))[:, None]  # [B, 1, Tq, Tk]
     if mask is not None:
         allowed = allowed & mask.astype(bool)
     return allowed
