@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flashit_jax import nn
+from flashit_jax import FlashitError, nn
 
 
 def _naive(q, k, v, qpos, kvlen, causal, window, seg, softcap):
@@ -76,5 +76,5 @@ def test_decode_query_against_cache_slots():
 def test_shape_errors():
     q = jnp.zeros((1, 2, 3, 8))
     k = jnp.zeros((1, 2, 2, 8))
-    with pytest.raises(ValueError, match="not a multiple of kv heads"):
+    with pytest.raises(FlashitError, match="q heads .3. must be a multiple of k/v heads .2."):
         nn.attention(q, k, k, q_positions=jnp.zeros((1, 2), jnp.int32), kv_lengths=jnp.ones((1,), jnp.int32))
