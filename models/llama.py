@@ -145,7 +145,9 @@ class Llama(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         c = self.config = config
         self.embed = Embed(c.vocab_size, c.dim, rngs=rngs, dtype=dtype)
-        self.layers = nnx.List([Block(c, rngs=rngs, dtype=dtype) for _ in range(c.n_layers)])
+        layers = [Block(c, rngs=rngs, dtype=dtype) for _ in range(c.n_layers)]
+        # nnx.List arrived in flax 0.12; older NNX took a plain list of modules
+        self.layers = nnx.List(layers) if hasattr(nnx, "List") else layers
         self.final_norm = RMSNorm(c.dim, offset=c.norm_offset, dtype=dtype)
         if not c.tie_embeddings:
             self.lm_head = Linear(c.dim, c.vocab_size, rngs=rngs, dtype=dtype)
