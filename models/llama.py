@@ -145,7 +145,9 @@ class Llama(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         c = self.config = config
         self.embed = Embed(c.vocab_size, c.dim, rngs=rngs, dtype=dtype)
-        self.layers = nnx.List([Block(c, rngs=rngs, dtype=dtype) for _ in range(c.n_layers)])
+        layers = [Block(c, rngs=rngs, dtype=dtype) for _ in range(c.n_layers)]
+        # nnx.List arrived in flax 0.12; older NNX took a plain list of modules
+        self.layers = nnx.List(layers) if hasattr(nnx, "List") else layers
         self.final_norm = RMSNorm(c.dim, offset=c.norm_offset, dtype=dtype)
         if not c.tie_embeddings:
             self.lm_head = Linear(c.dim, c.vocab_size, rngs=rngs, dtype=dtype)
@@ -170,9 +172,30 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16
     if params is None:
         heads = [config.n_kv_heads] * config.n_layers
     else:
-        heads = [_heads(params["layers"][i]["attn"]["k"]["w"], config.head_dim)
-                 for i in range(len(params["layers"]))]
+        attns = [params["layers"][i]["attn"] for i in range(len(params["layers"]))]
+        heads = [_heads(a["k"]["w"], config.head_dim) if "k" in a else config.n_kv_heads for a in attns]
     return nn.init_kv_cache(batch, max_len, heads, config.head_dim, dtype)
+
+
+def fuse_projections(params, config: LlamaConfig) -> dict:
+    """Decode layout: q|k|v and gate|up concatenated along `out`, so a decode step reads each
+    layer's input projections in two matmuls instead of five (fewer, larger GEMVs). Plain
+    (unquantized) weights of the config's full shape only; `forward` runs either layout."""
+    layers = {}
+    for i in range(len(params["layers"])):
+        lp = dict(params["layers"][i])
+        attn, mlp = dict(lp["attn"]), dict(lp["mlp"])
+        ws = [attn[n]["w"] for n in ("q", "k", "v")]
+        if ws[0].shape[-1] != config.n_heads * config.head_dim or ws[1].shape[-1] != config.n_kv_heads * config.head_dim:
+            raise ValueError(f"layer {i}: head counts differ from the config; fuse_projections needs full layers")
+        qkv = {"w": jnp.concatenate(ws, axis=-1)}
+        if "b" in attn["q"]:
+            qkv["b"] = jnp.concatenate([attn[n]["b"] for n in ("q", "k", "v")], axis=-1)
+        lp["attn"] = {"qkv": qkv, "o": attn["o"]}
+        lp["mlp"] = {"gate_up": {"w": jnp.concatenate([mlp["gate"]["w"], mlp["up"]["w"]], axis=-1)},
+                     "down": mlp["down"]}
+        layers[i] = lp
+    return {**params, "layers": layers}
 
 
 # ----------------------------------------------------------------------------- forward pass
@@ -191,9 +214,12 @@ def _attention(p, x, positions, q_slots, kv_lengths, cache, layer: int, c: Llama
     """Self-attention of one layer; with a cache, also returns the layer's new cache entry."""
     b, t, _ = x.shape
     hd = c.head_dim
-    q = _proj(p["q"], x, tap, pre + "q").reshape(b, t, -1, hd)
-    k = _proj(p["k"], x, tap, pre + "k").reshape(b, t, -1, hd)
-    v = _proj(p["v"], x, tap, pre + "v").reshape(b, t, -1, hd)
+    if "qkv" in p:  # the fused decode layout of `fuse_projections`
+        nq, nkv = c.n_heads * hd, c.n_kv_heads * hd
+        q, k, v = jnp.split(_proj(p["qkv"], x, tap, pre + "qkv"), [nq, nq + nkv], axis=-1)
+    else:
+        q, k, v = (_proj(p[n], x, tap, pre + n) for n in ("q", "k", "v"))
+    q, k, v = (a.reshape(b, t, -1, hd) for a in (q, k, v))
     inv_freq = nn.inv_frequencies(hd, c.rope_theta, c.rope_scaling, c.rope_freq_factors)
     q = nn.apply_rope(q, positions, inv_freq)
     k = nn.apply_rope(k, positions, inv_freq)
@@ -208,8 +234,11 @@ def _attention(p, x, positions, q_slots, kv_lengths, cache, layer: int, c: Llama
 
 
 def _mlp(p, x, c: LlamaConfig, tap, pre):
-    g = _proj(p["gate"], x, tap, pre + "gate")
-    u = _proj(p["up"], x, tap, pre + "up")
+    if "gate_up" in p:
+        g, u = jnp.split(_proj(p["gate_up"], x, tap, pre + "gate_up"), 2, axis=-1)
+    else:
+        g = _proj(p["gate"], x, tap, pre + "gate")
+        u = _proj(p["up"], x, tap, pre + "up")
     a = jax.nn.silu(g) if c.act == "silu" else jax.nn.gelu(g, approximate=True)
     return _proj(p["down"], a * u, tap, pre + "down")
 

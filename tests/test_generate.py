@@ -83,3 +83,16 @@ def test_prompt_longer_than_cache(tiny):
         generate(m, p, [list(range(20))], max_new_tokens=20, max_len=32)
     with pytest.raises(FlashitError, match="at least one token"):
         generate(m, p, [[]], max_new_tokens=2)
+
+
+def test_fused_layout_and_multi_step_calls_give_the_same_tokens(tiny):
+    from models.llama import fuse_projections
+
+    m, p = tiny
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    base = generate(m, p, prompts, max_new_tokens=11, cache_dtype=jnp.float32)
+    fused = fuse_projections(p, m.config)
+    assert "qkv" in fused["layers"][0]["attn"] and "gate_up" in fused["layers"][1]["mlp"]
+    for params, k in ((fused, 1), (p, 4), (fused, 3)):
+        r = generate(m, params, prompts, max_new_tokens=11, cache_dtype=jnp.float32, steps_per_call=k)
+        assert r.tokens.tolist() == base.tokens.tolist(), k
