@@ -51,10 +51,10 @@ def test_triton_multiple_blocks_and_small_blocks():
 
 
 def test_tpu_multiple_blocks():
-    blocks = tpu.BlockSizes(block_q=16, block_k=128, block_q_dq=32, block_k_dq=128, block_q_dkv=16, block_k_dkv=128)
+    blocks = tpu.BlockSizes(block_q=64, block_k=128, block_q_dq=128, block_k_dq=128, block_q_dkv=32, block_k_dkv=128)
     case = dict(head_dim=128, group=2, causal=True, window=None, segments=True, softcap=None, layout="default",
                 dtype="float32")
-    cases.check(functools.partial(TPU, block_sizes=blocks), case, tq=300)
+    cases.check(functools.partial(TPU, block_sizes=blocks), case, tq=260)
 
 
 # ----------------------------------------------------------------------------- decode

@@ -43,11 +43,13 @@ class Case:
 PREFILL = [
     Case("L4096 full", 4, 16, 16, 128, 4096, False),
     Case("L4096 causal", 4, 16, 16, 128, 4096, True),
-    Case("L8192 full", 4, 16, 16, 128, 8192, False),
-    Case("L8192 causal", 4, 16, 16, 128, 8192, True),
-    Case("D64 L2048 causal", 4, 16, 16, 64, 2048, True),
     Case("GQA 32/8 L4096 causal", 4, 32, 8, 128, 4096, True),
+    Case("D64 L2048 causal", 4, 16, 16, 64, 2048, True),
+    Case("L8192 causal", 4, 16, 16, 128, 8192, True),
+    Case("L8192 full", 4, 16, 16, 128, 8192, False),
 ]
+HEADLINE = 2  # cases that get every implementation by default; the rest get CORE (see --all)
+CORE = ("ours (mosaic gpu)", "cudnn", "tokamax mosaic")
 
 
 def flops(c: Case, backward: bool) -> float:
@@ -73,11 +75,11 @@ def _impls(c: Case):
     """name -> (forward fn(q, k, v) or None, supports backward)."""
     scale = c.d**-0.5
     out = {}
+    out["cudnn"] = (lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=c.causal,
+                                                                 implementation="cudnn"), True)
     out["ours (mosaic gpu)"] = (lambda q, k, v: gpu_mosaic.flash_attention(q, k, v, causal=c.causal), True)
     out["ours (triton)"] = (lambda q, k, v: gpu_triton.flash_attention(
         q, k, v, q_positions=None, kv_lengths=None, causal=c.causal), True)
-    out["cudnn"] = (lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=c.causal,
-                                                                 implementation="cudnn"), True)
     if c.t <= 4096:  # XLA materialises the [B, H, T, T] logits: 17 GB of fp32 at L=8192
         out["xla"] = (lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=c.causal,
                                                                    implementation="xla"), True)
@@ -123,11 +125,12 @@ def _rel(a, b) -> float:
 
 
 def bench_prefill(cases, only_impls, deadline, log) -> list[dict]:
+    """only_impls: substrings of implementation names to run (empty: all)."""
     rows = []
     for c in cases:
         q, k, v, do = _inputs(c)
         impls = _impls(c)
-        baseline = None
+        baseline = None  # the first implementation that ran (cuDNN when it works)
         for name, (fwd, has_bwd) in impls.items():
             if only_impls and not any(s in name for s in only_impls):
                 continue
@@ -192,6 +195,9 @@ def bench_decode(lengths, deadline, log, batch=8, hq=32, hkv=8, d=128) -> list[d
         impls = {
             "ours (triton decode)": lambda q, k, v: decode.decode_attention(
                 q, k, v, q_positions=pos, kv_lengths=lens, backend="triton"),
+            "ours (triton decode, bk64)": lambda q, k, v: decode.decode_attention(
+                q, k, v, q_positions=pos, kv_lengths=lens, backend="triton",
+                block_sizes=gpu_triton.DecodeBlockSizes(block_k=64, num_stages=4, target_programs=1056)),
             "xla (reference)": lambda q, k, v: reference.attention(q, k, v, q_positions=pos, kv_lengths=lens),
         }
         ref = None
@@ -222,7 +228,7 @@ def _fmt(x, spec=".0f"):
 
 
 def prefill_table(rows) -> str:
-    lines = ["| case | impl | fwd TFLOP/s | fwd+bwd TFLOP/s | err vs first |", "|---|---|---|---|---|"]
+    lines = ["| case | impl | fwd TFLOP/s | fwd+bwd TFLOP/s | fwd err vs cuDNN |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['impl']} | {_fmt(r.get('fwd'))} | {_fmt(r.get('fwd+bwd'))} | "
                      f"{_fmt(r.get('err'), '.1e')} |")
@@ -252,6 +258,8 @@ def main(argv=None):
     ap.add_argument("--only", choices=("prefill", "decode"), default=None)
     ap.add_argument("--cases", default="", help="comma-separated substrings of prefill case names")
     ap.add_argument("--impls", default="", help="comma-separated substrings of implementation names")
+    ap.add_argument("--all", action="store_true", help="every implementation on every case (default: all on the "
+                    "first two cases, then ours / cuDNN / tokamax mosaic)")
     ap.add_argument("--decode-lengths", default="8192,16384,32768")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new measurement after this many seconds")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for bench.json and bench_errors.log")
@@ -265,12 +273,18 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     result = {"device": dev.device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d")}
     with open(os.path.join(args.out, "bench_errors.log"), "w") as log:
+        impls = [x for x in args.impls.split(",") if x]
+        cases = [c for c in PREFILL if not args.cases or any(x in c.name for x in args.cases.split(","))]
+        head, rest = (cases, []) if args.all else (cases[:HEADLINE], cases[HEADLINE:])
+        rest_impls = impls if args.all else [x for x in CORE if not impls or any(i in x for i in impls)]
+        # Order of work under a budget: headline cases, the decode table, then the other cases.
         if args.only in (None, "prefill"):
-            cases = [c for c in PREFILL if not args.cases or any(s in c.name for s in args.cases.split(","))]
-            result["prefill"] = bench_prefill(cases, [s for s in args.impls.split(",") if s], deadline, log)
+            result["prefill"] = bench_prefill(head, impls, deadline, log)
         if args.only in (None, "decode"):
             lengths = [int(x) for x in args.decode_lengths.split(",") if x]
             result["decode"] = bench_decode(lengths, deadline, log)
+        if args.only in (None, "prefill") and rest:
+            result["prefill"] += bench_prefill(rest, rest_impls, deadline, log)
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(result, f, indent=1)
     print("\n" + header)
