@@ -78,6 +78,9 @@ def _impls(c: Case):
     out["cudnn"] = (lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=c.causal,
                                                                  implementation="cudnn"), True)
     out["ours (mosaic gpu)"] = (lambda q, k, v: gpu_mosaic.flash_attention(q, k, v, causal=c.causal), True)
+    kv64 = gpu_mosaic.BlockSizes(block_q=64, block_kv=64, max_concurrent_steps=4)
+    out["ours (mosaic gpu, kv64x4)"] = (lambda q, k, v: gpu_mosaic.flash_attention(
+        q, k, v, causal=c.causal, block_sizes=kv64), False)  # same backward as above: forward only
     out["ours (triton)"] = (lambda q, k, v: gpu_triton.flash_attention(
         q, k, v, q_positions=None, kv_lengths=None, causal=c.causal), True)
     if c.t <= 4096:  # XLA materialises the [B, H, T, T] logits: 17 GB of fp32 at L=8192
@@ -93,9 +96,10 @@ def _impls(c: Case):
 
         cfg = jax_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=c.causal,
                                     block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64)
-        # attention_mgpu applies no softmax scale: fold it into q (same FLOPs).
-        out["jax pallas mgpu"] = (lambda q, k, v: jax_mgpu.attention(q * jnp.asarray(scale, q.dtype), k, v, cfg),
-                                  not c.causal)
+        # attention_mgpu applies no softmax scale: fold it into q (same FLOPs); its SMEM is fp16, so
+        # it gets fp16 copies of the inputs (made outside the timed region).
+        out["jax pallas mgpu (fp16)"] = (lambda q, k, v: jax_mgpu.attention(q * jnp.asarray(scale, q.dtype), k, v,
+                                                                            cfg), not c.causal)
     except Exception as e:  # noqa: BLE001
         print(f"[bench] jax attention_mgpu unavailable: {e}", file=sys.stderr)
     try:
@@ -135,6 +139,9 @@ def bench_prefill(cases, only_impls, deadline, log) -> list[dict]:
             if only_impls and not any(s in name for s in only_impls):
                 continue
             row = {"case": c.name, "impl": name}
+            args = (q, k, v, do)
+            if "(fp16)" in name:
+                args = tuple(x.astype(jnp.float16) for x in args)
             for mode in ("fwd", "fwd+bwd"):
                 if time.perf_counter() > deadline:
                     row[mode] = "budget"
@@ -145,17 +152,17 @@ def bench_prefill(cases, only_impls, deadline, log) -> list[dict]:
                 try:
                     if mode == "fwd":
                         f = jax.jit(fwd)
-                        o = f(q, k, v)
+                        o = f(*args[:3])
                         if baseline is None:
                             baseline = (name, o)
                         row["err"] = _rel(o, baseline[1])
-                        t = time_fn(f, q, k, v)
+                        t = time_fn(f, *args[:3])
                     else:
                         def fb(q, k, v, do, fwd=fwd):
                             o, vjp = jax.vjp(fwd, q, k, v)
                             return vjp(do.astype(o.dtype))
                         f = jax.jit(fb)
-                        t = time_fn(f, q, k, v, do)
+                        t = time_fn(f, *args)
                     row[mode] = flops(c, mode == "fwd+bwd") / t / 1e12
                     row[mode + "_ms"] = t * 1e3
                 except Exception as e:  # noqa: BLE001 - record and go on: one broken impl must not sink the run
