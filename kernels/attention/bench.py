@@ -253,7 +253,7 @@ def prefill_table(rows) -> str:
 
 
 def decode_table(rows) -> str:
-    lines = ["| case | impl | time (us) | GB/s | of copy bandwidth | err |", "|---|---|---|---|---|---|"]
+    lines = ["| case | impl | time (us) | GB/s | of copy bandwidth | err vs first impl |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['impl']} | {_fmt(r.get('us'))} | {_fmt(r.get('GB/s'))} | "
                      f"{_fmt(r.get('of copy'), '.0%')} | {_fmt(r.get('err'), '.1e')} |")
