@@ -180,9 +180,10 @@ def route(router_logits: jax.Array, top_k: int):
     return top_p / jnp.sum(top_p, axis=-1, keepdims=True), top_i.astype(jnp.int32)
 
 
-def _swiglu_experts(x, gate, up, down, group_sizes, impl: str, interpret: bool):
-    """Rows of x sorted by expert (group_sizes) through their experts' SwiGLU MLPs."""
-    mm = functools.partial(grouped_matmul, impl=impl, interpret=interpret)
+def _swiglu_experts(x, gate, up, down, group_sizes, impl, interpret: bool):
+    """Rows of x sorted by expert (group_sizes) through their experts' SwiGLU MLPs. `impl`: a
+    kernels.grouped_matmul implementation name, or a callable (lhs, rhs, group_sizes) -> out."""
+    mm = impl if callable(impl) else functools.partial(grouped_matmul, impl=impl, interpret=interpret)
     a = jax.nn.silu(mm(x, gate, group_sizes)) * mm(x, up, group_sizes)
     return mm(a, down, group_sizes)
 

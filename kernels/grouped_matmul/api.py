@@ -3,7 +3,6 @@
 impl:
   "xla"     jax.lax.ragged_dot (the reference; XLA's own gradient)
   "triton"  Pallas lowered through Triton (kernels/grouped_matmul/gpu.py)
-  "mosaic"  Pallas Mosaic GPU with wgmma on Hopper, forward only (backward runs on "triton")
   "tpu"     Pallas TPU, megablox style (kernels/grouped_matmul/tpu.py)
   "auto"    "triton" on GPUs (when K and N are multiples of 16), "tpu" on TPUs, else "xla"
 
@@ -21,7 +20,7 @@ import numpy as np
 
 from kernels.grouped_matmul import common, reference
 
-IMPLS = ("auto", "xla", "triton", "mosaic", "tpu")
+IMPLS = ("auto", "xla", "triton", "tpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,12 +38,6 @@ def _forward(cfg: _Cfg, lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype
     if cfg.impl == "triton":
         from kernels.grouped_matmul import gpu
         return gpu.gmm(lhs, rhs, group_sizes, **kw)
-    if cfg.impl == "mosaic":
-        from kernels.grouped_matmul import mosaic
-        if cfg.interpret:
-            raise ValueError("the Mosaic GPU kernel has no interpret mode; use impl='triton' on CPU")
-        kw.pop("interpret")
-        return mosaic.gmm(lhs, rhs, group_sizes, **kw)
     if cfg.impl == "tpu":
         from kernels.grouped_matmul import tpu
         return tpu.gmm(lhs, rhs, group_sizes, **kw)
@@ -59,8 +52,6 @@ def _rhs_grad(cfg: _Cfg, lhs, dout, group_sizes, num_groups, out_dtype):
             kw["block_sizes"] = cfg.block_sizes
         return tpu.tgmm(lhs, dout, group_sizes, **kw)
     from kernels.grouped_matmul import gpu
-    if cfg.block_sizes is not None and cfg.impl == "triton":
-        kw["block_sizes"] = cfg.block_sizes
     return gpu.tgmm(lhs, dout, group_sizes, **kw)
 
 
@@ -75,10 +66,9 @@ def _gmm_fwd(cfg, lhs, rhs, group_sizes):
 
 def _gmm_bwd(cfg, res, dout):
     lhs, rhs, group_sizes = res
-    bwd = cfg if cfg.impl != "mosaic" else dataclasses.replace(cfg, impl="triton", block_sizes=None)
     dout = dout.astype(lhs.dtype)
-    d_lhs = _forward(bwd, dout, rhs.astype(lhs.dtype), group_sizes, transpose_rhs=True, out_dtype=lhs.dtype)
-    d_rhs = _rhs_grad(bwd, lhs, dout, group_sizes, rhs.shape[0], rhs.dtype)
+    d_lhs = _forward(cfg, dout, rhs.astype(lhs.dtype), group_sizes, transpose_rhs=True, out_dtype=lhs.dtype)
+    d_rhs = _rhs_grad(cfg, lhs, dout, group_sizes, rhs.shape[0], rhs.dtype)
     return d_lhs, d_rhs, np.zeros(group_sizes.shape, jax.dtypes.float0)
 
 

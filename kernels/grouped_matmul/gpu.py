@@ -21,6 +21,11 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels.grouped_matmul.common import BlockSizes, make_schedule
 
+# bf16 on H100: 128x128 output tiles, 64-deep K steps, 3 pipeline stages (eval.bench_moe compares more)
+DEFAULT_BLOCKS = BlockSizes(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=3)
+# the rhs gradient contracts over rows: short row steps, square output tiles
+DEFAULT_TGMM_BLOCKS = BlockSizes(block_m=64, block_n=128, block_k=128, num_warps=8, num_stages=3)
+
 
 def _precision(dtype):
     # fp32 inputs: exact fp32 products (Triton would otherwise use tf32); 16-bit: native MMA.
@@ -64,10 +69,15 @@ def _gmm_kernel(offs_ref, gid_ref, tid_ref, lhs_ref, rhs_ref, o_ref, *, num_grou
     plgpu.store(o_ref.at[pl.ds(row0, bm), pl.ds(col0, bn)], acc.astype(o_ref.dtype), mask=mask)
 
 
-@functools.partial(jax.jit, static_argnames=("transpose_rhs", "out_dtype", "block_sizes", "interpret"))
 def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, out_dtype=None,
-        block_sizes: BlockSizes = BlockSizes(), interpret: bool = False):
+        block_sizes: BlockSizes | None = None, interpret: bool = False):
     """[M, N] = ragged_dot(lhs [M, K], rhs [G, K, N] (or [G, N, K] with transpose_rhs), group_sizes)."""
+    return _gmm(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
+                block_sizes=block_sizes or DEFAULT_BLOCKS, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("transpose_rhs", "out_dtype", "block_sizes", "interpret"))
+def _gmm(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, block_sizes: BlockSizes, interpret):
     m, k = lhs.shape
     g = rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
@@ -114,10 +124,15 @@ def _tgmm_kernel(offs_ref, lhs_ref, d_ref, o_ref, *, bm, bn, bk, precision):
     o_ref[gi, pl.ds(k0, bk), pl.ds(n0, bn)] = acc.astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("num_groups", "out_dtype", "block_sizes", "interpret"))
-def tgmm(lhs, dout, group_sizes, *, num_groups: int, out_dtype=None, block_sizes: BlockSizes = BlockSizes(),
+def tgmm(lhs, dout, group_sizes, *, num_groups: int, out_dtype=None, block_sizes: BlockSizes | None = None,
          interpret: bool = False):
     """[G, K, N]: lhs_g^T @ dout_g per group (zeros for empty groups)."""
+    return _tgmm(lhs, dout, group_sizes, num_groups=num_groups, out_dtype=out_dtype,
+                 block_sizes=block_sizes or DEFAULT_TGMM_BLOCKS, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("num_groups", "out_dtype", "block_sizes", "interpret"))
+def _tgmm(lhs, dout, group_sizes, *, num_groups, out_dtype, block_sizes: BlockSizes, interpret):
     m, k = lhs.shape
     n = dout.shape[1]
     bs = block_sizes.fit(m, k, n)
