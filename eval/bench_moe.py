@@ -2,12 +2,13 @@
 
     python -m eval.bench_moe [--tokens 4096 --dim 4096 --ffn 14336 --experts 8 --top-k 2] [--out moe.json]
 
-1. correctness on the device: our grouped matmul vs jax.lax.ragged_dot (outputs, gradients)
 2. MoE layer forward (router, sort, 3 grouped matmuls, unsort, combine) at --tokens tokens:
    expert FLOPs / time, as a fraction of a dense bf16 matmul measured in the same run, for our
-   Pallas kernel, XLA's ragged_dot and tokamax's kernels (when installed)
+   Pallas kernel and XLA's ragged_dot (tokamax's kernels in 5, when installed)
 3. batch 1 (decoding): the MoE layer vs a dense SwiGLU of width top_k * ffn (same bytes of weights)
-4. the grouped matmul alone (8 groups of N=ffn; 64 groups of N=ffn/8) and more block sizes
+4. our kernel vs ragged_dot on the device (outputs; gradients in bf16)
+5. tokamax / JAX's Mosaic GPU example in the layer, more block sizes, and the grouped matmul
+   alone (8 groups of N=ffn; 64 groups of N=ffn/8)
 A time budget (--budget seconds) skips what is left once spent; the table prints regardless.
 """
 from __future__ import annotations
@@ -83,13 +84,6 @@ def run(args):
 
 
 def _sections(args, c, dtype, log, left):
-    # 1. correctness on the device (fp32: exact products, so only the summation order differs)
-    for dt, grads in ((jnp.bfloat16, True), (jnp.float32, False)):
-        try:
-            log({"case": "check vs ragged_dot", **gbench.check_against_ragged_dot(dt, grads=grads)})
-        except Exception as e:
-            log({"case": "check vs ragged_dot", "dtype": jnp.dtype(dt).name, "error": f"{type(e).__name__}: {e}"[:400]})
-
     # 2. the MoE layer at --tokens tokens
     key = jax.random.key(0)
     p = _layer_params(c, dtype, key)
@@ -103,9 +97,9 @@ def _sections(args, c, dtype, log, left):
     log({"case": case, "impl": f"dense matmul [{rows_k}x{c.dim}]@[{c.dim}x{c.ffn_dim}]", "ms": dense * 1e3,
          "tflops": dense_rate / 1e12, "frac": 1.0})
     configs = list(gbench.CONFIGS.items())
-    others = gbench.alternatives()
     layer = functools.partial(_layer, case, c=c, p=p, x=x, flops=flops, dense_rate=dense_rate, log=log, left=left)
-    layer({f"ours {configs[0][0]}": functools.partial(gpu.gmm, block_sizes=configs[0][1]), **others})
+    layer({f"ours {configs[0][0]}": functools.partial(gpu.gmm, block_sizes=configs[0][1]),
+           "xla ragged_dot": lambda a, b, g: jax.lax.ragged_dot(a, b, g)})
 
     # 3. batch 1: the chosen experts only, against a dense SwiGLU of width top_k * ffn
     if left() > 0:
@@ -129,9 +123,20 @@ def _sections(args, c, dtype, log, left):
             except Exception as e:
                 log({"case": case1, "impl": name, "error": f"{type(e).__name__}: {e}"[:400]})
 
-    # 4. more block sizes for the layer, then the grouped matmul alone
+    # 4. correctness on the device (fp32: exact products, so only the summation order differs)
+    for dt, grads in ((jnp.bfloat16, True), (jnp.float32, False)):
+        if left() < 0:
+            break
+        try:
+            log({"case": "check vs ragged_dot", **gbench.check_against_ragged_dot(dt, grads=grads)})
+        except Exception as e:
+            log({"case": "check vs ragged_dot", "dtype": jnp.dtype(dt).name, "error": f"{type(e).__name__}: {e}"[:400]})
+
+    # 5. the alternatives (tokamax, JAX's Mosaic GPU example), more block sizes, the grouped matmul alone
+    others = {k: v for k, v in gbench.alternatives().items() if k != "xla ragged_dot"} if left() > 0 else {}
     if left() > 0:
-        layer({f"ours {n}": functools.partial(gpu.gmm, block_sizes=bs) for n, bs in configs[1:]})
+        layer({**others, **{f"ours {n}": functools.partial(gpu.gmm, block_sizes=bs) for n, bs in configs[1:]}})
+    others["xla ragged_dot"] = lambda a, b, g: jax.lax.ragged_dot(a, b, g)
     for m, k, n, g, cfgs in ((rows_k, c.dim, c.ffn_dim, c.n_experts, gbench.CONFIGS),
                              (rows_k, c.dim, c.ffn_dim // 8, 8 * c.n_experts, dict(configs[:1]))):
         if left() < 0:

@@ -50,8 +50,10 @@ def _gmm_kernel(offs_ref, gid_ref, tid_ref, lhs_ref, rhs_ref, o_ref, *, num_grou
     start = offs_ref[gi]
     end = offs_ref[gi + 1]
     ge = jnp.minimum(gi, num_groups - 1)
-    # the tail group (rows past the groups) and unused items run no K loop: zeros / no store
-    trips = jnp.where(gi < num_groups, nk, 0)
+    # the tail group (rows past the groups) and unused items run no K loop: zeros / no store.
+    # (Arithmetic, not jnp.where: the Triton lowering of a select between two literals emits
+    # i1 constants on jax 0.10-0.11, which then fail to verify as loop bounds.)
+    trips = (gi < num_groups).astype(jnp.int32) * nk
     dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
 
     def body(kk, acc):
@@ -109,7 +111,7 @@ def _tgmm_kernel(offs_ref, lhs_ref, d_ref, o_ref, *, bm, bn, bk, precision):
     start = offs_ref[gi]
     end = offs_ref[gi + 1]
     first = start // bm
-    trips = jnp.where(end > start, (end + bm - 1) // bm - first, 0)
+    trips = (end > start).astype(jnp.int32) * ((end + bm - 1) // bm - first)
 
     def body(i, acc):
         r0 = pl.multiple_of((first + i) * bm, bm)

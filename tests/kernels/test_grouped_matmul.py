@@ -132,9 +132,23 @@ def test_bad_shapes():
         api.grouped_matmul(lhs, rhs, gs, impl="cuda")
 
 
-def test_triton_kernel_lowers_for_cuda():
-    """The Triton lowering runs on CPU too: catches unsupported ops before a GPU sees them."""
+def test_triton_kernel_lowers_for_cuda(monkeypatch):
+    """The Triton lowering runs on CPU too, and the module it makes must verify: this catches
+    what XLA's Triton parser would reject on the GPU before a GPU sees it."""
+    from jax._src.pallas.triton import lowering as triton_lowering
+
     from kernels.grouped_matmul import gpu
+
+    verified = []
+    lower = triton_lowering.lower_jaxpr_to_triton_module
+
+    def lower_and_verify(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        assert result.module.operation.verify()
+        verified.append(True)
+        return result
+
+    monkeypatch.setattr(triton_lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
 
     lhs = jax.ShapeDtypeStruct((256, 128), jnp.bfloat16)
     gs = jax.ShapeDtypeStruct((4,), jnp.int32)
@@ -145,3 +159,4 @@ def test_triton_kernel_lowers_for_cuda():
     f = jax.jit(lambda a, b, c: gpu.tgmm(a, b, c, num_groups=4))
     text = f.trace(lhs, jax.ShapeDtypeStruct((256, 256), jnp.bfloat16), gs).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text
+    assert len(verified) == 3
