@@ -9,8 +9,9 @@ Attention, norms, rotary embeddings, the KV cache and the decoder loop are Llama
     y = grouped_matmul(silu(rows @ gate_e) * (rows @ up_e), down_e)   # one matmul per expert group
     out = sum_k w_k * y[unsort]
 
-With few rows (decoding, rows <= experts) the chosen experts' matrices are gathered instead,
-so a batch-1 step reads k experts' weights, not all of them. Under a mesh with an `expert`
+A batch-1 decoding step reads only the k chosen experts' weights: our Pallas grouped matmul
+never touches an expert that got no rows; with XLA's ragged_dot (CPU) and few rows (rows <=
+experts) the chosen experts' matrices are gathered instead. Under a mesh with an `expert`
 axis (`jax.set_mesh`), each device runs its own experts' groups and the partial outputs are
 summed (expert parallelism). `aux["aux_loss"]` is the load-balancing loss of HF transformers.
 """
@@ -27,7 +28,7 @@ from flax import nnx
 from flashit_jax import nn
 from flashit_jax.errors import FlashitError
 from flashit_jax.nn.rope import RopeScaling
-from kernels.grouped_matmul.api import grouped_matmul
+from kernels.grouped_matmul.api import default_impl, grouped_matmul
 from models import llama
 from models.configs import register_shape
 
@@ -188,6 +189,16 @@ def _swiglu_experts(x, gate, up, down, group_sizes, impl, interpret: bool):
     return mm(a, down, group_sizes)
 
 
+def _pallas(impl, dim: int, ffn: int, dtype, interpret: bool) -> bool:
+    """Whether the grouped matmul is one of our Pallas kernels: they skip experts that got no
+    rows, so they read only the chosen experts even when decoding (no gather copies)."""
+    if callable(impl):
+        return False
+    if impl == "auto":
+        impl = "triton" if interpret else default_impl(dim, ffn, dtype)
+    return impl in ("triton", "tpu")
+
+
 def expert_axis_size(n_experts: int) -> int:
     """Devices on the `expert` axis of the current mesh (1 without one); checks divisibility."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -224,8 +235,8 @@ def moe_layer(p: dict, x: jax.Array, config: MixtralConfig, *, impl: str = "auto
               tap: dict | None = None, pre: str = "", dispatch: bool | None = None):
     """Mixture-of-experts SwiGLU on x [B, T, D] -> (y [B, T, D], router logits [B*T, E]).
 
-    dispatch: sort rows by expert and use the grouped matmul (default when B*T*k > E), else
-    gather the chosen experts' matrices per row (decoding)."""
+    dispatch: sort rows by expert and use the grouped matmul (default when B*T*k > E or when the
+    grouped matmul is a Pallas kernel), else gather the chosen experts' matrices per row."""
     c = config
     b, t, d = x.shape
     xs = x.reshape(b * t, d)
@@ -239,7 +250,7 @@ def moe_layer(p: dict, x: jax.Array, config: MixtralConfig, *, impl: str = "auto
         raise FlashitError(f"expert weights hold {gate.shape[0]} experts, the config says {c.n_experts}")
     rows = b * t * c.top_k
     if dispatch is None:
-        dispatch = rows > c.n_experts
+        dispatch = rows > c.n_experts or _pallas(impl, d, c.ffn_dim, x.dtype, interpret)
     flat = experts.reshape(-1)  # row r = token r // k, slot r % k
     if dispatch:
         order = jnp.argsort(flat, stable=True)

@@ -23,6 +23,8 @@ from kernels.grouped_matmul.common import BlockSizes, make_schedule
 
 # bf16 on H100: 128x128 output tiles, 64-deep K steps, 3 pipeline stages (eval.bench_moe compares more)
 DEFAULT_BLOCKS = BlockSizes(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=3)
+# decoding (a few rows): memory-bound, so narrow column tiles for more programs streaming weights
+DECODE_BLOCKS = BlockSizes(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
 # the rhs gradient contracts over rows: short row steps, square output tiles
 DEFAULT_TGMM_BLOCKS = BlockSizes(block_m=64, block_n=128, block_k=128, num_warps=8, num_stages=3)
 
@@ -74,8 +76,10 @@ def _gmm_kernel(offs_ref, gid_ref, tid_ref, lhs_ref, rhs_ref, o_ref, *, num_grou
 def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, out_dtype=None,
         block_sizes: BlockSizes | None = None, interpret: bool = False):
     """[M, N] = ragged_dot(lhs [M, K], rhs [G, K, N] (or [G, N, K] with transpose_rhs), group_sizes)."""
+    if block_sizes is None:
+        block_sizes = DECODE_BLOCKS if lhs.shape[0] <= 64 else DEFAULT_BLOCKS
     return _gmm(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs, out_dtype=out_dtype,
-                block_sizes=block_sizes or DEFAULT_BLOCKS, interpret=interpret)
+                block_sizes=block_sizes, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("transpose_rhs", "out_dtype", "block_sizes", "interpret"))
