@@ -159,7 +159,8 @@ def _layer(case, impls, *, c, p, x, flops, dense_rate, log, left):
             y = f(p, x)
             t = gbench.time_fn(f, p, x)
             log({"case": case, "impl": name, "ms": t * 1e3, "tflops": flops / t / 1e12,
-                 "frac": flops / t / dense_rate, "rel_err_vs_xla": gbench.rel(y, ref)})
+                 "frac": flops / t / dense_rate, "rel_err_vs_xla": gbench.rel(y, ref),
+                 "out_rms": float(jnp.sqrt(jnp.mean(jnp.square(y.astype(jnp.float32)))))})
         except Exception as e:
             log({"case": case, "impl": name, "error": f"{type(e).__name__}: {e}"[:400]})
 
