@@ -53,4 +53,8 @@ from models import llama  # noqa: E402
 
 register_family(llama.LlamaConfig, llama)
 
-__all__ = ["Model", "register_family", "family_of", "llama"]
+from models import mixtral  # noqa: E402
+
+register_family(mixtral.MixtralConfig, mixtral)
+
+__all__ = ["Model", "register_family", "family_of", "llama", "mixtral"]
