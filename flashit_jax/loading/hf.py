@@ -42,7 +42,8 @@ def config_from_hf(cfg: dict) -> LlamaConfig:
     archs = cfg.get("architectures") or []
     arch = next((a for a in archs if a in SUPPORTED), None)
     if arch is None:
-        raise FlashitError(f"unsupported architecture {archs} in config.json; supported: {sorted(SUPPORTED)}")
+        raise FlashitError(f"unsupported architecture {archs} in config.json; supported: "
+                           f"{sorted(SUPPORTED) + ['MambaForCausalLM']}")
     family = SUPPORTED[arch]
     theta, scaling = _rope(cfg)
     dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
@@ -121,18 +122,33 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
         raise FlashitError(f"cannot read {path}: {e}") from None
 
 
-def load_hf_dir(path: Path, dtype) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
+def _llama_tensors(name: str, arr: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    mapped = hf_name_to_path(name)
+    if mapped is None:
+        return []
+    ours, transpose = mapped
+    return [(ours, arr.T if transpose else arr)]
+
+
+def _family(cfg: dict):
+    """(config_from_hf, convert(name, array) -> [(path, array)]) for the directory's architecture."""
+    from flashit_jax.loading import hf_mamba
+
+    if any(a in hf_mamba.ARCHITECTURES for a in cfg.get("architectures") or []):
+        return hf_mamba.config_from_hf, hf_mamba.convert
+    return config_from_hf, _llama_tensors
+
+
+def load_hf_dir(path: Path, dtype):
     """(config, flat params as numpy in `dtype`)."""
     cfg = json.loads((path / "config.json").read_text())
-    config = config_from_hf(cfg)
+    make_config, convert = _family(cfg)
+    config = make_config(cfg)
     flat: dict[str, np.ndarray] = {}
     for f in safetensors_files(path):
         for name, arr in read_safetensors(f).items():
-            mapped = hf_name_to_path(name)
-            if mapped is None:
-                continue
-            ours, transpose = mapped
-            flat[ours] = np.ascontiguousarray(arr.T if transpose else arr).astype(dtype)
+            for ours, a in convert(name, arr):
+                flat[ours] = np.ascontiguousarray(a).astype(dtype)
     if config.tie_embeddings:
         flat.pop("lm_head/w", None)
     return config, flat
