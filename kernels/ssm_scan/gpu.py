@@ -37,7 +37,7 @@ class GpuBlocks:
     max_state_regs: int = 128  # chunk is lowered so that chunk * N <= this (backward registers)
 
     def resolve(self, p: int, n: int) -> "GpuBlocks":
-        bp = min(self.block_p, pl.next_power_of_2(p))
+        bp = min(self.block_p, 1 << max(0, p - 1).bit_length())
         chunk = max(1, min(self.chunk, self.max_state_regs // n))
         chunk = 1 << (chunk.bit_length() - 1)
         warps = self.num_warps or max(1, bp // 32)
