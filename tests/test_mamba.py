@@ -148,3 +148,40 @@ def test_bad_input(tmp_path):
     cache = Model(TINY).init_cache(1, 8, jnp.float32)
     with pytest.raises(FlashitError, match="roll back"):
         cache.rollback(0)
+
+
+def test_param_axes_cover_every_parameter():
+    import re
+
+    from flashit_jax import tree
+    from models.mamba import PARAM_AXES
+
+    shapes = jax.eval_shape(lambda: Model(TINY).init_params(jax.random.key(0)))
+    for path, leaf in tree.flatten(shapes).items():
+        axes = next((a for pat, a in PARAM_AXES if re.fullmatch(pat, path)), None)
+        assert axes is not None and len(axes) == len(leaf.shape), path
+
+
+def test_multihead_mixer_decode_and_attention_init():
+    """The Mamba-2-layout mixer: recurrent steps equal its parallel pass; from_attention maps weights."""
+    from models.mamba import MultiHeadConfig, from_attention, init_multihead, multihead_mixer
+
+    c = MultiHeadConfig(dim=16, n_heads=4, n_groups=2, head_dim=8, d_state=8)
+    k = jax.random.split(jax.random.key(0), 5)
+    attn = {"q": {"w": jax.random.normal(k[0], (16, 32))}, "k": {"w": jax.random.normal(k[1], (16, 16))},
+            "v": {"w": jax.random.normal(k[2], (16, 16))}, "o": {"w": jax.random.normal(k[3], (32, 16))}}
+    p = from_attention(attn, c, k[4])
+    assert p["C"]["w"] is attn["q"]["w"] and p["B"]["w"] is attn["k"]["w"] and p["out"]["w"] is attn["o"]["w"]
+    with pytest.raises(FlashitError, match="from_attention"):
+        from_attention({**attn, "k": {"w": attn["q"]["w"]}}, c, k[4])
+    p = init_multihead(c, jax.random.key(1))
+    h = jax.random.normal(jax.random.key(2), (2, 7, 16))
+    full, _, _ = multihead_mixer(p, h, c)
+    conv = jnp.zeros((2, c.d_conv - 1, c.conv_channels))
+    ssm = jnp.zeros((2, 4, 8, 8))
+    out, conv, ssm = multihead_mixer(p, h[:, :3], c, conv_prev=conv, ssm_prev=ssm)
+    steps = [out]
+    for t in range(3, 7):
+        out, conv, ssm = multihead_mixer(p, h[:, t:t + 1], c, conv_prev=conv, ssm_prev=ssm)
+        steps.append(out)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5, rtol=1e-5)

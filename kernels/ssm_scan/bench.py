@@ -98,7 +98,8 @@ def main(argv=None):
     ap.add_argument("--dim", type=int, default=1536)
     ap.add_argument("--state", type=int, default=16)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--configs", default="32x8,64x8,32x16", help="Pallas GPU blocks block_p x chunk, comma separated")
+    ap.add_argument("--configs", default="32x8,32x8b,64x8,32x16",
+                    help="Pallas GPU blocks block_p x chunk[b], comma separated (b: batch_stores)")
     ap.add_argument("--alternatives", default="xla,associative,reference")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--no-check", action="store_true")
@@ -123,9 +124,10 @@ def main(argv=None):
     configs = []
     if on_gpu:
         for c in args.configs.split(","):
-            bp, ch = (int(v) for v in c.split("x"))
-            configs.append((f"pallas {bp}x{ch}", "pallas_gpu",
-                            GpuBlocks(block_p=bp, chunk=ch, max_state_regs=max(128, ch * n))))
+            batch = c.endswith("b")
+            bp, ch = (int(v) for v in c.rstrip("b").split("x"))
+            configs.append((f"pallas {c}", "pallas_gpu",
+                            GpuBlocks(block_p=bp, chunk=ch, max_state_regs=max(128, ch * n), batch_stores=batch)))
     alternatives = [(impl, impl, None) for impl in args.alternatives.split(",") if impl]
     def save():  # after every row, so a run cut short still leaves its numbers
         if args.out:

@@ -35,6 +35,11 @@ class GpuBlocks:
     chunk: int = 8  # steps per unrolled loop iteration; backward checkpoint interval
     num_warps: int = 0  # 0: block_p // 32 (at least 1)
     max_state_regs: int = 128  # chunk is lowered so that chunk * N <= this (backward registers)
+    # Store a chunk's y (forward) only after its last step, and load a chunk's dy (backward) with
+    # its x: without a store between them the compiler may issue every load of the chunk ahead
+    # of the arithmetic (a store to y could alias the inputs as far as it knows). NOT YET MEASURED
+    # on a GPU (the 2026-11-23 H100 figures in docs/mamba.md are with False).
+    batch_stores: bool = False
 
     def resolve(self, p: int, n: int) -> "GpuBlocks":
         bp = min(self.block_p, 1 << max(0, p - 1).bit_length())
@@ -51,7 +56,7 @@ def _compiler_params(blocks: GpuBlocks):
 
 
 def _fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, hT_ref, *ck, n_state, chunk, block_p,
-                heads_per_group):
+                heads_per_group, batch_stores=False):
     f32 = jnp.float32
     bi, hi, pj = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     gi = hi // heads_per_group
@@ -68,6 +73,7 @@ def _fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, hT_ref
         # the chunk's x and Δ loads first: none depends on the state, so they overlap
         xs = [x_ref[bi, i * chunk + k, hi, cols].astype(f32) for k in range(chunk)]
         dts = [dt_ref[bi, i * chunk + k, hi, cols].astype(f32) for k in range(chunk)]
+        ys = []
         for k in range(chunk):
             t = i * chunk + k
             xt, dtt = xs[k], dts[k]
@@ -76,7 +82,12 @@ def _fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, hT_ref
             for n in range(n_state):
                 h[n] = jnp.exp2(dtt * a2[n]) * h[n] + u * b_ref[bi, t, gi, n].astype(f32)
                 y = y + h[n] * c_ref[bi, t, gi, n].astype(f32)
-            y_ref[bi, t, hi, cols] = y.astype(y_ref.dtype)
+            if batch_stores:
+                ys.append(y)
+            else:
+                y_ref[bi, t, hi, cols] = y.astype(y_ref.dtype)
+        for k, y in enumerate(ys):
+            y_ref[bi, i * chunk + k, hi, cols] = y.astype(y_ref.dtype)
         return tuple(h)
 
     h = jax.lax.fori_loop(0, n_chunks, body, tuple(h0_ref[bi, hi, n, cols] for n in range(n_state)))
@@ -86,7 +97,7 @@ def _fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, hT_ref
 
 def _bwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, ck_ref, dy_ref, dhT_ref,
                 dx_ref, ddt_ref, db_ref, dc_ref, da_ref, dd_ref, dh0_ref, *, n_state, chunk, block_p,
-                heads_per_group):
+                heads_per_group, batch_stores=False):
     f32 = jnp.float32
     N = n_state
     bi, hi, pj = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -113,9 +124,11 @@ def _bwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, ck_ref, dy_ref, dhT_r
             b = [b_ref[bi, t, gi, n].astype(f32) for n in range(N)]
             hs.append([jnp.exp2(dtt * a2[n]) * hs[-1][n] + u * b[n] for n in range(N)])
             xs.append(xt), dts.append(dtt), us.append(u), bs.append(b)
+        if batch_stores:
+            dys = [dy_ref[bi, i * chunk + k, hi, cols].astype(f32) for k in range(chunk)]
         for k in reversed(range(chunk)):
             t = i * chunk + k
-            dy = dy_ref[bi, t, hi, cols].astype(f32)
+            dy = dys[k] if batch_stores else dy_ref[bi, t, hi, cols].astype(f32)
             xt, dtt, u, b = xs[k], dts[k], us[k], bs[k]
             du, dlog = zero, zero
             for n in range(N):
@@ -154,7 +167,7 @@ def _forward(x, dt, At, B, C, D, h0T, blocks: GpuBlocks, interpret: bool, save: 
     if save:
         outs.append(jax.ShapeDtypeStruct((bt, h, l // blocks.chunk, n, p), f32))
     kernel = functools.partial(_fwd_kernel, n_state=n, chunk=blocks.chunk, block_p=blocks.block_p,
-                               heads_per_group=h // g)
+                               heads_per_group=h // g, batch_stores=blocks.batch_stores)
     return pl.pallas_call(kernel, out_shape=tuple(outs), grid=grid, interpret=interpret,
                           compiler_params=_compiler_params(blocks), name="ssm_scan_fwd")(
         x, dt, At * jnp.float32(LOG2E), B, C, D, h0T)
@@ -169,7 +182,7 @@ def _backward(x, dt, At, B, C, D, ck, dy, dhT, blocks: GpuBlocks, interpret: boo
             jax.ShapeDtypeStruct((bt, h, n, p), f32), jax.ShapeDtypeStruct((bt, h, p), f32),
             jax.ShapeDtypeStruct((bt, h, n, p), f32))
     kernel = functools.partial(_bwd_kernel, n_state=n, chunk=blocks.chunk, block_p=blocks.block_p,
-                               heads_per_group=h // g)
+                               heads_per_group=h // g, batch_stores=blocks.batch_stores)
     dx, ddt, db, dc, da, dd, dh0 = pl.pallas_call(
         kernel, out_shape=outs, grid=grid, interpret=interpret, compiler_params=_compiler_params(blocks),
         name="ssm_scan_bwd")(x, dt, At * jnp.float32(LOG2E), B, C, D, ck, dy, dhT.astype(f32))

@@ -94,7 +94,9 @@ def test_pallas_sweep(impl, blocks, layout, l, n, dtype):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("impl,blocks", [("pallas_gpu", GpuBlocks()), ("pallas_tpu", TpuBlocks())], ids=["gpu", "tpu"])
+@pytest.mark.parametrize("impl,blocks", [("pallas_gpu", GpuBlocks()), ("pallas_tpu", TpuBlocks()),
+                                         ("pallas_gpu", GpuBlocks(batch_stores=True))],
+                         ids=["gpu", "tpu", "gpu-batch-stores"])
 def test_pallas_default_blocks(impl, blocks):
     check(impl, "mamba1", 300, 16, jnp.float32, blocks, bt=1)
 
