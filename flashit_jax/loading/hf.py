@@ -44,7 +44,8 @@ def _arch(cfg: dict) -> str:
     archs = cfg.get("architectures") or []
     arch = next((a for a in archs if a in SUPPORTED), None)
     if arch is None:
-        raise FlashitError(f"unsupported architecture {archs} in config.json; supported: {sorted(SUPPORTED)}")
+        raise FlashitError(f"unsupported architecture {archs} in config.json; supported: "
+                           f"{sorted(SUPPORTED) + ['MambaForCausalLM']}")
     return arch
 
 
@@ -181,9 +182,25 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
         raise FlashitError(f"cannot read {path}: {e}") from None
 
 
+def _load_converted(path: Path, dtype, config, convert):
+    """Families with their own tensor mapping: convert(name, array) -> [(our path, array)]."""
+    flat: dict[str, np.ndarray] = {}
+    for f in safetensors_files(path):
+        for name, arr in read_safetensors(f).items():
+            for ours, a in convert(name, arr):
+                flat[ours] = np.ascontiguousarray(a).astype(dtype)
+    if config.tie_embeddings:
+        flat.pop("lm_head/w", None)
+    return config, flat
+
+
 def load_hf_dir(path: Path, dtype) -> tuple[LlamaConfig | MixtralConfig, dict[str, np.ndarray]]:
     """(config, flat params as numpy in `dtype`)."""
+    from flashit_jax.loading import hf_mamba
+
     cfg = json.loads((path / "config.json").read_text())
+    if any(a in hf_mamba.ARCHITECTURES for a in cfg.get("architectures") or []):
+        return _load_converted(path, dtype, hf_mamba.config_from_hf(cfg), hf_mamba.convert)
     config = config_from_hf(cfg)
     moe = isinstance(config, MixtralConfig)
     flat: dict[str, np.ndarray] = {}
