@@ -35,16 +35,25 @@ class TokenRows:
     def n_tokens(self) -> int:
         return int(self.packed.loss_mask.sum())
 
-    def row_ids(self, step: int, batch_size: int) -> np.ndarray:
-        """Packed-row indices of the global batch of `step`."""
-        r = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)
+    def permutation(self, epoch: int) -> np.ndarray:
+        if getattr(self, "_perm_epoch", None) != epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def stream_ids(self, start: int, stop: int) -> np.ndarray:
+        """Packed-row indices of stream positions [start, stop)."""
+        r = np.arange(start, stop, dtype=np.int64)
         epochs, within = r // self.n_rows, r % self.n_rows
         out = np.empty_like(r)
         for e in np.unique(epochs):
-            perm = np.random.default_rng([self.seed, int(e)]).permutation(self.n_rows)
             sel = epochs == e
-            out[sel] = perm[within[sel]]
+            out[sel] = self.permutation(int(e))[within[sel]]
         return out
+
+    def row_ids(self, step: int, batch_size: int) -> np.ndarray:
+        """Packed-row indices of the global batch of `step`."""
+        return self.stream_ids(step * batch_size, (step + 1) * batch_size)
 
     def rows(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         p = self.packed

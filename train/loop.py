@@ -210,11 +210,15 @@ def run(cfg: TrainConfig, task: Task, *, prog: str = "train") -> dict:
         topk = topk_cache.TopKCache.open_or_create(
             path, n_rows=rows.n_rows, seq_len=rows.seq_len, k=cfg.topk,
             meta={"teacher": task.record.get("teacher", ""), "data_fingerprint": rows.fingerprint})
-        if len(topk.missing_rows()):
+        # only the rows this run will read (the cache fills up further if a later run needs more)
+        n_read = cfg.steps * cfg.batch_size
+        needed = np.arange(rows.n_rows) if n_read >= rows.n_rows else np.unique(rows.stream_ids(0, n_read))
+        if len(np.intersect1d(topk.missing_rows(), needed)):
             tp = cast_floats(task.teacher_params, parse_dtype(cfg.teacher_dtype or cfg.compute_dtype))
             fn = _topk_fn(task.teacher_model, cfg.topk, cfg.attn_impl)
             topk_cache.build(topk, lambda b: fn(tp, {k: jnp.asarray(v) for k, v in b.items()}), rows,
-                             batch_size=max(1, cfg.batch_size // cfg.accum_steps), progress=cfg.progress and _is_main())
+                             batch_size=max(1, cfg.batch_size // cfg.accum_steps), progress=cfg.progress and _is_main(),
+                             only=needed)
 
     # ---- the step
     token_loss = make_token_loss(obj, task.student_model, task.teacher_model, compute_dtype=compute_dtype,

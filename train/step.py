@@ -202,7 +202,8 @@ def make_train_step(token_loss: Callable, optimizer: optax.GradientTransformatio
             _, m0 = jax.eval_shape(lambda: micro(params, jax.tree.map(lambda x: x[0], mbs), keys[0]))
             zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0)
             (grads, loss, mets), _ = jax.lax.scan(body, (zeros_g, jnp.float32(0.0), zeros_m), (mbs, keys))
-        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        with jax.numpy_dtype_promotion("standard"):  # optax computes b1 ** count (float ** int32)
+            updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         metrics = {"loss": loss, **mets, "grad_norm": optax.global_norm(grads), "tokens": mask_total}
         return {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "rng": rng}, metrics

@@ -19,10 +19,13 @@ import numpy as np
 from flashit_jax.errors import FlashitError
 
 
+_ZARR_DTYPES = {"float32": "<f4", "bfloat16": "bfloat16", "int32": "<i4", "uint8": "|u1"}
+
+
 def _spec(path: Path, name: str, dtype: str | None = None, shape=None, chunks=None) -> dict:
     spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(path / name)}}
     if dtype is not None:
-        spec["metadata"] = {"dtype": dtype, "shape": list(shape), "chunks": list(chunks),
+        spec["metadata"] = {"dtype": _ZARR_DTYPES[dtype], "shape": list(shape), "chunks": list(chunks),
                             "compressor": {"id": "zstd", "level": 1}}
     return spec
 
@@ -43,6 +46,8 @@ class TopKCache:
         import tensorstore as ts
 
         path = Path(path)
+        if dtype not in ("float32", "bfloat16"):
+            raise FlashitError(f"top-k cache values are float32 or bfloat16, not {dtype!r}")
         full = {**meta, "k": k, "n_rows": n_rows, "seq_len": seq_len, "dtype": dtype}
         mpath = path / "meta.json"
         if mpath.exists():
@@ -85,11 +90,14 @@ class TopKCache:
         return np.asarray(v.result(), np.float32), np.asarray(i.result())
 
 
-def build(cache: TopKCache, topk_fn, rows, *, batch_size: int = 8, progress: bool = True) -> None:
-    """Fill every missing row: topk_fn(batch dict) -> (values [b, L, k], indices [b, L, k])."""
+def build(cache: TopKCache, topk_fn, rows, *, batch_size: int = 8, progress: bool = True,
+          only: np.ndarray | None = None) -> None:
+    """Fill the missing rows (of `only`, when given): topk_fn(batch dict) -> (values, indices) [b, L, k]."""
     from tqdm.auto import tqdm
 
     todo = cache.missing_rows()
+    if only is not None:
+        todo = np.intersect1d(todo, only)
     for s in tqdm(range(0, len(todo), batch_size), desc="teacher top-k", unit="batch", disable=not progress):
         ids = todo[s: s + batch_size]
         b = rows.rows(ids)
