@@ -177,6 +177,9 @@ def run(cfg: TrainConfig, task: Task, *, prog: str = "train") -> dict:
                                  is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
     state_sh = {"step": replicated, "params": p_sh, "opt_state": o_sh, "rng": replicated}
     state = jax.jit(lambda t: init_state(t, optimizer, cfg.seed), out_shardings=state_sh)(trainable)
+    if _is_main():
+        (out / "sharding.txt").write_text(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, "
+                                          f"{jax.process_count()} processes\n" + shd.describe(state["params"], p_sh) + "\n")
     del trainable
 
     teacher_params = None
@@ -260,25 +263,28 @@ def run(cfg: TrainConfig, task: Task, *, prog: str = "train") -> dict:
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=prog, unit="step",
                disable=not (cfg.progress and _is_main()))
     last = None
+
+    def flush():
+        nonlocal records_pending, tok_window, t_window, last
+        fetched = jax.device_get([m for _, m in records_pending])
+        now = time.perf_counter()
+        for (s, _), m in zip(records_pending, fetched):
+            tok_window += float(m["tokens"])
+            last = {"step": s, **{k: float(v) for k, v in m.items()}, "lr": float(lr_at(s - 1)),
+                    "time_s": round(now - t0, 3)}
+            metrics.write(last)
+        tps = tok_window / max(now - t_window, 1e-9)
+        tok_window, t_window, records_pending = 0.0, now, []
+        bar.set_postfix(loss=f"{last['loss']:.4f}", ce=f"{last['ce']:.4f}", tok_s=f"{tps:.0f}")
+
     for step in bar:
         state, mets = jstep(state, teacher_params, batch_for(step))
         records_pending.append((step + 1, mets))
         done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            fetched = jax.device_get([m for _, m in records_pending])
-            now = time.perf_counter()
-            for (s, _), m in zip(records_pending, fetched):
-                tok_window += float(m["tokens"])
-                rec = {"step": s, **{k: float(v) for k, v in m.items()}, "lr": float(lr_at(s - 1)),
-                       "time_s": round(now - t0, 3)}
-                metrics.write(rec)
-                last = rec
-            rec = last
-            rec_tps = tok_window / max(now - t_window, 1e-9)
-            tok_window, t_window = 0.0, now
-            records_pending = []
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", ce=f"{rec['ce']:.4f}", tok_s=f"{rec_tps:.0f}")
-        if ckpt is not None and (done % cfg.ckpt_every == 0 or done == cfg.steps):
+        save_now = ckpt is not None and (done % cfg.ckpt_every == 0 or done == cfg.steps)
+        if done % cfg.log_every == 0 or done == cfg.steps or save_now:
+            flush()  # before a checkpoint too: every checkpointed step has its metrics on disk
+        if save_now:
             save_ckpt(done, force=True)
         if cfg.eval_every > 0 and done % cfg.eval_every == 0 and done != cfg.steps:
             rec = do_eval(done, eval_chunks)

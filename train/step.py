@@ -205,10 +205,14 @@ def make_train_step(token_loss: Callable, optimizer: optax.GradientTransformatio
         with jax.numpy_dtype_promotion("standard"):  # optax computes b1 ** count (float ** int32)
             updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss, **mets, "grad_norm": optax.global_norm(grads), "tokens": mask_total}
+        metrics = {"loss": loss, **mets, "grad_norm": _global_norm(grads), "tokens": mask_total}
         return {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "rng": rng}, metrics
 
     return step
+
+
+def _global_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 def init_state(trainable, optimizer, seed: int):
