@@ -90,7 +90,8 @@ def test_topk_cache_run_matches_its_definition(teacher, tmp_path):
     assert cache_dirs
     meta = json.loads(cache_dirs[0].read_text())
     cache = TopKCache.open_or_create(tmp_path / "tk" / "topk", n_rows=meta["n_rows"], seq_len=32, k=5,
-                                     meta={"teacher": meta["teacher"], "data_fingerprint": meta["data_fingerprint"]})
+                                     meta={k: meta[k] for k in ("teacher", "data_fingerprint", "teacher_dtype",
+                                                                "doc_masking")})
     ids = rows.row_ids(0, 4)
     b = rows.rows(ids)
     vals, idx = cache.read(ids)

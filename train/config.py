@@ -41,6 +41,7 @@ class TrainConfig:
     eval_split: str = "valid"
     seq_len: int = 256
     data_seed: int = 0
+    doc_masking: bool = True  # packed documents attend only within themselves (False: nanoGPT-style, needed by cudnn)
     # optimization
     steps: int = 300
     batch_size: int = 8  # global, in sequences, per optimizer step

@@ -109,11 +109,14 @@ def plot_curves(records: list[dict], path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def _topk_fn(teacher_model, k: int, attn_impl: str):
+def _topk_fn(teacher_model, k: int, attn_impl: str, doc_masking: bool):
     @jax.jit
     def topk(params, batch):
-        logits, _, _ = teacher_model.forward(params, batch["tokens"], batch["positions"],
-                                             segment_ids=batch["segment_ids"], attn_impl=attn_impl)
+        if doc_masking:
+            logits, _, _ = teacher_model.forward(params, batch["tokens"], batch["positions"],
+                                                 segment_ids=batch["segment_ids"], attn_impl=attn_impl)
+        else:
+            logits, _, _ = teacher_model.forward(params, batch["tokens"], attn_impl=attn_impl)
         return jax.lax.top_k(logits, k)
 
     return topk
@@ -134,6 +137,40 @@ def evaluate(task: Task, params, docs, cfg: TrainConfig, max_chunks: int | None)
     return {"eval_ppl": rep["ppl"], "eval_nll": rep["mean_nll"], "eval_chunks": rep["n_chunks"]}
 
 
+def build_state(model, params, extra_trainable: dict, optimizer, mesh, seed: int):
+    """The train state with fp32 master weights, placed by the family's sharding rules (extra
+    trainables, e.g. feature projections, replicated). Returns (state, its shardings)."""
+    import optax
+
+    trainable = {"model": cast_floats(params, jnp.float32), **extra_trainable}
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    p_sh = {"model": shd.param_shardings(trainable["model"], mesh, shd.family_axes(model)),
+            **jax.tree.map(lambda _: replicated, extra_trainable)}
+    abstract_opt = jax.eval_shape(optimizer.init, jax.eval_shape(lambda: trainable))
+    # optimizer moments follow their parameters' shardings; counters and the like are replicated
+    o_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, p_sh,
+                                 transform_non_params=lambda _: replicated,
+                                 is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    state_sh = {"step": replicated, "params": p_sh, "opt_state": o_sh, "rng": replicated}
+    state = jax.jit(lambda t: init_state(t, optimizer, seed), out_shardings=state_sh)(trainable)
+    return state, state_sh
+
+
+def place_teacher(model, params, mesh, dtype):
+    """Teacher weights in `dtype`, sharded by its family's rules. Returns (params, shardings)."""
+    t_sh = shd.param_shardings(params, mesh, shd.family_axes(model))
+    return jax.jit(lambda p: cast_floats(p, dtype), out_shardings=t_sh)(params), t_sh
+
+
+def compile_step(token_loss, optimizer, mesh, state_sh, teacher_sh, batch_keys, accum_steps: int = 1):
+    """The jitted step: state donated, batch split over the mesh's batch axes."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    step_fn = make_train_step(token_loss, optimizer, accum_steps, lambda nd: shd.batch_sharding(mesh, nd))
+    b_sh = {k: shd.batch_sharding(mesh, 3 if k.startswith("topk") else 2) for k in batch_keys}
+    return jax.jit(step_fn, in_shardings=(state_sh, teacher_sh, b_sh), out_shardings=(state_sh, replicated),
+                   donate_argnums=(0,))
+
+
 def run(cfg: TrainConfig, task: Task, *, prog: str = "train") -> dict:
     from tqdm.auto import tqdm
 
@@ -146,6 +183,9 @@ def run(cfg: TrainConfig, task: Task, *, prog: str = "train") -> dict:
     if cfg.batch_size < 1 or cfg.accum_steps < 1 or cfg.batch_size % cfg.accum_steps:
         raise FlashitError(f"batch_size ({cfg.batch_size}) must be a positive multiple of accum_steps ({cfg.accum_steps})")
     # ---- everything that can fail on bad input fails before anything is written
+    if cfg.attn_impl == "cudnn" and cfg.doc_masking:
+        raise FlashitError("cuDNN attention has no segment (document) masking: add --doc-masking false "
+                           "(packed documents then attend to each other, as in GPT-2/nanoGPT) or use another --attn-impl")
     mesh = shd.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
     n_shards = shd.batch_shards(mesh)
     if (cfg.batch_size // cfg.accum_steps) % n_shards:
@@ -162,32 +202,18 @@ def run(cfg: TrainConfig, task: Task, *, prog: str = "train") -> dict:
 
     # ---- state on the mesh
     compute_dtype = parse_dtype(cfg.compute_dtype)
-    axes = shd.family_axes(task.student_model)
     optimizer = make_optimizer(cfg)
-    trainable = {"model": cast_floats(task.student_params, jnp.float32), **task.extra_trainable}
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    p_sh = {"model": shd.param_shardings(trainable["model"], mesh, axes),
-            **jax.tree.map(lambda _: replicated, task.extra_trainable)}
-    abstract_params = jax.eval_shape(lambda: trainable)
-    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-    import optax
-
-    o_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, p_sh,
-                                 transform_non_params=lambda _: replicated,
-                                 is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-    state_sh = {"step": replicated, "params": p_sh, "opt_state": o_sh, "rng": replicated}
-    state = jax.jit(lambda t: init_state(t, optimizer, cfg.seed), out_shardings=state_sh)(trainable)
+    state, state_sh = build_state(task.student_model, task.student_params, task.extra_trainable, optimizer, mesh,
+                                  cfg.seed)
     if _is_main():
         (out / "sharding.txt").write_text(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, "
-                                          f"{jax.process_count()} processes\n" + shd.describe(state["params"], p_sh) + "\n")
-    del trainable
-
-    teacher_params = None
-    t_sh = None
+                                          f"{jax.process_count()} processes\n"
+                                          + shd.describe(state["params"], state_sh["params"]) + "\n")
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    teacher_params, t_sh = None, None
     if obj.needs_teacher:
-        t_dtype = parse_dtype(cfg.teacher_dtype or cfg.compute_dtype)
-        t_sh = shd.param_shardings(task.teacher_params, mesh, shd.family_axes(task.teacher_model))
-        teacher_params = jax.jit(lambda p: cast_floats(p, t_dtype), out_shardings=t_sh)(task.teacher_params)
+        teacher_params, t_sh = place_teacher(task.teacher_model, task.teacher_params, mesh,
+                                             parse_dtype(cfg.teacher_dtype or cfg.compute_dtype))
 
     ckpt = Checkpointer(out / "ckpt", every=cfg.ckpt_every, keep=cfg.keep_checkpoints,
                         async_save=cfg.async_checkpoints) if cfg.ckpt_every > 0 else None
@@ -212,26 +238,24 @@ def run(cfg: TrainConfig, task: Task, *, prog: str = "train") -> dict:
         path = Path(cfg.topk_cache) if cfg.topk_cache else out / "topk"
         topk = topk_cache.TopKCache.open_or_create(
             path, n_rows=rows.n_rows, seq_len=rows.seq_len, k=cfg.topk,
-            meta={"teacher": task.record.get("teacher", ""), "data_fingerprint": rows.fingerprint})
+            meta={"teacher": task.record.get("teacher", ""), "data_fingerprint": rows.fingerprint,
+                  "teacher_dtype": cfg.teacher_dtype or cfg.compute_dtype, "doc_masking": cfg.doc_masking})
         # only the rows this run will read (the cache fills up further if a later run needs more)
         n_read = cfg.steps * cfg.batch_size
         needed = np.arange(rows.n_rows) if n_read >= rows.n_rows else np.unique(rows.stream_ids(0, n_read))
         if len(np.intersect1d(topk.missing_rows(), needed)):
             tp = cast_floats(task.teacher_params, parse_dtype(cfg.teacher_dtype or cfg.compute_dtype))
-            fn = _topk_fn(task.teacher_model, cfg.topk, cfg.attn_impl)
+            fn = _topk_fn(task.teacher_model, cfg.topk, cfg.attn_impl, cfg.doc_masking)
             topk_cache.build(topk, lambda b: fn(tp, {k: jnp.asarray(v) for k, v in b.items()}), rows,
                              batch_size=max(1, cfg.batch_size // cfg.accum_steps), progress=cfg.progress and _is_main(),
                              only=needed)
 
     # ---- the step
     token_loss = make_token_loss(obj, task.student_model, task.teacher_model, compute_dtype=compute_dtype,
-                                 attn_impl=cfg.attn_impl)
-    step_fn = make_train_step(token_loss, optimizer, cfg.accum_steps, lambda nd: shd.batch_sharding(mesh, nd))
+                                 attn_impl=cfg.attn_impl, doc_masking=cfg.doc_masking)
     batch_keys = ["tokens", "targets", "segment_ids", "positions", "loss_mask"] + (
         ["topk_values", "topk_indices"] if topk is not None else [])
-    b_sh = {k: shd.batch_sharding(mesh, 3 if k.startswith("topk") else 2) for k in batch_keys}
-    jstep = jax.jit(step_fn, in_shardings=(state_sh, t_sh, b_sh), out_shardings=(state_sh, replicated),
-                    donate_argnums=(0,))
+    jstep = compile_step(token_loss, optimizer, mesh, state_sh, t_sh, batch_keys, cfg.accum_steps)
     local_rows = shd.process_batch_slice(cfg.batch_size, mesh)
     lr_at = schedule(cfg)
 
@@ -334,4 +358,5 @@ def final_loss_of(records: list[dict]) -> float:
     return tr[-1]["loss"] if tr else math.nan
 
 
-__all__ = ["Task", "run", "init_distributed", "plot_curves", "evaluate", "TokenRows"]
+__all__ = ["Task", "run", "init_distributed", "build_state", "place_teacher", "compile_step", "plot_curves",
+           "evaluate", "TokenRows"]

@@ -26,7 +26,8 @@ def plot_runs(runs: list[Path], labels: list[str], out: Path, title: str = "", s
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    step0: list[str] = []
     for run, label in zip(runs, labels):
         recs = load_metrics(run)
         tr = [r for r in recs if "ce" in r]
@@ -38,9 +39,22 @@ def plot_runs(runs: list[Path], labels: list[str], out: Path, title: str = "", s
             a.plot(steps[smooth - 1:], np.convolve(ce, k, mode="valid"), label=label)
         else:
             a.plot(steps, ce, label=label)
-        b.plot([r["step"] for r in ev], [r["eval_ppl"] for r in ev], "o-", label=label)
-    a.set_xlabel("step"), a.set_ylabel(f"training data CE (moving mean of {smooth})"), a.legend()
-    b.set_xlabel("step"), b.set_ylabel("validation perplexity"), b.set_yscale("log"), b.legend()
+        # the step-0 point (the untrained student) would squash the axis: it goes in the label;
+        # the final eval may use more chunks than the periodic ones: it gets its own marker
+        first = next((r for r in ev if r["step"] == 0), None)
+        periodic = [r for r in ev if r["step"] > 0 and r["eval_chunks"] == (ev[min(1, len(ev) - 1)]["eval_chunks"])]
+        final = [r for r in ev if r["step"] > 0 and r not in periodic]
+        if first:
+            step0.append(f"{first['eval_ppl']:.3g}")
+        line, = b.plot([r["step"] for r in periodic], [r["eval_ppl"] for r in periodic], "o-",
+                       label=f"{label} ({periodic[0]['eval_chunks'] if periodic else '?'} chunks)")
+        for r in final:
+            b.plot([r["step"]], [r["eval_ppl"]], "*", ms=12, color=line.get_color(),
+                   label=f"{label}: final {r['eval_ppl']:.1f} ({r['eval_chunks']} chunks)")
+    a.set_xlabel("step"), a.set_ylabel(f"training data CE (moving mean of {smooth})"), a.legend(fontsize=8)
+    b.set_xlabel("step"), b.set_ylabel("validation perplexity"), b.set_yscale("log"), b.legend(fontsize=8)
+    if step0:
+        b.set_title(f"held-out perplexity (step 0: {' / '.join(step0)})", fontsize=9)
     a.grid(alpha=0.3), b.grid(alpha=0.3, which="both")
     if title:
         fig.suptitle(title, fontsize=9)

@@ -88,14 +88,20 @@ def _attention_maps(model, params, inputs, positions, segment_ids, layers):
     return maps
 
 
-def make_token_loss(obj: Objective, student, teacher=None, *, compute_dtype=jnp.bfloat16, attn_impl="auto"):
-    """(trainable, teacher_params, batch, key) -> (per-token loss [B, T] fp32, {metric: [B, T]})."""
+def make_token_loss(obj: Objective, student, teacher=None, *, compute_dtype=jnp.bfloat16, attn_impl="auto",
+                    doc_masking: bool = True):
+    """(trainable, teacher_params, batch, key) -> (per-token loss [B, T] fp32, {metric: [B, T]}).
+
+    doc_masking=False: the documents packed in a row attend to each other, positions run 0..T-1
+    (GPT-2 / nanoGPT practice); what fused kernels without segment masks (cuDNN) can run."""
     if obj.needs_teacher and teacher is None:
         raise FlashitError(f"loss {obj.loss!r} needs a teacher")
     want_hidden = obj.kd == "feature"
     want_attn = want_hidden and obj.attention_weight > 0
 
     def run(model, params, batch, collect):
+        if not doc_masking:
+            return model.forward(params, batch["tokens"], collect=collect, attn_impl=attn_impl)
         return model.forward(params, batch["tokens"], batch["positions"], segment_ids=batch["segment_ids"],
                              collect=collect, attn_impl=attn_impl)
 
@@ -140,10 +146,10 @@ def make_token_loss(obj: Objective, student, teacher=None, *, compute_dtype=jnp.
             mets["hidden"] = hid
             kd = kd + jnp.float32(obj.feature_weight) * hid
             if want_attn:
-                s_maps = _attention_maps(student, p, s_aux["inputs"], batch["positions"], batch["segment_ids"],
-                                         range(len(obj.layer_map)))
-                t_maps = _attention_maps(teacher, teacher_params, t_aux["inputs"], batch["positions"],
-                                         batch["segment_ids"], obj.layer_map)
+                pos, seg = (batch["positions"], batch["segment_ids"]) if doc_masking else (
+                    jnp.broadcast_to(jnp.arange(batch["tokens"].shape[1], dtype=jnp.int32), batch["tokens"].shape), None)
+                s_maps = _attention_maps(student, p, s_aux["inputs"], pos, seg, range(len(obj.layer_map)))
+                t_maps = _attention_maps(teacher, teacher_params, t_aux["inputs"], pos, seg, obj.layer_map)
                 att = 0.0
                 for sm, tm in zip(s_maps, t_maps):
                     if sm.shape[1] != tm.shape[1]:
