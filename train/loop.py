@@ -209,7 +209,6 @@ def run(cfg: TrainConfig, task: Task, *, prog: str = "train") -> dict:
         (out / "sharding.txt").write_text(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, "
                                           f"{jax.process_count()} processes\n"
                                           + shd.describe(state["params"], state_sh["params"]) + "\n")
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     teacher_params, t_sh = None, None
     if obj.needs_teacher:
         teacher_params, t_sh = place_teacher(task.teacher_model, task.teacher_params, mesh,
