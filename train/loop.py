@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import math
 import time
 from pathlib import Path
 
@@ -69,11 +68,11 @@ def _is_main() -> bool:
 
 
 class _Metrics:
-    def __init__(self, path: Path, resume_step: int | None):
+    def __init__(self, path: Path, resume_step: int):
         self.path = path
         if _is_main():
             keep = []
-            if resume_step is not None and path.exists():  # drop what the killed run logged past its checkpoint
+            if resume_step > 0 and path.exists():  # drop what an interrupted run logged past its checkpoint
                 keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
             path.write_text("".join(ln + "\n" for ln in keep))
 
@@ -225,7 +224,7 @@ def run(cfg: TrainConfig, task: Task, *, prog: str = "train") -> dict:
                                f"{rows.fingerprint})")
         if _is_main():
             print(f"{prog}: resuming {out} from step {start} (data position: row {meta.get('data_position')})")
-    metrics = _Metrics(out / "metrics.jsonl", start if resuming else None)
+    metrics = _Metrics(out / "metrics.jsonl", start)
 
     # ---- teacher top-k cache (sparse KD)
     topk = None
@@ -350,11 +349,6 @@ def run(cfg: TrainConfig, task: Task, *, prog: str = "train") -> dict:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     summary["state"] = state
     return summary
-
-
-def final_loss_of(records: list[dict]) -> float:
-    tr = [r for r in records if "loss" in r]
-    return tr[-1]["loss"] if tr else math.nan
 
 
 __all__ = ["Task", "run", "init_distributed", "build_state", "place_teacher", "compile_step", "plot_curves",
