@@ -190,3 +190,12 @@ def test_empty_corpus_is_an_error_before_writing(teacher, tmp_path, capsys):
         main(_args(teacher, tmp_path / "e", "--data", str(data)))
     assert "no non-empty documents" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def test_cudnn_without_doc_masking_flag_is_an_error(teacher, tmp_path, capsys):
+    from train.distill import main
+
+    with pytest.raises(SystemExit):
+        main(_args(teacher, tmp_path / "c", "--attn-impl", "cudnn"))
+    assert "--doc-masking false" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
