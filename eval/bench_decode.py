@@ -20,11 +20,12 @@ import time
 
 SPEC_BW = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # HBM spec sheets, bytes/s
 VARIANTS = {
-    # name: (fuse_projections, steps_per_call, extra XLA flags)
-    "base": (False, 1, ""),
-    "fused": (True, 1, ""),
-    "fused-scan16": (True, 16, ""),
-    "fused-cublas": (True, 1, "--xla_gpu_enable_triton_gemm=false"),
+    # name: (fuse_projections, steps_per_call, extra XLA flags, environment)
+    "xla": (False, 1, "", {"FLASHIT_JAX_GEMV": "0"}),  # plain jitted step, one call per token
+    "fused-xla": (True, 1, "", {"FLASHIT_JAX_GEMV": "0"}),
+    "scan16-xla": (True, 16, "", {"FLASHIT_JAX_GEMV": "0"}),  # 16 steps per call, XLA matmuls
+    "scan16-gemv": (True, 16, "", {}),  # 16 steps per call, Pallas GEMV (kernels/gemv)
+    "gemv": (True, 1, "", {}),
 }
 
 
@@ -32,23 +33,47 @@ def _spec_bw(kind: str) -> float | None:
     return next((v for k, v in SPEC_BW.items() if k in kind), None)
 
 
+def _d2d_copy_rate(nbytes: int, reps: int) -> float | None:
+    """cudaMemcpy device-to-device through torch, timed with CUDA events (None without torch/CUDA)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    b.copy_(a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        b.copy_(a)
+    end.record()
+    torch.cuda.synchronize()
+    rate = 2 * nbytes * reps / (start.elapsed_time(end) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return rate
+
+
 def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> dict:
-    """Bytes read + written per second for an XLA elementwise copy and a device-to-device copy."""
+    """Bytes read + written per second: an XLA elementwise copy (back-to-back calls, one sync)
+    and a plain device-to-device copy (cudaMemcpy via torch where present)."""
     import jax
     import jax.numpy as jnp
 
     x = jax.random.normal(jax.random.key(0), (nbytes // 2,), jnp.bfloat16)
     ew = jax.jit(lambda a: a * jnp.bfloat16(1.0009765625))  # elementwise: read + write once
-    cp = jax.jit(lambda a: jnp.copy(a))
-    out = {}
-    for name, fn in (("xla_elementwise", ew), ("d2d_copy", cp)):
-        fn(x).block_until_ready()
-        t = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn(x).block_until_ready()
-            t.append(time.perf_counter() - t0)
-        out[name] = 2 * x.nbytes / sorted(t)[len(t) // 2]
+    ew(x).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        y = ew(x)
+    y.block_until_ready()
+    out = {"xla_elementwise": 2 * x.nbytes * reps / (time.perf_counter() - t0)}
+    del x, y
+    d2d = _d2d_copy_rate(nbytes, reps)
+    if d2d:
+        out["d2d_copy"] = d2d
     out["best"] = max(out.values())
     return out
 
@@ -62,19 +87,25 @@ def jax_worker(model_spec: str, variant: str, prompt_len: int, steps: int) -> di
     from flashit_jax.loading import load_model
     from models.llama import fuse_projections
 
-    fuse, per_call, _ = VARIANTS[variant]
+    fuse, per_call, _, _ = VARIANTS[variant]
+    bw = copy_bandwidth()  # before JAX's pool grows, so torch's copy buffers fit
     loaded = load_model(model_spec, "bf16")
     params = fuse_projections(loaded.params, loaded.config) if fuse else loaded.params
     c = loaded.config
     wbytes = sum(int(np.prod(v.shape)) * v.dtype.itemsize for v in tree.flatten(params).values())
     kv_per_pos = 2 * c.n_layers * c.n_kv_heads * c.head_dim * 2
     prompt = np.random.default_rng(0).integers(0, c.vocab_size, prompt_len).tolist()
-    bw = copy_bandwidth()
     runs = []
     for _ in range(3):
         r = generate(loaded.model, params, [prompt], max_new_tokens=steps + 1, steps_per_call=per_call)
         runs.append(r)
     r = sorted(runs, key=lambda r: r.tokens_per_s)[1]
+    # the same decode step with XLA matmuls: the variant must compute the same logits
+    toks = jax.numpy.asarray(prompt[:1], jax.numpy.int32)[None]
+    fast = jax.jit(lambda p, t: loaded.model.forward(p, t)[0])(params, toks)
+    os.environ["FLASHIT_JAX_GEMV"] = "0"
+    ref = jax.jit(lambda p, t: loaded.model.forward(p, t)[0])(loaded.params, toks)
+    rel_err = float(jax.numpy.linalg.norm(fast - ref) / jax.numpy.linalg.norm(ref))
     avg_len = prompt_len + 1 + r.steps / 2
     step_s = 1.0 / r.tokens_per_s
     bytes_step = wbytes + kv_per_pos * avg_len
@@ -83,7 +114,8 @@ def jax_worker(model_spec: str, variant: str, prompt_len: int, steps: int) -> di
     return {"impl": f"jax/{variant}", "model": model_spec, "tokens_per_s": r.tokens_per_s,
             "step_ms": step_s * 1e3, "ttft_ms": r.ttft_s * 1e3, "bytes_per_step": bytes_step,
             "mbu": bytes_step / step_s / bw["best"], "copy_bw": bw, "device": dev.device_kind,
-            "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 1e9, "jax": jax.__version__}
+            "peak_mem_gb": stats.get("peak_bytes_in_use", 0) / 1e9, "jax": jax.__version__,
+            "rel_err_vs_xla": rel_err}
 
 
 def hf_worker(model_spec: str, mode: str, prompt_len: int, steps: int) -> dict:
@@ -135,8 +167,9 @@ def hf_worker(model_spec: str, mode: str, prompt_len: int, steps: int) -> dict:
             "torch": torch.__version__}
 
 
-def _run_worker(args: list[str], xla_flags: str = "") -> dict | None:
-    env = dict(os.environ)
+def _run_worker(args: list[str], xla_flags: str = "", extra_env: dict | None = None) -> dict | None:
+    env = {**os.environ, **(extra_env or {})}
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
     if xla_flags:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
     proc = subprocess.run([sys.executable, "-m", "eval.bench_decode", *args], capture_output=True, text=True,
@@ -152,7 +185,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m eval.bench_decode", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="random:smollm2-135m,random:llama-3.2-1b")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default="xla,scan16-xla,scan16-gemv")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--no-hf", action="store_true")
@@ -174,7 +207,7 @@ def main(argv=None):
         for v in args.variants.split(","):
             if v not in VARIANTS:
                 raise SystemExit(f"unknown variant {v!r}; known: {list(VARIANTS)}")
-            r = _run_worker(["--worker", "jax", "--model", m, "--mode", v, *common], VARIANTS[v][2])
+            r = _run_worker(["--worker", "jax", "--model", m, "--mode", v, *common], VARIANTS[v][2], VARIANTS[v][3])
             if r:
                 rows.append(r)
                 print(f"  {m} jax/{v}: {r['tokens_per_s']:.0f} tok/s, MBU {r['mbu']:.1%}", file=sys.stderr)
@@ -188,18 +221,20 @@ def main(argv=None):
 
     date = datetime.date.today().isoformat()
     print(f"\nbatch-1 bf16 decode, prompt {args.prompt_len}, {args.steps} steps, {date}")
-    print(f"{'model':24} {'impl':20} {'tok/s':>8} {'ms/step':>8} {'MBU':>6} {'x HF static':>11}")
+    print(f"{'model':24} {'impl':20} {'tok/s':>8} {'ms/step':>8} {'MBU':>6} {'x HF static':>11} {'rel.err':>9}")
     for r in rows:
         hf = next((h for h in rows if h["model"] == r["model"] and h["impl"] == "hf/static"), None)
         mbu = f"{r['mbu']:.1%}" if "mbu" in r else "-"
         ratio = f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}" if hf else "-"
-        print(f"{r['model']:24} {r['impl']:20} {r['tokens_per_s']:8.1f} {r['step_ms']:8.3f} {mbu:>6} {ratio:>11}")
+        err = f"{r['rel_err_vs_xla']:.1e}" if "rel_err_vs_xla" in r else "-"
+        print(f"{r['model']:24} {r['impl']:20} {r['tokens_per_s']:8.1f} {r['step_ms']:8.3f} {mbu:>6} {ratio:>11} {err:>9}")
     bw = next((r["copy_bw"] for r in rows if "copy_bw" in r), None)
     if bw:
         kind = next(r["device"] for r in rows if "copy_bw" in r)
         spec = _spec_bw(kind)
-        print(f"copy bandwidth ({kind}): XLA elementwise {bw['xla_elementwise'] / 1e12:.2f} TB/s, "
-              f"device-to-device {bw['d2d_copy'] / 1e12:.2f} TB/s"
+        d2d = f"{bw['d2d_copy'] / 1e12:.2f} TB/s" if "d2d_copy" in bw else "n/a"
+        print(f"copy bandwidth ({kind}, read + write): XLA elementwise {bw['xla_elementwise'] / 1e12:.2f} TB/s, "
+              f"device-to-device {d2d}; MBU is against the better"
               + (f"; spec sheet {spec / 1e12:.2f} TB/s" if spec else ""))
     if args.json:
         from eval.common import write_json

@@ -257,6 +257,22 @@ def forward(params, tokens, positions=None, cache: nn.KVCache | None = None, *, 
     dtype: compute dtype, default the embedding's. Logits are fp32.
     Returns (logits, cache, aux).
     """
+    def ffn(lp, h, layer, tap, pre):
+        return _mlp(lp["mlp"], h, config, tap, pre + "mlp/"), None
+
+    logits, new_cache, aux, _ = decoder_forward(
+        params, tokens, positions, cache, config=config, ffn=ffn, collect=collect, segment_ids=segment_ids,
+        logits_at=logits_at, seq_lengths=seq_lengths, attn_impl=attn_impl, dtype=dtype)
+    return logits, new_cache, aux
+
+
+def decoder_forward(params, tokens, positions, cache, *, config, ffn, collect=(), segment_ids=None,
+                    logits_at=None, seq_lengths=None, attn_impl: str = "auto", dtype=None):
+    """The decoder stack shared by families that differ only in the feed-forward block (Mixtral).
+
+    ffn(layer_params, h, layer_index, tap, path_prefix) -> (output, ffn_aux); returns
+    (logits, cache, aux, [ffn_aux of each layer]).
+    """
     c = config
     b, t = tokens.shape
     steps = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
@@ -274,7 +290,7 @@ def forward(params, tokens, positions=None, cache: nn.KVCache | None = None, *, 
     x = nn.embed(tokens, params["embed"]["w"], dtype)
     if c.embed_scale:
         x = x * jnp.asarray(c.dim**0.5, x.dtype)
-    hidden, entries = [], []
+    hidden, entries, ffn_aux = [], [], []
     layers = params["layers"]
     for i in range(len(layers)):
         lp = layers[i]
@@ -285,7 +301,9 @@ def forward(params, tokens, positions=None, cache: nn.KVCache | None = None, *, 
         entries.append(entry)
         x = x + a
         h = nn.rms_norm(x, lp["mlp_norm"]["scale"], c.norm_eps, c.norm_offset)
-        x = x + _mlp(lp["mlp"], h, c, tap, pre + "mlp/")
+        y, extra = ffn(lp, h, i, tap, pre)
+        ffn_aux.append(extra)
+        x = x + y
         if "hidden" in collect:
             hidden.append(x)
     x = nn.rms_norm(x, params["final_norm"]["scale"], c.norm_eps, c.norm_offset)
@@ -307,5 +325,5 @@ def forward(params, tokens, positions=None, cache: nn.KVCache | None = None, *, 
     new_cache = None
     if cache is not None:
         new_cache = cache.advance(entries, cache.lengths + (t if seq_lengths is None else seq_lengths))
-    return logits, new_cache, aux
+    return logits, new_cache, aux, ffn_aux
 
