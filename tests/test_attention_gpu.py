@@ -61,12 +61,14 @@ def test_decode_gpu(tq, tk, group, dtype):
 
 
 @pytest.mark.slow
+@pytest.mark.sweep
 @pytest.mark.parametrize("case", cases.FULL, ids=cases.case_id)
 def test_triton_gpu_full(case):
     cases.check(gpu_triton.flash_attention, case, **SIZES[case["layout"]])
 
 
 @pytest.mark.slow
+@pytest.mark.sweep
 @pytest.mark.skipif(jax.default_backend() != "gpu" or not _hopper(), reason="needs a Hopper GPU")
 @pytest.mark.parametrize("case", MGPU_FULL, ids=cases.case_id)
 def test_mosaic_gpu_full(case):

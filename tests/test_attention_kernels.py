@@ -30,12 +30,14 @@ def test_tpu_flash_pairwise(case):
 
 
 @pytest.mark.slow
+@pytest.mark.sweep
 @pytest.mark.parametrize("case", cases.FULL, ids=cases.case_id)
 def test_triton_flash_full(case):
     cases.check(TRITON, case)
 
 
 @pytest.mark.slow
+@pytest.mark.sweep
 @pytest.mark.parametrize("case", cases.FULL, ids=cases.case_id)
 def test_tpu_flash_full(case):
     cases.check(TPU, case)

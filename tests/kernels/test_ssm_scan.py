@@ -84,6 +84,7 @@ def test_pallas_matches_reference(impl, blocks, layout, l, n, dtype):
 
 
 @pytest.mark.slow
+@pytest.mark.sweep
 @pytest.mark.parametrize("impl,blocks", KERNELS, ids=["gpu", "tpu"])
 @pytest.mark.parametrize("layout", ["mamba1", "multihead"])
 @pytest.mark.parametrize("l", [1, 37, 300])
