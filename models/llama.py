@@ -20,6 +20,7 @@ from flax import nnx
 
 from flashit_jax import nn
 from flashit_jax.nn.rope import RopeScaling
+from models.common import config_from_dict, init_pure_params, layer_list
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,16 +63,7 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
-        d = dict(d)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown LlamaConfig fields: {sorted(unknown)}")
-        if d.get("rope_scaling") is not None:
-            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-        if d.get("rope_freq_factors") is not None:
-            d["rope_freq_factors"] = tuple(d["rope_freq_factors"])
-        return cls(**d)
+        return config_from_dict(cls, d)
 
     @property
     def n_params(self) -> int:
@@ -145,9 +137,7 @@ class Llama(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         c = self.config = config
         self.embed = Embed(c.vocab_size, c.dim, rngs=rngs, dtype=dtype)
-        layers = [Block(c, rngs=rngs, dtype=dtype) for _ in range(c.n_layers)]
-        # nnx.List arrived in flax 0.12; older NNX took a plain list of modules
-        self.layers = nnx.List(layers) if hasattr(nnx, "List") else layers
+        self.layers = layer_list([Block(c, rngs=rngs, dtype=dtype) for _ in range(c.n_layers)])
         self.final_norm = RMSNorm(c.dim, offset=c.norm_offset, dtype=dtype)
         if not c.tie_embeddings:
             self.lm_head = Linear(c.dim, c.vocab_size, rngs=rngs, dtype=dtype)
@@ -158,13 +148,7 @@ class Llama(nnx.Module):
 
 
 def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> dict:
-    """Random parameters as a plain pytree, built under jit (no eager per-op dispatch)."""
-
-    @jax.jit
-    def make(key):
-        return nnx.to_pure_dict(nnx.state(Llama(config, rngs=nnx.Rngs(key), dtype=dtype), nnx.Param))
-
-    return make(key)
+    return init_pure_params(Llama, config, key, dtype)
 
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16, params=None) -> nn.KVCache:

@@ -28,6 +28,7 @@ from flax import nnx
 from flashit_jax import nn
 from flashit_jax.errors import FlashitError
 from kernels.ssm_scan import selective_scan, step as ssm_step
+from models.common import config_from_dict, init_pure_params, layer_list
 from models.llama import Embed, Linear, RMSNorm
 
 
@@ -64,11 +65,7 @@ class MambaConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MambaConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown MambaConfig fields: {sorted(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
     @property
     def n_params(self) -> int:
@@ -143,7 +140,7 @@ class Mamba(nnx.Module):
     def __init__(self, config: MambaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         c = self.config = config
         self.embed = Embed(c.vocab_size, c.dim, rngs=rngs, dtype=dtype)
-        self.layers = nnx.List([Block(c, rngs=rngs, dtype=dtype) for _ in range(c.n_layers)])
+        self.layers = layer_list([Block(c, rngs=rngs, dtype=dtype) for _ in range(c.n_layers)])
         self.final_norm = RMSNorm(c.dim, offset=0.0, dtype=dtype)
         if not c.tie_embeddings:
             self.lm_head = Linear(c.dim, c.vocab_size, rngs=rngs, dtype=dtype)
@@ -154,11 +151,7 @@ class Mamba(nnx.Module):
 
 
 def init_params(config: MambaConfig, key: jax.Array, dtype=jnp.float32) -> dict:
-    @jax.jit
-    def make(key):
-        return nnx.to_pure_dict(nnx.state(Mamba(config, rngs=nnx.Rngs(key), dtype=dtype), nnx.Param))
-
-    return make(key)
+    return init_pure_params(Mamba, config, key, dtype)
 
 
 # ----------------------------------------------------------------------------- cache

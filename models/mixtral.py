@@ -30,6 +30,7 @@ from flashit_jax.errors import FlashitError
 from flashit_jax.nn.rope import RopeScaling
 from kernels.grouped_matmul.api import default_impl, grouped_matmul
 from models import llama
+from models.common import config_from_dict, init_pure_params, layer_list
 from models.configs import register_shape
 
 
@@ -82,15 +83,7 @@ class MixtralConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MixtralConfig":
-        d = dict(d)
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown MixtralConfig fields: {sorted(unknown)}")
-        if d.get("rope_scaling") is not None:
-            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-        if d.get("rope_freq_factors") is not None:
-            d["rope_freq_factors"] = tuple(d["rope_freq_factors"])
-        return cls(**d)
+        return config_from_dict(cls, d)
 
     @property
     def n_params(self) -> int:
@@ -155,18 +148,14 @@ class Mixtral(nnx.Module):
     def __init__(self, config: MixtralConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         c = self.config = config
         self.embed = llama.Embed(c.vocab_size, c.dim, rngs=rngs, dtype=dtype)
-        self.layers = nnx.List([Block(c, rngs=rngs, dtype=dtype) for _ in range(c.n_layers)])
+        self.layers = layer_list([Block(c, rngs=rngs, dtype=dtype) for _ in range(c.n_layers)])
         self.final_norm = llama.RMSNorm(c.dim, offset=c.norm_offset, dtype=dtype)
         if not c.tie_embeddings:
             self.lm_head = llama.Linear(c.dim, c.vocab_size, rngs=rngs, dtype=dtype)
 
 
 def init_params(config: MixtralConfig, key: jax.Array, dtype=jnp.float32) -> dict:
-    @jax.jit
-    def make(key):
-        return nnx.to_pure_dict(nnx.state(Mixtral(config, rngs=nnx.Rngs(key), dtype=dtype), nnx.Param))
-
-    return make(key)
+    return init_pure_params(Mixtral, config, key, dtype)
 
 
 def init_cache(config: MixtralConfig, batch: int, max_len: int, dtype=jnp.bfloat16, params=None) -> nn.KVCache:
