@@ -102,6 +102,8 @@ def main(argv=None):
         from flashit_jax.loading import load_model, load_tokenizer
 
         setup_jax()
+        if args.model.startswith("random:") and not args.tokenizer:  # before building the weights
+            raise FlashitError(f"{args.model} has random weights and no tokenizer; pass --tokenizer smollm2-135m")
         loaded = load_model(args.model, args.dtype)
         tok = load_tokenizer(args.tokenizer) if args.tokenizer else loaded.tokenizer
         docs = load_documents(args.data, args.split)

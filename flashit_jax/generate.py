@@ -73,15 +73,38 @@ def _prefill(params, tokens, lengths, cache, key, *, model, sampling, attn_impl)
     return sample(logits[:, 0], key, sampling), cache
 
 
-@functools.partial(jax.jit, static_argnames=("model", "sampling", "eos_id", "attn_impl"),
+@functools.partial(jax.jit, static_argnames=("model", "sampling", "eos_id", "attn_impl", "steps"),
                    donate_argnames=("cache",))
-def _decode_step(params, cache, tok, done, key, *, model, sampling, eos_id, attn_impl):
-    logits, cache, _ = model.forward(params, tok[:, None], cache=cache, attn_impl=attn_impl)
-    nxt = sample(logits[:, 0], key, sampling)
-    if eos_id is not None:
-        nxt = jnp.where(done, eos_id, nxt)
-        done = done | (nxt == eos_id)
-    return nxt, cache, done
+def _decode(params, cache, tok, done, key, *, model, sampling, eos_id, attn_impl, steps):
+    """`steps` decode steps in one call (a scan when > 1): fewer dispatches per token."""
+
+    def step(carry, k):
+        tok, cache, done = carry
+        logits, cache, _ = model.forward(params, tok[:, None], cache=cache, attn_impl=attn_impl)
+        nxt = sample(logits[:, 0], k, sampling)
+        if eos_id is not None:
+            nxt = jnp.where(done, eos_id, nxt)
+            done = done | (nxt == eos_id)
+        return (nxt, cache, done), nxt
+
+    if steps == 1:
+        (tok, cache, done), _ = step((tok, cache, done), key)
+        return tok[:, None], cache, done
+    (_, cache, done), toks = jax.lax.scan(step, (tok, cache, done), jax.random.split(key, steps))
+    return toks.T, cache, done
+
+
+_EXECUTABLES: dict = {}
+
+
+def _compiled(fn, *args, **statics):
+    """AOT-compiled `fn` for these argument shapes, compiled once per process (repeated
+    `generate` calls, benchmarks, speculative decoding reuse it)."""
+    sig = jax.tree.map(lambda a: (a.shape, a.dtype) if hasattr(a, "shape") else a, args)
+    key = (fn, jax.tree.structure(args), str(sig), tuple(sorted(statics.items())))
+    if key not in _EXECUTABLES:
+        _EXECUTABLES[key] = fn.lower(*args, **statics).compile()
+    return _EXECUTABLES[key]
 
 
 def _bucket(n: int, multiple: int) -> int:
@@ -90,8 +113,12 @@ def _bucket(n: int, multiple: int) -> int:
 
 def generate(model, params, prompts, *, max_new_tokens: int, sampling: Sampling = Sampling(),
              eos_id: int | None = None, cache_dtype=None, seed: int = 0, max_len: int | None = None,
-             attn_impl: str = "auto", pad_multiple: int = 64) -> GenerateResult:
-    """Generate up to `max_new_tokens` for each prompt (lists of token ids, lengths may differ)."""
+             attn_impl: str = "auto", pad_multiple: int = 64, steps_per_call: int = 1) -> GenerateResult:
+    """Generate up to `max_new_tokens` for each prompt (lists of token ids, lengths may differ).
+
+    steps_per_call > 1 runs that many decode steps per jitted call (a `lax.scan`), checking for
+    EOS between calls; greedy tokens are the same (sampling draws differ, still seeded).
+    """
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise FlashitError("generate needs at least one prompt, and every prompt needs at least one token")
@@ -100,7 +127,10 @@ def generate(model, params, prompts, *, max_new_tokens: int, sampling: Sampling 
     b = len(prompts)
     lens = np.array([len(p) for p in prompts], np.int32)
     longest = int(lens.max())
-    need = longest + max_new_tokens
+    if steps_per_call < 1:
+        raise FlashitError(f"steps_per_call must be >= 1, got {steps_per_call}")
+    n_calls = -(-(max_new_tokens - 1) // steps_per_call)
+    need = longest + 1 + n_calls * steps_per_call
     max_len = max_len or _bucket(need, 128)
     if need > max_len:
         raise FlashitError(f"prompt of {longest} tokens + {max_new_tokens} new tokens does not fit the cache of "
@@ -115,10 +145,10 @@ def generate(model, params, prompts, *, max_new_tokens: int, sampling: Sampling 
     cache = model.init_cache(b, max_len, cache_dtype, params=params)
     statics = dict(model=model, sampling=sampling, attn_impl=attn_impl)
     t0 = time.perf_counter()
-    prefill = _prefill.lower(params, jnp.asarray(tokens), jnp.asarray(lens), cache, key, **statics).compile()
+    prefill = _compiled(_prefill, params, jnp.asarray(tokens), jnp.asarray(lens), cache, key, **statics)
     done0 = jnp.zeros((b,), bool)
-    step = _decode_step.lower(params, cache, jnp.zeros((b,), jnp.int32), done0, key, eos_id=eos_id,
-                              **statics).compile()
+    step = _compiled(_decode, params, cache, jnp.zeros((b,), jnp.int32), done0, key, eos_id=eos_id,
+                     steps=steps_per_call, **statics)
     compile_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -126,16 +156,19 @@ def generate(model, params, prompts, *, max_new_tokens: int, sampling: Sampling 
     tok.block_until_ready()
     ttft = time.perf_counter() - t0
     done = done0 if eos_id is None else tok == eos_id
-    out = [tok]
+    out = [tok[:, None]]
+    check_every = max(1, 16 // steps_per_call)  # reading `done` syncs with the device: not every step
     t0 = time.perf_counter()
-    for i in range(1, max_new_tokens):
-        tok, cache, done = step(params, cache, tok, done, jax.random.fold_in(key, i))
-        out.append(tok)
-        if eos_id is not None and i % 16 == 0 and bool(done.all()):
+    for i in range(n_calls):
+        toks, cache, done = step(params, cache, tok, done, jax.random.fold_in(key, i + 1))
+        tok = toks[:, -1]
+        out.append(toks)
+        if eos_id is not None and (i + 1) % check_every == 0 and bool(done.all()):
             break
-    toks = np.asarray(jnp.stack(out, axis=1))
+    toks = np.asarray(jnp.concatenate(out, axis=1))
     decode_s = time.perf_counter() - t0
     steps = toks.shape[1] - 1
+    toks = toks[:, :max_new_tokens]
     lengths = np.full((b,), toks.shape[1], np.int32)
     if eos_id is not None:
         hit = toks == eos_id

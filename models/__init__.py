@@ -49,8 +49,14 @@ class Model:
                                       params=params)
 
 
-from models import llama  # noqa: E402
+from models import llama, mamba  # noqa: E402
 
 register_family(llama.LlamaConfig, llama)
+register_family(mamba.MambaConfig, mamba)
 
-__all__ = ["Model", "register_family", "family_of", "llama"]
+from models import configs, mixtral  # noqa: E402
+
+register_family(mixtral.MixtralConfig, mixtral)
+configs.register_shape("mamba-130m", mamba.MAMBA_130M)
+
+__all__ = ["Model", "register_family", "family_of", "llama", "mamba", "mixtral"]

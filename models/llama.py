@@ -20,6 +20,7 @@ from flax import nnx
 
 from flashit_jax import nn
 from flashit_jax.nn.rope import RopeScaling
+from models.common import config_from_dict, init_pure_params, layer_list
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,16 +63,7 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
-        d = dict(d)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown LlamaConfig fields: {sorted(unknown)}")
-        if d.get("rope_scaling") is not None:
-            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-        if d.get("rope_freq_factors") is not None:
-            d["rope_freq_factors"] = tuple(d["rope_freq_factors"])
-        return cls(**d)
+        return config_from_dict(cls, d)
 
     @property
     def n_params(self) -> int:
@@ -145,7 +137,7 @@ class Llama(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         c = self.config = config
         self.embed = Embed(c.vocab_size, c.dim, rngs=rngs, dtype=dtype)
-        self.layers = nnx.List([Block(c, rngs=rngs, dtype=dtype) for _ in range(c.n_layers)])
+        self.layers = layer_list([Block(c, rngs=rngs, dtype=dtype) for _ in range(c.n_layers)])
         self.final_norm = RMSNorm(c.dim, offset=c.norm_offset, dtype=dtype)
         if not c.tie_embeddings:
             self.lm_head = Linear(c.dim, c.vocab_size, rngs=rngs, dtype=dtype)
@@ -156,13 +148,7 @@ class Llama(nnx.Module):
 
 
 def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> dict:
-    """Random parameters as a plain pytree, built under jit (no eager per-op dispatch)."""
-
-    @jax.jit
-    def make(key):
-        return nnx.to_pure_dict(nnx.state(Llama(config, rngs=nnx.Rngs(key), dtype=dtype), nnx.Param))
-
-    return make(key)
+    return init_pure_params(Llama, config, key, dtype)
 
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16, params=None) -> nn.KVCache:
@@ -170,9 +156,30 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16
     if params is None:
         heads = [config.n_kv_heads] * config.n_layers
     else:
-        heads = [_heads(params["layers"][i]["attn"]["k"]["w"], config.head_dim)
-                 for i in range(len(params["layers"]))]
+        attns = [params["layers"][i]["attn"] for i in range(len(params["layers"]))]
+        heads = [_heads(a["k"]["w"], config.head_dim) if "k" in a else config.n_kv_heads for a in attns]
     return nn.init_kv_cache(batch, max_len, heads, config.head_dim, dtype)
+
+
+def fuse_projections(params, config: LlamaConfig) -> dict:
+    """Decode layout: q|k|v and gate|up concatenated along `out`, so a decode step reads each
+    layer's input projections in two matmuls instead of five (fewer, larger GEMVs). Plain
+    (unquantized) weights of the config's full shape only; `forward` runs either layout."""
+    layers = {}
+    for i in range(len(params["layers"])):
+        lp = dict(params["layers"][i])
+        attn, mlp = dict(lp["attn"]), dict(lp["mlp"])
+        ws = [attn[n]["w"] for n in ("q", "k", "v")]
+        if ws[0].shape[-1] != config.n_heads * config.head_dim or ws[1].shape[-1] != config.n_kv_heads * config.head_dim:
+            raise ValueError(f"layer {i}: head counts differ from the config; fuse_projections needs full layers")
+        qkv = {"w": jnp.concatenate(ws, axis=-1)}
+        if "b" in attn["q"]:
+            qkv["b"] = jnp.concatenate([attn[n]["b"] for n in ("q", "k", "v")], axis=-1)
+        lp["attn"] = {"qkv": qkv, "o": attn["o"]}
+        lp["mlp"] = {"gate_up": {"w": jnp.concatenate([mlp["gate"]["w"], mlp["up"]["w"]], axis=-1)},
+                     "down": mlp["down"]}
+        layers[i] = lp
+    return {**params, "layers": layers}
 
 
 # ----------------------------------------------------------------------------- forward pass
@@ -191,23 +198,31 @@ def _attention(p, x, positions, q_slots, kv_lengths, cache, layer: int, c: Llama
     """Self-attention of one layer; with a cache, also returns the layer's new cache entry."""
     b, t, _ = x.shape
     hd = c.head_dim
-    q = _proj(p["q"], x, tap, pre + "q").reshape(b, t, -1, hd)
-    k = _proj(p["k"], x, tap, pre + "k").reshape(b, t, -1, hd)
-    v = _proj(p["v"], x, tap, pre + "v").reshape(b, t, -1, hd)
+    if "qkv" in p:  # the fused decode layout of `fuse_projections`
+        nq, nkv = c.n_heads * hd, c.n_kv_heads * hd
+        q, k, v = jnp.split(_proj(p["qkv"], x, tap, pre + "qkv"), [nq, nq + nkv], axis=-1)
+    else:
+        q, k, v = (_proj(p[n], x, tap, pre + n) for n in ("q", "k", "v"))
+    q, k, v = (a.reshape(b, t, -1, hd) for a in (q, k, v))
     inv_freq = nn.inv_frequencies(hd, c.rope_theta, c.rope_scaling, c.rope_freq_factors)
     q = nn.apply_rope(q, positions, inv_freq)
     k = nn.apply_rope(k, positions, inv_freq)
     entry = None
     if cache is not None:
         k, v, entry = cache.update_layer(layer, k, v)
+    else:  # query i at slot i, every key valid: the layout cuDNN / Mosaic GPU kernels serve
+        q_slots, kv_lengths = None, None
     o = nn.attention(q, k, v, q_positions=q_slots, kv_lengths=kv_lengths, causal=True, window=c.sliding_window,
                      segment_ids=segment_ids, softcap=c.attn_softcap, impl=attn_impl)
     return _proj(p["o"], o.reshape(b, t, -1), tap, pre + "o"), entry
 
 
 def _mlp(p, x, c: LlamaConfig, tap, pre):
-    g = _proj(p["gate"], x, tap, pre + "gate")
-    u = _proj(p["up"], x, tap, pre + "up")
+    if "gate_up" in p:
+        g, u = jnp.split(_proj(p["gate_up"], x, tap, pre + "gate_up"), 2, axis=-1)
+    else:
+        g = _proj(p["gate"], x, tap, pre + "gate")
+        u = _proj(p["up"], x, tap, pre + "up")
     a = jax.nn.silu(g) if c.act == "silu" else jax.nn.gelu(g, approximate=True)
     return _proj(p["down"], a * u, tap, pre + "down")
 
@@ -226,6 +241,22 @@ def forward(params, tokens, positions=None, cache: nn.KVCache | None = None, *, 
     dtype: compute dtype, default the embedding's. Logits are fp32.
     Returns (logits, cache, aux).
     """
+    def ffn(lp, h, layer, tap, pre):
+        return _mlp(lp["mlp"], h, config, tap, pre + "mlp/"), None
+
+    logits, new_cache, aux, _ = decoder_forward(
+        params, tokens, positions, cache, config=config, ffn=ffn, collect=collect, segment_ids=segment_ids,
+        logits_at=logits_at, seq_lengths=seq_lengths, attn_impl=attn_impl, dtype=dtype)
+    return logits, new_cache, aux
+
+
+def decoder_forward(params, tokens, positions, cache, *, config, ffn, collect=(), segment_ids=None,
+                    logits_at=None, seq_lengths=None, attn_impl: str = "auto", dtype=None):
+    """The decoder stack shared by families that differ only in the feed-forward block (Mixtral).
+
+    ffn(layer_params, h, layer_index, tap, path_prefix) -> (output, ffn_aux); returns
+    (logits, cache, aux, [ffn_aux of each layer]).
+    """
     c = config
     b, t = tokens.shape
     steps = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
@@ -243,7 +274,7 @@ def forward(params, tokens, positions=None, cache: nn.KVCache | None = None, *, 
     x = nn.embed(tokens, params["embed"]["w"], dtype)
     if c.embed_scale:
         x = x * jnp.asarray(c.dim**0.5, x.dtype)
-    hidden, entries = [], []
+    hidden, entries, ffn_aux = [], [], []
     layers = params["layers"]
     for i in range(len(layers)):
         lp = layers[i]
@@ -254,7 +285,9 @@ def forward(params, tokens, positions=None, cache: nn.KVCache | None = None, *, 
         entries.append(entry)
         x = x + a
         h = nn.rms_norm(x, lp["mlp_norm"]["scale"], c.norm_eps, c.norm_offset)
-        x = x + _mlp(lp["mlp"], h, c, tap, pre + "mlp/")
+        y, extra = ffn(lp, h, i, tap, pre)
+        ffn_aux.append(extra)
+        x = x + y
         if "hidden" in collect:
             hidden.append(x)
     x = nn.rms_norm(x, params["final_norm"]["scale"], c.norm_eps, c.norm_offset)
@@ -276,5 +309,5 @@ def forward(params, tokens, positions=None, cache: nn.KVCache | None = None, *, 
     new_cache = None
     if cache is not None:
         new_cache = cache.advance(entries, cache.lengths + (t if seq_lengths is None else seq_lengths))
-    return logits, new_cache, aux
+    return logits, new_cache, aux, ffn_aux
 

@@ -10,6 +10,7 @@ import numpy as np
 from flashit_jax.errors import FlashitError
 from flashit_jax.nn.rope import RopeScaling
 from models.llama import LlamaConfig
+from models.mixtral import MixtralConfig
 
 # Types we dequantize (the gguf package implements them in numpy); anything else is refused by name.
 SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K",
@@ -29,6 +30,13 @@ _BLOCK = {
     "attn_norm": "attn_norm", "ffn_norm": "mlp_norm",
 }
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# Mixtral (arch `llama` with `llama.expert_count`): router [E, D] and experts stacked [E, out, in]
+# in numpy order; files from before the stacked layout hold one `ffn_gate.{e}` tensor per expert.
+_MOE_BLOCK = {
+    "ffn_gate_inp": "moe/router", "ffn_gate_exps": "moe/experts/gate", "ffn_up_exps": "moe/experts/up",
+    "ffn_down_exps": "moe/experts/down",
+}
+_PER_EXPERT_RE = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight")
 
 
 def open_reader(path: Path):
@@ -50,7 +58,7 @@ def field(reader, key: str, default: Any = None):
         raise FlashitError(f"GGUF metadata field {key!r} is unreadable: {e}") from None
 
 
-def config_from_gguf(reader, path: Path) -> LlamaConfig:
+def config_from_gguf(reader, path: Path) -> LlamaConfig | MixtralConfig:
     arch = field(reader, "general.architecture")
     if arch not in ARCHS:
         raise FlashitError(f"{path}: unsupported GGUF architecture {arch!r}; supported: {sorted(ARCHS)}")
@@ -79,6 +87,20 @@ def config_from_gguf(reader, path: Path) -> LlamaConfig:
     freq_factors = None
     if "rope_freqs.weight" in names:
         freq_factors = tuple(float(x) for x in _tensor(reader, "rope_freqs.weight"))
+    n_experts = int(a("expert_count", 0) or 0)
+    if n_experts:
+        if arch != "llama":
+            raise FlashitError(f"{path}: mixture-of-experts GGUF files are supported for arch `llama` (Mixtral), "
+                               f"not {arch!r}")
+        ffn = a("feed_forward_length") or a("expert_feed_forward_length")
+        if ffn is None:
+            raise FlashitError(f"{path}: GGUF metadata lacks {arch}.feed_forward_length")
+        return MixtralConfig(
+            vocab_size=int(vocab), dim=dim, n_layers=int(a("block_count", required=True)), n_heads=n_heads,
+            n_kv_heads=n_kv, ffn_dim=int(ffn), n_experts=n_experts, top_k=int(a("expert_used_count", 2)),
+            head_dim=head_dim, norm_eps=float(a("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(a("rope.freq_base", 1e6)), rope_scaling=scaling, rope_freq_factors=freq_factors,
+            max_position=int(a("context_length", 32768)), tie_embeddings="output.weight" not in names)
     name = str(field(reader, "general.name", "") or "") + str(field(reader, "general.basename", "") or "")
     family = {"llama": "llama", "qwen2": "qwen2", "gemma": "gemma"}[arch]
     if "smollm" in name.lower():
@@ -122,15 +144,19 @@ def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, out // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: Path, dtype) -> tuple[LlamaConfig, dict[str, np.ndarray], Any]:
+def load_gguf(path: Path, dtype) -> tuple[LlamaConfig | MixtralConfig, dict[str, np.ndarray], Any]:
     """(config, flat params as numpy `dtype` in our [in, out] layout, reader)."""
     from tqdm.auto import tqdm
 
     reader = open_reader(path)
     config = config_from_gguf(reader, path)
     arch = field(reader, "general.architecture")
+    moe = isinstance(config, MixtralConfig)
     flat: dict[str, np.ndarray] = {}
+    per_expert: dict[str, dict[int, np.ndarray]] = {}
     for t in tqdm(reader.tensors, desc=f"dequantizing {path.name}", unit="tensor", leave=False):
+        if moe and _moe_tensor(t, flat, per_expert, dtype):
+            continue
         if t.name in _NAMES:
             ours = _NAMES[t.name]
             kind = "weight"
@@ -154,4 +180,31 @@ def load_gguf(path: Path, dtype) -> tuple[LlamaConfig, dict[str, np.ndarray], An
         if arr.ndim == 2 and ours != "embed/w":
             arr = arr.T
         flat[ours] = np.ascontiguousarray(arr).astype(dtype)
+    if per_expert:
+        flat.update(_stack_per_expert(per_expert, config.n_experts, path))
     return config, flat, reader
+
+
+def _moe_tensor(t, flat: dict, per_expert: dict, dtype) -> bool:
+    """Place a Mixtral router/expert tensor in our layout (router [D, E], experts [E, in, out])."""
+    if m := _PER_EXPERT_RE.fullmatch(t.name):
+        i, which, e = m.groups()
+        per_expert.setdefault(f"layers/{i}/moe/experts/{which}/w", {})[int(e)] = dequantize(t).T.astype(dtype)
+        return True
+    m = _BLOCK_RE.fullmatch(t.name)
+    if m is None or m.group(2) not in _MOE_BLOCK:
+        return False
+    arr = dequantize(t)
+    arr = arr.T if arr.ndim == 2 else arr.swapaxes(1, 2)
+    flat[f"layers/{m.group(1)}/{_MOE_BLOCK[m.group(2)]}/w"] = np.ascontiguousarray(arr).astype(dtype)
+    return True
+
+
+def _stack_per_expert(per_expert: dict, n_experts: int, path: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for name, by_expert in per_expert.items():
+        missing = sorted(set(range(n_experts)) - set(by_expert))
+        if missing:
+            raise FlashitError(f"{path}: {name} lacks experts {missing} (of {n_experts})")
+        out[name] = np.ascontiguousarray(np.stack([by_expert[e] for e in range(n_experts)]))
+    return out

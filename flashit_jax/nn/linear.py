@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+import math
+
 import jax
 import jax.numpy as jnp
+
+from kernels.gemv import api as gemv
 
 
 class WeightOps(NamedTuple):
@@ -39,6 +43,17 @@ def _dense(w, dtype):
     return w if w.dtype == dtype else w.astype(dtype)
 
 
+def _rows(x) -> int:
+    return math.prod(x.shape[:-1])
+
+
+def _dense_matmul(x, w):
+    """fp32 x @ w; decode-sized inputs go through the GEMV kernel on GPUs."""
+    if gemv.use_kernel(_rows(x), x.dtype):
+        return gemv.matvec(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[1])
+    return jnp.einsum("...i,io->...o", x, _dense(w, x.dtype), preferred_element_type=jnp.float32)
+
+
 def linear(x: jax.Array, w, b: jax.Array | None = None) -> jax.Array:
     """y = x @ w + b with w `[in, out]`; the result has x's dtype, accumulated in fp32."""
     ops = _ops(w)
@@ -47,7 +62,7 @@ def linear(x: jax.Array, w, b: jax.Array | None = None) -> jax.Array:
     else:
         if x.shape[-1] != w.shape[0]:
             raise ValueError(f"linear: x has {x.shape[-1]} features but w is {tuple(w.shape)} ([in, out])")
-        y = jnp.einsum("...i,io->...o", x, _dense(w, x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+        y = _dense_matmul(x, w).astype(x.dtype)
     if b is not None:
         y = y + b.astype(y.dtype)
     return y
@@ -68,6 +83,8 @@ def unembed(x: jax.Array, w) -> jax.Array:
     ops = _ops(w)
     if ops is not None and ops.unembed is not None:
         return ops.unembed(x, w)
+    if gemv.use_kernel(_rows(x), x.dtype):
+        return gemv.matvec_t(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[0])
     return jnp.einsum("...d,vd->...v", x, _dense(w, x.dtype), preferred_element_type=jnp.float32)
 
 
@@ -76,4 +93,4 @@ def linear_logits(x: jax.Array, w) -> jax.Array:
     ops = _ops(w)
     if ops is not None and ops.linear is not None:
         return ops.linear(x, w).astype(jnp.float32)
-    return jnp.einsum("...d,dv->...v", x, _dense(w, x.dtype), preferred_element_type=jnp.float32)
+    return _dense_matmul(x, w)

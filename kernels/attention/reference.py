@@ -2,8 +2,9 @@
 
 Shapes follow `jax.nn.dot_product_attention`: q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D], with Hkv
 dividing Hq (grouped-query attention). Masking is expressed in *slot* coordinates: key j sits
-at slot j; query i sits at slot `q_positions[b, i]`. Softmax runs in fp32 whatever the input
-dtype.
+at slot j; query i sits at slot `q_positions[b, i]` (None: slot i, the usual training /
+prefill layout, which lets kernels that only know that layout, such as cuDNN's, serve the
+call); `kv_lengths=None` means all Tk keys are valid. Softmax runs in fp32 whatever the input dtype.
 """
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ import jax
 import jax.numpy as jnp
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def default_positions(batch: int, tq: int) -> jax.Array:
+    """The slots of `q_positions=None`: query i at slot i."""
+    return jnp.broadcast_to(jnp.arange(tq, dtype=jnp.int32)[None], (batch, tq))
 
 
 def build_mask(
@@ -35,7 +41,7 @@ def build_mask(
     if segment_ids is not None:
         q_seg, kv_seg = segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
         allowed = allowed & (q_seg[:, :, None] == kv_seg[:, None, :])
-    allowed = allowed[:, None]  # [B, 1, Tq, Tk]
+    allowed = jnp.broadcast_to(allowed, (qp.shape[0], qp.shape[1], tk))[:, None]  # [B, 1, Tq, Tk]
     if mask is not None:
         allowed = allowed & mask.astype(bool)
     return allowed
@@ -46,8 +52,8 @@ def attention(
     k: jax.Array,
     v: jax.Array,
     *,
-    q_positions: jax.Array,
-    kv_lengths: jax.Array,
+    q_positions: jax.Array | None,
+    kv_lengths: jax.Array | None,
     causal: bool = True,
     window: int | None = None,
     segment_ids=None,
@@ -65,6 +71,10 @@ def attention(
     if hq % hkv:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
     g = hq // hkv
+    if q_positions is None:
+        q_positions = default_positions(b, tq)
+    if kv_lengths is None:
+        kv_lengths = jnp.full((b,), tk, jnp.int32)
     scale = d**-0.5 if scale is None else scale
     qg = q.reshape(b, tq, hkv, g, d)
     logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)

@@ -1,0 +1,59 @@
+"""Chooses the decode matmul: Pallas GEMV on GPUs for a few rows, XLA otherwise.
+
+`FLASHIT_JAX_GEMV=0` turns the kernel off (A/B benchmarks); `=interpret` runs it in Pallas
+interpret mode on any backend (tests).
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+from kernels.gemv import reference
+
+MAX_ROWS = 8
+
+
+def _mode() -> str:
+    return os.environ.get("FLASHIT_JAX_GEMV", "auto")
+
+
+def use_kernel(rows: int, dtype) -> bool:
+    mode = _mode()
+    if mode == "0" or rows > MAX_ROWS or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16, jnp.float32):
+        return False
+    return mode == "interpret" or jax.default_backend() == "gpu"
+
+
+def _grads(x, w, g, transposed: bool):
+    w32, x32 = w.astype(jnp.float32), x.astype(jnp.float32)
+    if transposed:  # y = x @ e.T
+        gx, gw = jnp.einsum("mv,vd->md", g, w32), jnp.einsum("mv,md->vd", g, x32)
+    else:  # y = x @ w
+        gx, gw = jnp.einsum("mn,kn->mk", g, w32), jnp.einsum("mk,mn->kn", x32, g)
+    return gx.astype(x.dtype), gw.astype(w.dtype)
+
+
+@jax.custom_vjp
+def matvec(x, w):
+    """x [M, K] @ w [K, N] -> fp32 [M, N]."""
+    from kernels.gemv import gpu
+
+    return gpu.matvec(x, w.astype(x.dtype), interpret=_mode() == "interpret")
+
+
+matvec.defvjp(lambda x, w: (matvec(x, w), (x, w)), lambda res, g: _grads(*res, g, transposed=False))
+
+
+@jax.custom_vjp
+def matvec_t(x, e):
+    """x [M, D] @ e [V, D].T -> fp32 [M, V]."""
+    from kernels.gemv import gpu
+
+    return gpu.matvec_t(x, e.astype(x.dtype), interpret=_mode() == "interpret")
+
+
+matvec_t.defvjp(lambda x, e: (matvec_t(x, e), (x, e)), lambda res, g: _grads(*res, g, transposed=True))
+
+__all__ = ["use_kernel", "matvec", "matvec_t", "reference"]

@@ -1,0 +1,106 @@
+"""Pallas (Triton-lowered) GEMV kernels for batch-1..8 decoding.
+
+A decode step is a chain of matrix-vector products that must stream every weight once, so
+speed is bytes per second. XLA's GEMM emitters tile for large M and leave most of the chip
+idle at M = 1 when N is small (few column blocks). These kernels split K as well as N so that
+several hundred programs stream the weight concurrently; each program accumulates an
+elementwise [bk, bn] fp32 tile (no cross-thread reduction inside the loop) and reduces once.
+The K-split partial sums ([S, M, N] fp32, well under 2% of the weight's bytes) are added by XLA.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    bk: int = 64  # rows of W per iteration (the reduced axis)
+    bn: int = 128  # columns of W per program
+    target_programs: int = 528  # ~4 per SM on an H100 (132 SMs)
+    num_warps: int = 4
+
+
+def _pow2_at_most(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def _matvec_kernel(x_ref, w_ref, o_ref, *, m: int, k: int, n: int, ks: int, bk: int, bn: int):
+    col = pl.program_id(0) * bn + jnp.arange(bn)
+    cmask = col < n
+    k0 = pl.program_id(1) * ks
+
+    def body(i, accs):
+        rows = k0 + i * bk + jnp.arange(bk)
+        rmask = rows < jnp.minimum(k, k0 + ks)
+        w = plgpu.load(w_ref.at[rows[:, None], col[None, :]], mask=rmask[:, None] & cmask[None, :],
+                       other=0.0).astype(jnp.float32)
+        out = []
+        for r in range(m):
+            xr = plgpu.load(x_ref.at[r, rows], mask=rmask, other=0.0).astype(jnp.float32)
+            out.append(accs[r] + xr[:, None] * w)
+        return tuple(out)
+
+    accs = jax.lax.fori_loop(0, pl.cdiv(ks, bk), body, tuple(jnp.zeros((bk, bn), jnp.float32) for _ in range(m)))
+    for r in range(m):
+        plgpu.store(o_ref.at[pl.program_id(1), r, col], jnp.sum(accs[r], axis=0), mask=cmask)
+
+
+def _matvec_t_kernel(x_ref, e_ref, o_ref, *, m: int, d: int, v: int, bv: int, bd: int):
+    rows = pl.program_id(0) * bv + jnp.arange(bv)
+    rmask = rows < v
+
+    def body(i, accs):
+        cols = i * bd + jnp.arange(bd)
+        cmask = cols < d
+        e = plgpu.load(e_ref.at[rows[:, None], cols[None, :]], mask=rmask[:, None] & cmask[None, :],
+                       other=0.0).astype(jnp.float32)
+        out = []
+        for r in range(m):
+            xr = plgpu.load(x_ref.at[r, cols], mask=cmask, other=0.0).astype(jnp.float32)
+            out.append(accs[r] + e * xr[None, :])
+        return tuple(out)
+
+    accs = jax.lax.fori_loop(0, pl.cdiv(d, bd), body, tuple(jnp.zeros((bv, bd), jnp.float32) for _ in range(m)))
+    for r in range(m):
+        plgpu.store(o_ref.at[r, rows], jnp.sum(accs[r], axis=1), mask=rmask)
+
+
+@functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
+def matvec(x: jax.Array, w: jax.Array, *, blocks: Blocks = Blocks(), interpret: bool = False) -> jax.Array:
+    """x [M, K] @ w [K, N] -> fp32 [M, N] for small M (<= 8)."""
+    m, k = x.shape
+    n = w.shape[1]
+    bk = min(blocks.bk, _pow2_at_most(k))
+    bn = min(blocks.bn, max(16, _pow2_at_most(n)))
+    ncol = pl.cdiv(n, bn)
+    splits = max(1, min(pl.cdiv(blocks.target_programs, ncol), pl.cdiv(k, bk)))
+    ks = pl.cdiv(pl.cdiv(k, splits), bk) * bk  # rows per split, a multiple of bk
+    splits = pl.cdiv(k, ks)
+    kernel = functools.partial(_matvec_kernel, m=m, k=k, n=n, ks=ks, bk=bk, bn=bn)
+    partial = pl.pallas_call(
+        kernel, grid=(ncol, splits), out_shape=jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps), interpret=interpret,
+        name="flashit_matvec",
+    )(x, w)
+    return partial.sum(axis=0) if splits > 1 else partial[0]
+
+
+@functools.partial(jax.jit, static_argnames=("bv", "bd", "num_warps", "interpret"))
+def matvec_t(x: jax.Array, e: jax.Array, *, bv: int = 64, bd: int = 128, num_warps: int = 4,
+             interpret: bool = False) -> jax.Array:
+    """x [M, D] @ e [V, D].T -> fp32 [M, V] for small M (<= 8)."""
+    m, d = x.shape
+    v = e.shape[0]
+    bd = min(bd, _pow2_at_most(d))
+    kernel = functools.partial(_matvec_t_kernel, m=m, d=d, v=v, bv=bv, bd=bd)
+    return pl.pallas_call(
+        kernel, grid=(pl.cdiv(v, bv),), out_shape=jax.ShapeDtypeStruct((m, v), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps), interpret=interpret,
+        name="flashit_matvec_t",
+    )(x, e)

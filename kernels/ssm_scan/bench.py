@@ -1,0 +1,199 @@
+"""Selective-scan benchmark: our Pallas kernel vs XLA (chunked associative_scan, one
+associative_scan, sequential lax.scan), forward and forward+backward, against the HBM floor.
+
+    python -m kernels.ssm_scan.bench                      # B8 L4096 D1536 N16 fp32 (Mamba-130m's mixer)
+    python -m kernels.ssm_scan.bench --out bench.json --configs 32x8,64x8,32x16
+
+The floor is the bytes a forward must move (read x, Δ, B, C and write y once) over the copy
+bandwidth measured in the same run (x + 1 over a 1 GiB buffer: bytes read + written).
+Timings: `reps` back-to-back calls between two device syncs, median of `groups` such runs.
+On the GPU the run also checks our kernel (y and all gradients) against the lax.scan
+reference at the benchmark shape, and in the multi-head layout at a length that is not a
+multiple of the chunk with N=64 and bf16 inputs. Extra `--configs` are timed forward only.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels.ssm_scan import GpuBlocks, selective_scan
+from kernels.ssm_scan.gpu import hbm_bytes
+
+
+def timeit(fn, *args, reps: int = 10, groups: int = 3) -> float:
+    """Median seconds per call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(groups):
+        t0 = time.perf_counter()
+        out = None
+        for _ in range(reps):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / reps)
+    return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Bytes/s of an elementwise pass (read + write) over a large fp32 buffer."""
+    x = jax.random.normal(jax.random.key(0), (nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: a + 1.0)
+    return 2 * nbytes / timeit(f, x, reps=20)
+
+
+def make_inputs(bt, l, d, n, dtype, seed=0):
+    k = jax.random.split(jax.random.key(seed), 6)
+    x = jax.random.normal(k[0], (bt, l, d), jnp.float32).astype(dtype)
+    dt = jax.nn.softplus(jax.random.normal(k[1], (bt, l, d), jnp.float32) - 2.0).astype(dtype)
+    A = -jnp.exp(0.5 * jax.random.normal(k[2], (d, n), jnp.float32))
+    B = jax.random.normal(k[3], (bt, l, n), jnp.float32).astype(dtype)
+    C = jax.random.normal(k[4], (bt, l, n), jnp.float32).astype(dtype)
+    D = jax.random.normal(k[5], (d,), jnp.float32)
+    return x, dt, A, B, C, D
+
+
+@functools.lru_cache(maxsize=None)
+def fns(impl: str, blocks=None, interpret: bool = False):
+    """(forward, forward+backward) jitted; the backward is the VJP of a fixed cotangent."""
+    def fwd(*a):
+        return selective_scan(*a, impl=impl, blocks=blocks, interpret=interpret)
+
+    def fwd_bwd(ct, *a):
+        y, vjp = jax.vjp(fwd, *a)
+        return y, vjp(ct)
+
+    return jax.jit(fwd), jax.jit(fwd_bwd)
+
+
+def rel_err(got, want) -> float:
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    return float(np.abs(got - want).max() / max(1e-30, np.abs(want).max()))
+
+
+def check_case(name, args, impl, blocks, tol, interpret=False):
+    """Our kernel's y and gradients vs the lax.scan reference on this device."""
+    ct = jax.random.normal(jax.random.key(9), args[0].shape, jnp.float32).astype(args[0].dtype)
+    _, ours = fns(impl, blocks, interpret)
+    _, ref = fns("reference")
+    (y, g), (yr, gr) = ours(ct, *args), ref(ct, *args)
+    errs = {"y": rel_err(y, yr), **{f"d{k}": rel_err(a, b) for k, a, b in zip(("x", "dt", "A", "B", "C", "D"), g, gr)}}
+    worst = max(errs.values())
+    ok = bool(np.isfinite(worst) and worst <= tol)
+    print(f"check {name}: max rel err {worst:.2e} (tol {tol:.0e}) {'OK' if ok else 'FAIL'} "
+          + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
+    return {"case": name, "ok": ok, "tol": tol, "errors": errs}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--length", type=int, default=4096)
+    ap.add_argument("--dim", type=int, default=1536)
+    ap.add_argument("--state", type=int, default=16)
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--configs", default="32x8,32x8b,64x8,32x16",
+                    help="Pallas GPU blocks block_p x chunk[b], comma separated (b: batch_stores)")
+    ap.add_argument("--alternatives", default="xla,associative,reference")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--copy-bytes", type=int, default=1 << 30)
+    ap.add_argument("--interpret", action="store_true", help="run the Pallas GPU kernel in interpret mode (CPU dry run)")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    dtype = jnp.float32 if args.dtype == "fp32" else jnp.bfloat16
+    dev = jax.devices()[0]
+    on_gpu = dev.platform == "gpu" or args.interpret
+    report = {"device": getattr(dev, "device_kind", dev.platform), "jax": jax.__version__,
+              "date": time.strftime("%Y-%m-%d"), "shape": dict(B=args.batch, L=args.length, D=args.dim, N=args.state),
+              "dtype": args.dtype, "rows": [], "checks": []}
+    bt, l, d, n = args.batch, args.length, args.dim, args.state
+    bw = copy_bandwidth(args.copy_bytes)
+    floor = hbm_bytes(bt, l, d, n, jnp.dtype(dtype).itemsize) / bw
+    report.update(copy_bandwidth_GBps=bw / 1e9, floor_ms=floor * 1e3)
+    print(f"{report['device']}  copy bandwidth {bw / 1e9:.0f} GB/s  floor {floor * 1e3:.3f} ms", flush=True)
+
+    inputs = make_inputs(bt, l, d, n, dtype)
+    ct = jax.random.normal(jax.random.key(9), inputs[0].shape, jnp.float32).astype(dtype)
+    configs = []
+    if on_gpu:
+        for c in args.configs.split(","):
+            batch = c.endswith("b")
+            bp, ch = (int(v) for v in c.rstrip("b").split("x"))
+            configs.append((f"pallas {c}", "pallas_gpu",
+                            GpuBlocks(block_p=bp, chunk=ch, max_state_regs=max(128, ch * n), batch_stores=batch)))
+    alternatives = [(impl, impl, None) for impl in args.alternatives.split(",") if impl]
+    def save():  # after every row, so a run cut short still leaves its numbers
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=2)
+
+    # most wanted first (a run cut short keeps them): our first config and its check, XLA, other configs
+    for i, (name, impl, blocks) in enumerate(configs[:1] + alternatives + configs[1:]):
+        row = {"impl": name}
+        fwd, fwd_bwd = fns(impl, blocks, args.interpret and impl == "pallas_gpu")
+        slow = impl == "reference"
+        timed = [("fwd_ms", fwd, inputs)]
+        if not (impl == "pallas_gpu" and i > 0):  # extra kernel configs: forward only
+            timed.append(("fwd_bwd_ms", fwd_bwd, (ct, *inputs)))
+        for key, fn, a in timed:
+            try:
+                t0 = time.perf_counter()
+                row[key] = timeit(fn, *a, reps=2 if slow else args.reps, groups=2 if slow else 3) * 1e3
+                row[key.replace("ms", "wall_s")] = time.perf_counter() - t0
+            except Exception as e:  # an OOM of one alternative must not lose the others
+                row[key] = None
+                row[key.replace("ms", "error")] = f"{type(e).__name__}: {str(e)[:200]}"
+        report["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        save()
+        if i == 0 and configs and not args.no_check:
+            tol = 1e-4 if dtype == jnp.float32 else 2e-2
+            report["checks"].append(check_case(f"bench shape {args.dtype}", inputs, "pallas_gpu", blocks, tol,
+                                               args.interpret))
+            save()
+    if configs and not args.no_check:
+        # last (a new compile of both kernels): multi-head layout, L not a multiple of the chunk, N=64, bf16
+        k = jax.random.split(jax.random.key(2), 6)
+        mh = (jax.random.normal(k[0], (2, 77, 4, 32)).astype(jnp.bfloat16),
+              jax.nn.softplus(jax.random.normal(k[1], (2, 77, 4)) - 1.0).astype(jnp.bfloat16),
+              -jnp.exp(jax.random.normal(k[2], (4,))),
+              jax.random.normal(k[3], (2, 77, 2, 64)).astype(jnp.bfloat16),
+              jax.random.normal(k[4], (2, 77, 2, 64)).astype(jnp.bfloat16), jax.random.normal(k[5], (4,)))
+        report["checks"].append(check_case("multi-head L77 H4 P32 G2 N64 bf16", mh, "pallas_gpu", configs[0][2],
+                                           2e-2, args.interpret))
+        save()
+
+    ok_rows = [r for r in report["rows"] if r.get("fwd_ms")]
+    ours = [r for r in ok_rows if r["impl"].startswith("pallas")]
+    alts = [r for r in ok_rows if not r["impl"].startswith("pallas")]
+    best_alt_f = min((r["fwd_ms"] for r in alts), default=None)
+    best_alt_fb = min((r["fwd_bwd_ms"] for r in alts if r.get("fwd_bwd_ms")), default=None)
+    print(f"\nselective scan B{bt} L{l} D{d} N{n} {args.dtype} on {report['device']} ({report['date']}, jax {jax.__version__})")
+    print(f"HBM floor {floor * 1e3:.3f} ms (copy bandwidth {bw / 1e9:.0f} GB/s)")
+    print(f"{'impl':<16}{'fwd ms':>10}{'% floor':>9}{'fwd+bwd ms':>12}{'fwd vs best XLA':>17}{'f+b vs best XLA':>17}")
+    for r in report["rows"]:
+        f, fb = r.get("fwd_ms"), r.get("fwd_bwd_ms")
+        cells = [f"{f:10.3f}" if f else f"{'-':>10}", f"{100 * floor * 1e3 / f:8.1f}%" if f else f"{'-':>9}",
+                 f"{fb:12.3f}" if fb else f"{'-':>12}",
+                 f"{best_alt_f / f:16.1f}x" if (f and best_alt_f) else f"{'':>17}",
+                 f"{best_alt_fb / fb:16.1f}x" if (fb and best_alt_fb) else f"{'':>17}"]
+        print(f"{r['impl']:<16}" + "".join(cells))
+    if ours:
+        best = min(ours, key=lambda r: r["fwd_ms"])
+        report["best_pallas"] = best["impl"]
+        report["best_pallas_pct_of_floor"] = 100 * floor * 1e3 / best["fwd_ms"]
+    for c in report["checks"]:
+        print(f"check {c['case']}: {'OK' if c['ok'] else 'FAIL'} (max rel err {max(c['errors'].values()):.1e})")
+    save()
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Selective scan as Pallas GPU (Triton) kernels, forward and backward (custom_vjp).
+
+One program owns `block_p` channels of one (batch, head) and walks the whole sequence; each
+thread holds one channel and its N state values in registers, so the state never leaves the
+chip. Per step it reads x_t, Δ_t (its channel) and B_t, C_t (N scalars shared by the
+program), and writes y_t: HBM sees the inputs and outputs once. The loop body is unrolled
+`chunk` steps so loads of a chunk can be issued ahead of the dependent arithmetic.
+
+Backward: the forward pass for training also writes the state at every chunk boundary
+(the only extra HBM traffic, 1/chunk of a [Bt, L, H, P, N] state tensor). The backward
+program walks the chunks in reverse: it reloads a boundary state, recomputes the chunk's
+`chunk` states into registers, then runs the adjoint recurrence
+    g_t = dL/dh_t = a_{t+1} ⊙ g_{t+1} + dy_t C_t
+back through them. Gradients of the per-(t, n) inputs B and C need sums over channels:
+each program writes its partial sum and the wrapper adds the partials (deterministic, no
+atomics). exp is computed as exp2 with A pre-scaled by log2(e) (one MUFU instruction).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuBlocks:
+    block_p: int = 32  # channels per program, a power of 2 (one per thread)
+    chunk: int = 8  # steps per unrolled loop iteration; backward checkpoint interval
+    num_warps: int = 0  # 0: block_p // 32 (at least 1)
+    max_state_regs: int = 128  # chunk is lowered so that chunk * N <= this (backward registers)
+    # Store a chunk's y (forward) only after its last step, and load a chunk's dy (backward) with
+    # its x: without a store between them the compiler may issue every load of the chunk ahead
+    # of the arithmetic (a store to y could alias the inputs as far as it knows). NOT YET MEASURED
+    # on a GPU (the 2026-11-23 H100 figures in docs/mamba.md are with False).
+    batch_stores: bool = False
+
+    def resolve(self, p: int, n: int) -> "GpuBlocks":
+        bp = min(self.block_p, 1 << max(0, p - 1).bit_length())
+        chunk = max(1, min(self.chunk, self.max_state_regs // n))
+        chunk = 1 << (chunk.bit_length() - 1)
+        warps = self.num_warps or max(1, bp // 32)
+        return dataclasses.replace(self, block_p=bp, chunk=chunk, num_warps=warps)
+
+
+def _compiler_params(blocks: GpuBlocks):
+    from jax.experimental.pallas import triton as plgpu
+
+    return plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=1)
+
+
+def _fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, hT_ref, *ck, n_state, chunk, block_p,
+                heads_per_group, batch_stores=False):
+    f32 = jnp.float32
+    bi, hi, pj = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    gi = hi // heads_per_group
+    cols = pl.ds(pj * block_p, block_p)
+    a2 = [a_ref[hi, n, cols] for n in range(n_state)]
+    dd = d_ref[hi, cols]
+    n_chunks = x_ref.shape[1] // chunk
+
+    def body(i, h):
+        h = list(h)
+        if ck:
+            for n in range(n_state):
+                ck[0][bi, hi, i, n, cols] = h[n]
+        # the chunk's x and Δ loads first: none depends on the state, so they overlap
+        xs = [x_ref[bi, i * chunk + k, hi, cols].astype(f32) for k in range(chunk)]
+        dts = [dt_ref[bi, i * chunk + k, hi, cols].astype(f32) for k in range(chunk)]
+        ys = []
+        for k in range(chunk):
+            t = i * chunk + k
+            xt, dtt = xs[k], dts[k]
+            u = dtt * xt
+            y = dd * xt
+            for n in range(n_state):
+                h[n] = jnp.exp2(dtt * a2[n]) * h[n] + u * b_ref[bi, t, gi, n].astype(f32)
+                y = y + h[n] * c_ref[bi, t, gi, n].astype(f32)
+            if batch_stores:
+                ys.append(y)
+            else:
+                y_ref[bi, t, hi, cols] = y.astype(y_ref.dtype)
+        for k, y in enumerate(ys):
+            y_ref[bi, i * chunk + k, hi, cols] = y.astype(y_ref.dtype)
+        return tuple(h)
+
+    h = jax.lax.fori_loop(0, n_chunks, body, tuple(h0_ref[bi, hi, n, cols] for n in range(n_state)))
+    for n in range(n_state):
+        hT_ref[bi, hi, n, cols] = h[n]
+
+
+def _bwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, ck_ref, dy_ref, dhT_ref,
+                dx_ref, ddt_ref, db_ref, dc_ref, da_ref, dd_ref, dh0_ref, *, n_state, chunk, block_p,
+                heads_per_group, batch_stores=False):
+    f32 = jnp.float32
+    N = n_state
+    bi, hi, pj = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    gi = hi // heads_per_group
+    cols = pl.ds(pj * block_p, block_p)
+    a2 = [a_ref[hi, n, cols] for n in range(N)]
+    dd = d_ref[hi, cols]
+    n_chunks = x_ref.shape[1] // chunk
+    zero = jnp.zeros((block_p,), f32)
+
+    def body(j, carry):
+        gh, dA, dD = list(carry[0]), list(carry[1]), carry[2]
+        i = n_chunks - 1 - j
+        # recompute the chunk's states: hs[k] is the state before step k
+        hs = [[ck_ref[bi, hi, i, n, cols] for n in range(N)]]
+        xs, dts, us, bs = [], [], [], []
+        # the chunk's x and Δ loads first: none depends on the state, so they overlap
+        xs = [x_ref[bi, i * chunk + k, hi, cols].astype(f32) for k in range(chunk)]
+        dts = [dt_ref[bi, i * chunk + k, hi, cols].astype(f32) for k in range(chunk)]
+        for k in range(chunk):
+            t = i * chunk + k
+            xt, dtt = xs[k], dts[k]
+            u = dtt * xt
+            b = [b_ref[bi, t, gi, n].astype(f32) for n in range(N)]
+            hs.append([jnp.exp2(dtt * a2[n]) * hs[-1][n] + u * b[n] for n in range(N)])
+            xs.append(xt), dts.append(dtt), us.append(u), bs.append(b)
+        if batch_stores:
+            dys = [dy_ref[bi, i * chunk + k, hi, cols].astype(f32) for k in range(chunk)]
+        for k in reversed(range(chunk)):
+            t = i * chunk + k
+            dy = dys[k] if batch_stores else dy_ref[bi, t, hi, cols].astype(f32)
+            xt, dtt, u, b = xs[k], dts[k], us[k], bs[k]
+            du, dlog = zero, zero
+            for n in range(N):
+                g = gh[n] + dy * c_ref[bi, t, gi, n].astype(f32)
+                dc_ref[bi, t, hi, pj, n] = jnp.sum(dy * hs[k + 1][n])
+                db_ref[bi, t, hi, pj, n] = jnp.sum(g * u)
+                du = du + g * b[n]
+                a = jnp.exp2(dtt * a2[n])
+                s = g * hs[k][n] * a  # dL/d(Δ A) for this (channel, n)
+                dlog = dlog + s * a2[n]
+                dA[n] = dA[n] + s * dtt
+                gh[n] = a * g
+            dx_ref[bi, t, hi, cols] = (du * dtt + dd * dy).astype(dx_ref.dtype)
+            ddt_ref[bi, t, hi, cols] = (du * xt + dlog * LN2).astype(ddt_ref.dtype)
+            dD = dD + dy * xt
+        return tuple(gh), tuple(dA), dD
+
+    init = (tuple(dhT_ref[bi, hi, n, cols] for n in range(N)), tuple(zero for _ in range(N)), zero)
+    gh, dA, dD = jax.lax.fori_loop(0, n_chunks, body, init)
+    for n in range(N):
+        dh0_ref[bi, hi, n, cols] = gh[n]
+        da_ref[bi, hi, n, cols] = dA[n]
+    dd_ref[bi, hi, cols] = dD
+
+
+def _statics(x, B, blocks: GpuBlocks):
+    bt, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    return bt, l, h, p, g, n, (bt, h, p // blocks.block_p)
+
+
+def _forward(x, dt, At, B, C, D, h0T, blocks: GpuBlocks, interpret: bool, save: bool):
+    bt, l, h, p, g, n, grid = _statics(x, B, blocks)
+    f32 = jnp.float32
+    outs = [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((bt, h, n, p), f32)]
+    if save:
+        outs.append(jax.ShapeDtypeStruct((bt, h, l // blocks.chunk, n, p), f32))
+    kernel = functools.partial(_fwd_kernel, n_state=n, chunk=blocks.chunk, block_p=blocks.block_p,
+                               heads_per_group=h // g, batch_stores=blocks.batch_stores)
+    return pl.pallas_call(kernel, out_shape=tuple(outs), grid=grid, interpret=interpret,
+                          compiler_params=_compiler_params(blocks), name="ssm_scan_fwd")(
+        x, dt, At * jnp.float32(LOG2E), B, C, D, h0T)
+
+
+def _backward(x, dt, At, B, C, D, ck, dy, dhT, blocks: GpuBlocks, interpret: bool):
+    bt, l, h, p, g, n, grid = _statics(x, B, blocks)
+    f32 = jnp.float32
+    npb = p // blocks.block_p
+    outs = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(dt.shape, dt.dtype),
+            jax.ShapeDtypeStruct((bt, l, h, npb, n), f32), jax.ShapeDtypeStruct((bt, l, h, npb, n), f32),
+            jax.ShapeDtypeStruct((bt, h, n, p), f32), jax.ShapeDtypeStruct((bt, h, p), f32),
+            jax.ShapeDtypeStruct((bt, h, n, p), f32))
+    kernel = functools.partial(_bwd_kernel, n_state=n, chunk=blocks.chunk, block_p=blocks.block_p,
+                               heads_per_group=h // g, batch_stores=blocks.batch_stores)
+    dx, ddt, db, dc, da, dd, dh0 = pl.pallas_call(
+        kernel, out_shape=outs, grid=grid, interpret=interpret, compiler_params=_compiler_params(blocks),
+        name="ssm_scan_bwd")(x, dt, At * jnp.float32(LOG2E), B, C, D, ck, dy, dhT.astype(f32))
+    # partial sums over channel blocks and the heads of each group
+    db = db.reshape(bt, l, g, (h // g) * npb, n).sum(3).astype(B.dtype)
+    dc = dc.reshape(bt, l, g, (h // g) * npb, n).sum(3).astype(C.dtype)
+    return dx, ddt, da.sum(0), db, dc, dd.sum(0), dh0
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _scan(x, dt, At, B, C, D, h0T, blocks, interpret):
+    y, hT = _forward(x, dt, At, B, C, D, h0T, blocks, interpret, save=False)
+    return y, hT
+
+
+def _scan_fwd(x, dt, At, B, C, D, h0T, blocks, interpret):
+    y, hT, ck = _forward(x, dt, At, B, C, D, h0T, blocks, interpret, save=True)
+    return (y, hT), (x, dt, At, B, C, D, ck)
+
+
+def _scan_bwd(blocks, interpret, res, cts):
+    x, dt, At, B, C, D, ck = res
+    dy, dhT = cts
+    return _backward(x, dt, At, B, C, D, ck, dy, dhT, blocks, interpret)
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+def scan_canonical(x, dt, A, B, C, D, h0, *, blocks: GpuBlocks = GpuBlocks(), interpret: bool = False):
+    """Canonical layout (see reference.py) in, (y, final state [Bt, H, P, N] fp32) out."""
+    bt, l, h, p = x.shape
+    n = A.shape[-1]
+    blocks = blocks.resolve(p, n)
+    pad_l, pad_p = (-l) % blocks.chunk, (-p) % blocks.block_p
+    At, h0T = jnp.swapaxes(A, 1, 2), jnp.swapaxes(h0, 2, 3)
+    if pad_l:  # Δ = 0 and x = 0 past the end leave the state unchanged
+        x, dt, B, C = (jnp.pad(a, [(0, 0), (0, pad_l), (0, 0), (0, 0)]) for a in (x, dt, B, C))
+    if pad_p:  # padded channels carry zeros
+        x, dt = (jnp.pad(a, [(0, 0), (0, 0), (0, 0), (0, pad_p)]) for a in (x, dt))
+        At = jnp.pad(At, [(0, 0), (0, 0), (0, pad_p)])
+        D = jnp.pad(D, [(0, 0), (0, pad_p)])
+        h0T = jnp.pad(h0T, [(0, 0), (0, 0), (0, 0), (0, pad_p)])
+    y, hT = _scan(x, dt, At, B, C, D, h0T, blocks, interpret)
+    return y[:, :l, :, :p], jnp.swapaxes(hT, 2, 3)[:, :, :p]
+
+
+def hbm_bytes(bt: int, l: int, d: int, n: int, itemsize: int) -> int:
+    """Bytes a Mamba-1 forward must move at least: read x, Δ, B, C and write y once."""
+    return itemsize * (3 * bt * l * d + 2 * bt * l * n) + 4 * d * n
+
+
+def supported(x) -> bool:
+    return math.prod(x.shape) < 2**31

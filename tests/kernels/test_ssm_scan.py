@@ -1,0 +1,160 @@
+"""Selective scan: every implementation against the sequential lax.scan reference, outputs and
+gradients of x, Δ, A, B, C, D and the initial state; Pallas kernels in interpret mode on CPU.
+
+Tolerances: fp32 kernels differ from the reference only in summation order (error grows with
+L·N terms of eps 6e-8): 1e-4 of the largest reference value. bf16 inputs are upcast by every
+implementation, so outputs differ by the last bf16 rounding of y and the gradients (2^-8):
+1e-2 of the largest value.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.ssm_scan import GpuBlocks, TpuBlocks, reference, selective_scan, step
+
+
+def _inputs(layout, bt, l, n, dtype, seed=0, d=48, heads=4, groups=2, p=8):
+    k = jax.random.split(jax.random.key(seed), 8)
+    if layout == "mamba1":
+        shape_x, shape_dt, shape_a, shape_bc, shape_d, shape_h = (bt, l, d), (bt, l, d), (d, n), (bt, l, n), (d,), \
+            (bt, d, n)
+    else:
+        shape_x, shape_dt, shape_a, shape_bc, shape_d, shape_h = (bt, l, heads, p), (bt, l, heads), (heads,), \
+            (bt, l, groups, n), (heads,), (bt, heads, p, n)
+    x = jax.random.normal(k[0], shape_x).astype(dtype)
+    dt = jax.nn.softplus(jax.random.normal(k[1], shape_dt) - 1.0).astype(dtype)
+    A = -jnp.exp(0.5 * jax.random.normal(k[2], shape_a))
+    B = jax.random.normal(k[3], shape_bc).astype(dtype)
+    C = jax.random.normal(k[4], shape_bc).astype(dtype)
+    D = jax.random.normal(k[5], shape_d)
+    h0 = jax.random.normal(k[6], shape_h)
+    return x, dt, A, B, C, D, h0
+
+
+def _run(impl, blocks=None):
+    def f(x, dt, A, B, C, D, h0):
+        return selective_scan(x, dt, A, B, C, D, initial_state=h0, return_final_state=True, impl=impl, blocks=blocks,
+                              interpret=impl.startswith("pallas"), chunk=8)
+    return f
+
+
+def _loss(fn, wy, wh):
+    def loss(*args):
+        y, h = fn(*args)
+        return jnp.sum(y.astype(jnp.float32) * wy) + jnp.sum(h * wh)
+    return loss
+
+
+def _close(got, want, dtype, what):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert np.isfinite(got).all(), what
+    tol = (1e-2 if dtype == jnp.bfloat16 else 1e-4) * max(1.0, float(np.abs(want).max()))
+    err = float(np.abs(got - want).max())
+    assert err <= tol, f"{what}: max abs error {err:.3g} > {tol:.3g}"
+
+
+def check(impl, layout, l, n, dtype, blocks=None, bt=2):
+    args = _inputs(layout, bt, l, n, dtype)
+    want_y, want_h = _run("reference")(*args)
+    got_y, got_h = jax.jit(_run(impl, blocks))(*args)
+    assert got_y.dtype == args[0].dtype and got_y.shape == args[0].shape
+    _close(got_y, want_y, dtype, f"{impl} y")
+    _close(got_h, want_h, jnp.float32 if dtype == jnp.float32 else dtype, f"{impl} final state")
+    kw, kh = jax.random.split(jax.random.key(7))
+    wy, wh = jax.random.normal(kw, want_y.shape), jax.random.normal(kh, want_h.shape)
+    want_g = jax.grad(_loss(_run("reference"), wy, wh), argnums=range(7))(*args)
+    got_g = jax.jit(jax.grad(_loss(_run(impl, blocks), wy, wh), argnums=range(7)))(*args)
+    for name, g, w in zip(("x", "dt", "A", "B", "C", "D", "initial_state"), got_g, want_g):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        _close(g, w, dtype, f"{impl} d{name}")
+
+
+# small blocks so that the tiny shapes still span several programs, chunks and time blocks
+GPU_SMALL = GpuBlocks(block_p=16, chunk=4)
+TPU_SMALL = TpuBlocks(block_p=128, time_block=8, chunk=4)
+KERNELS = [("pallas_gpu", GPU_SMALL), ("pallas_tpu", TPU_SMALL)]
+
+
+@pytest.mark.parametrize("impl,blocks", KERNELS, ids=["gpu", "tpu"])
+@pytest.mark.parametrize("layout,l,n,dtype", [("mamba1", 13, 16, jnp.float32), ("multihead", 11, 8, jnp.bfloat16)],
+                         ids=["mamba1-L13-N16-fp32", "multihead-L11-N8-bf16"])
+def test_pallas_matches_reference(impl, blocks, layout, l, n, dtype):
+    check(impl, layout, l, n, dtype, blocks)
+
+
+@pytest.mark.slow
+@pytest.mark.sweep
+@pytest.mark.parametrize("impl,blocks", KERNELS, ids=["gpu", "tpu"])
+@pytest.mark.parametrize("layout", ["mamba1", "multihead"])
+@pytest.mark.parametrize("l", [1, 37, 300])
+@pytest.mark.parametrize("n", [16, 64])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_pallas_sweep(impl, blocks, layout, l, n, dtype):
+    check(impl, layout, l, n, dtype, blocks)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl,blocks", [("pallas_gpu", GpuBlocks()), ("pallas_tpu", TpuBlocks()),
+                                         ("pallas_gpu", GpuBlocks(batch_stores=True))],
+                         ids=["gpu", "tpu", "gpu-batch-stores"])
+def test_pallas_default_blocks(impl, blocks):
+    check(impl, "mamba1", 300, 16, jnp.float32, blocks, bt=1)
+
+
+@pytest.mark.parametrize("impl", ["xla", "associative"])
+@pytest.mark.parametrize("layout", ["mamba1", "multihead"])
+def test_xla_variants_match_reference(impl, layout):
+    check(impl, layout, 21, 16, jnp.float32)
+
+
+def test_step_is_one_scan_step():
+    for layout in ("mamba1", "multihead"):
+        x, dt, A, B, C, D, h0 = _inputs(layout, 2, 1, 8, jnp.float32, seed=3)
+        want_y, want_h = selective_scan(x, dt, A, B, C, D, initial_state=h0, return_final_state=True,
+                                        impl="reference")
+        y, h = step(h0, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D)
+        np.testing.assert_allclose(y, want_y[:, 0], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(h, want_h, rtol=1e-6, atol=1e-6)
+
+
+def test_zero_dt_freezes_state():
+    """Δ = 0 past a row's length (right padding) leaves the state as it was."""
+    x, dt, A, B, C, D, h0 = _inputs("mamba1", 1, 9, 8, jnp.float32, seed=4)
+    _, h5 = selective_scan(x[:, :5], dt[:, :5], A, B[:, :5], C[:, :5], D, initial_state=h0, return_final_state=True)
+    dt = dt.at[:, 5:].set(0.0)
+    _, h9 = selective_scan(x, dt, A, B, C, D, initial_state=h0, return_final_state=True)
+    np.testing.assert_allclose(h9, h5, rtol=1e-6, atol=1e-6)
+
+
+def test_bad_input():
+    x, dt, A, B, C, D, _ = _inputs("mamba1", 2, 5, 8, jnp.float32)
+    with pytest.raises(ValueError, match="state size mismatch"):
+        selective_scan(x, dt, A, B[..., :4], C[..., :4], D)
+    with pytest.raises(ValueError, match="dt must have x's shape"):
+        selective_scan(x, dt[:, :3], A, B, C, D)
+    with pytest.raises(ValueError, match=r"A .* must be \[D=48, N\]"):
+        selective_scan(x, dt, A[:7], B, C, D)
+    with pytest.raises(ValueError, match="initial_state"):
+        selective_scan(x, dt, A, B, C, D, initial_state=jnp.zeros((2, 48, 4)))
+    with pytest.raises(ValueError, match="floating point"):
+        selective_scan(x.astype(jnp.int32), dt, A, B, C, D)
+    with pytest.raises(ValueError, match="unknown impl"):
+        selective_scan(x, dt, A, B, C, D, impl="cuda")
+    with pytest.raises(ValueError, match="interpret=True"):
+        selective_scan(x, dt, A, B, C, D, impl="pallas")
+    xm, dtm, Am, Bm, Cm, Dm, _ = _inputs("multihead", 2, 5, 8, jnp.float32, heads=4, groups=3)
+    with pytest.raises(ValueError, match="multiple of the B/C groups"):
+        selective_scan(xm, dtm, Am, Bm, Cm, Dm)
+    with pytest.raises(ValueError, match="one scalar per head"):
+        selective_scan(xm, dtm, Am[:2], Bm, Cm, Dm)
+
+
+def test_canonical_layouts_agree():
+    """The multi-head layout with H = G = 1 and P = D is Mamba-1 with per-channel Δ all equal."""
+    x, dt, A, B, C, D, h0 = _inputs("mamba1", 2, 7, 8, jnp.float32, seed=5)
+    dt1 = jnp.broadcast_to(dt[..., :1], dt.shape)
+    a1 = jnp.broadcast_to(A[:1, :1], A.shape)
+    want = reference.selective_scan(x, dt1, a1, B, C, jnp.full_like(D, D[0]))
+    got = reference.selective_scan(x[:, :, None], dt[:, :, :1], A[:1, 0], B[:, :, None], C[:, :, None], D[:1])
+    np.testing.assert_allclose(got[:, :, 0], want, rtol=1e-6, atol=1e-6)

@@ -1,0 +1,226 @@
+"""The training step: a per-token objective (data CE or a distillation loss), gradient
+accumulation over micro-batches, AdamW on fp32 master weights, computed in bf16.
+
+Everything here is a pure function of (state, teacher params, batch); `jax.jit` with shardings
+(train/loop.py) turns it into the data/fsdp/tensor-parallel step, with no sharding code here.
+
+State: {"step": int32, "params": {"model": student params, ["proj": feature projections]},
+"opt_state": optax state, "rng": uint32[2]}.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from flashit_jax.errors import FlashitError
+from train import losses as L
+from train import qat as qat_lib
+
+TEACHER_LOSSES = ("hard", "soft", "fkl", "rkl", "feature")
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What the step minimizes (hashable: a static part of the jitted step)."""
+
+    loss: str = "ce"  # ce | hard | soft | fkl | rkl | topk | feature | mix
+    kd_loss: str = "soft"  # the KD term of mix
+    alpha: float = 0.5
+    temperature: float = 1.0
+    hard_sample: bool = False
+    feature_weight: float = 1.0
+    attention_weight: float = 0.0
+    layer_map: tuple[int, ...] = ()  # feature: teacher layer matched by each student layer
+    qat: tuple = ()  # ((regex, FakeQuant), ...)
+
+    def __post_init__(self):
+        if self.loss not in L.ALL_LOSSES:
+            raise FlashitError(f"unknown loss {self.loss!r}; use one of {L.ALL_LOSSES}")
+        if self.loss == "mix" and self.kd_loss not in L.KD_LOSSES:
+            raise FlashitError(f"unknown kd_loss {self.kd_loss!r} for mix; use one of {L.KD_LOSSES}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise FlashitError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature <= 0:
+            raise FlashitError(f"temperature must be positive, got {self.temperature}")
+
+    @property
+    def kd(self) -> str | None:
+        """The distillation term, if any."""
+        if self.loss == "mix":
+            return self.kd_loss
+        return None if self.loss == "ce" else self.loss
+
+    @property
+    def needs_teacher(self) -> bool:
+        """The teacher runs inside the step (top-k reads its logits from a cache instead)."""
+        return self.kd in TEACHER_LOSSES
+
+    @property
+    def needs_topk(self) -> bool:
+        return self.kd == "topk"
+
+
+def cast_floats(params, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def _attention_maps(model, params, inputs, positions, segment_ids, layers):
+    """Attention probabilities [B, H, T, T] of `layers`, recomputed from their collected q/k inputs
+    (Llama family: q/k projections with RoPE)."""
+    from flashit_jax import nn
+
+    c = model.config
+    if not hasattr(c, "head_dim") or not hasattr(c, "rope_theta"):
+        raise FlashitError(f"attention-map distillation supports attention models with RoPE, not {type(c).__name__}")
+    inv_freq = nn.inv_frequencies(c.head_dim, c.rope_theta, c.rope_scaling, c.rope_freq_factors)
+    maps = []
+    for i in layers:
+        p = params["layers"][i]["attn"]
+        b, t, _ = inputs[f"layers/{i}/attn/q"].shape
+        q = nn.linear(inputs[f"layers/{i}/attn/q"], p["q"]["w"], p["q"].get("b")).reshape(b, t, -1, c.head_dim)
+        k = nn.linear(inputs[f"layers/{i}/attn/k"], p["k"]["w"], p["k"].get("b")).reshape(b, t, -1, c.head_dim)
+        maps.append(L.attention_probs(nn.apply_rope(q, positions, inv_freq), nn.apply_rope(k, positions, inv_freq),
+                                      segment_ids))
+    return maps
+
+
+def make_token_loss(obj: Objective, student, teacher=None, *, compute_dtype=jnp.bfloat16, attn_impl="auto",
+                    doc_masking: bool = True):
+    """(trainable, teacher_params, batch, key) -> (per-token loss [B, T] fp32, {metric: [B, T]}).
+
+    doc_masking=False: the documents packed in a row attend to each other, positions run 0..T-1
+    (GPT-2 / nanoGPT practice); what fused kernels without segment masks (cuDNN) can run."""
+    if obj.needs_teacher and teacher is None:
+        raise FlashitError(f"loss {obj.loss!r} needs a teacher")
+    want_hidden = obj.kd == "feature"
+    want_attn = want_hidden and obj.attention_weight > 0
+
+    def run(model, params, batch, collect):
+        if not doc_masking:
+            return model.forward(params, batch["tokens"], collect=collect, attn_impl=attn_impl)
+        return model.forward(params, batch["tokens"], batch["positions"], segment_ids=batch["segment_ids"],
+                             collect=collect, attn_impl=attn_impl)
+
+    def token_loss(trainable, teacher_params, batch, key):
+        p = trainable["model"]
+        if obj.qat:
+            p = qat_lib.apply(p, list(obj.qat))
+        p = cast_floats(p, compute_dtype)
+        collect = (("hidden",) if want_hidden else ()) + (("inputs",) if want_attn else ())
+        s_logits, _, s_aux = run(student, p, batch, collect)
+        ce = L.token_cross_entropy(s_logits, batch["targets"])
+        mets = {"ce": ce}
+        kd_name = obj.kd
+        if kd_name is None:
+            return ce, mets
+        t_logits = t_aux = None
+        if obj.needs_teacher:
+            t_logits, _, t_aux = run(teacher, teacher_params, batch, collect)
+            t_logits = jax.lax.stop_gradient(t_logits)
+        T = obj.temperature
+        if kd_name == "hard":
+            kd = L.token_cross_entropy(s_logits, L.teacher_labels(t_logits, key if obj.hard_sample else None, T))
+        elif kd_name in ("soft", "feature"):
+            kd = L.token_soft_target(s_logits, t_logits, T)
+        elif kd_name == "fkl":
+            kd = L.token_forward_kl(s_logits, t_logits, T)
+        elif kd_name == "rkl":
+            kd = L.token_reverse_kl(s_logits, t_logits, T)
+        elif kd_name == "topk":
+            kd = L.token_topk_kl(s_logits, batch["topk_values"], batch["topk_indices"], T)
+        else:  # pragma: no cover - Objective validates names
+            raise AssertionError(kd_name)
+        mets["kd"] = kd
+        if kd_name == "feature":
+            hid = 0.0
+            for j, ti in enumerate(obj.layer_map):
+                hs = s_aux["hidden"][j].astype(jnp.float32)
+                ht = jax.lax.stop_gradient(t_aux["hidden"][ti]).astype(jnp.float32)
+                proj = trainable["proj"][j]["w"]
+                hid = hid + jnp.mean(jnp.square(hs @ proj - ht), axis=-1)
+            hid = hid / len(obj.layer_map)
+            mets["hidden"] = hid
+            kd = kd + jnp.float32(obj.feature_weight) * hid
+            if want_attn:
+                pos, seg = (batch["positions"], batch["segment_ids"]) if doc_masking else (
+                    jnp.broadcast_to(jnp.arange(batch["tokens"].shape[1], dtype=jnp.int32), batch["tokens"].shape), None)
+                s_maps = _attention_maps(student, p, s_aux["inputs"], pos, seg, range(len(obj.layer_map)))
+                t_maps = _attention_maps(teacher, teacher_params, t_aux["inputs"], pos, seg, obj.layer_map)
+                att = 0.0
+                for sm, tm in zip(s_maps, t_maps):
+                    if sm.shape[1] != tm.shape[1]:
+                        sm, tm = jnp.mean(sm, axis=1, keepdims=True), jnp.mean(tm, axis=1, keepdims=True)
+                    att = att + jnp.mean(jnp.square(sm - jax.lax.stop_gradient(tm)), axis=(1, 3))
+                att = att / len(obj.layer_map)
+                mets["attention"] = att
+                kd = kd + jnp.float32(obj.attention_weight) * att
+        if obj.loss == "mix":
+            return jnp.float32(obj.alpha) * ce + jnp.float32(1 - obj.alpha) * kd, mets
+        return kd, mets
+
+    return token_loss
+
+
+def make_train_step(token_loss: Callable, optimizer: optax.GradientTransformation, accum_steps: int = 1,
+                    batch_sharding=None):
+    """(state, teacher_params, batch) -> (state, metrics). The loss is the mean over every masked
+    token of the global batch, so accumulating A micro-batches equals one batch A times larger."""
+
+    def step(state, teacher_params, batch):
+        rng, key = jax.random.split(state["rng"])
+        mask_total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+
+        def micro(trainable, mb, k):
+            tl, mets = token_loss(trainable, teacher_params, mb, k)
+            m = mb["loss_mask"].astype(jnp.float32)
+            return jnp.sum(tl * m) / mask_total, {n: jnp.sum(v * m) / mask_total for n, v in mets.items()}
+
+        grad_fn = jax.value_and_grad(micro, has_aux=True)
+        params = state["params"]
+        if accum_steps == 1:
+            (loss, mets), grads = grad_fn(params, batch, key)
+        else:
+            b = batch["tokens"].shape[0]
+            if b % accum_steps:
+                raise FlashitError(f"batch {b} is not a multiple of accum_steps {accum_steps}")
+
+            # micro-batch a takes rows a, a + A, a + 2A, ...: every data shard keeps feeding its own rows
+            def split(x):
+                y = x.reshape(b // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+                return y
+
+            mbs = jax.tree.map(split, batch)
+            keys = jax.random.split(key, accum_steps)
+
+            def body(carry, xs):
+                mb, k = xs
+                if batch_sharding is not None:
+                    mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sharding(x.ndim)), mb)
+                (l, m), g = grad_fn(params, mb, k)
+                acc_g, acc_l, acc_m = carry
+                return (jax.tree.map(jnp.add, acc_g, g), acc_l + l, jax.tree.map(jnp.add, acc_m, m)), None
+
+            zeros_g = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
+            _, m0 = jax.eval_shape(lambda: micro(params, jax.tree.map(lambda x: x[0], mbs), keys[0]))
+            zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0)
+            (grads, loss, mets), _ = jax.lax.scan(body, (zeros_g, jnp.float32(0.0), zeros_m), (mbs, keys))
+        with jax.numpy_dtype_promotion("standard"):  # optax computes b1 ** count (float ** int32)
+            updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        metrics = {"loss": loss, **mets, "grad_norm": _global_norm(grads), "tokens": mask_total}
+        return {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "rng": rng}, metrics
+
+    return step
+
+
+def _global_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def init_state(trainable, optimizer, seed: int):
+    return {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": optimizer.init(trainable),
+            "rng": jax.random.PRNGKey(seed)}
