@@ -122,7 +122,7 @@ def part1(args, dtype) -> dict:
 
 
 def part2(args, dtype) -> dict:
-    from flashit_jax.decoding import Lookup, layer_skip_draft, speculative_generate
+    from flashit_jax.decoding import Lookup, layer_skip_draft, search_layers, speculative_generate
     from flashit_jax.errors import FlashitError
     from flashit_jax.generate import generate
     from flashit_jax.loading import load_model
@@ -133,7 +133,14 @@ def part2(args, dtype) -> dict:
         return {"skipped": f"{args.real} could not be loaded here: {e}"}
     tok = loaded.tokenizer
     prompts = [tok.encode(p) for p in PROMPTS[: args.real_prompts]]
-    drafters = [(f"layers {s}", layer_skip_draft(loaded.model, loaded.params, s), g)
+    searched = {}
+    for s in args.real_layers:
+        if s.startswith("auto:"):  # greedy layer search on calibration text (bundled valid split)
+            searched[s] = search_layers(loaded.model, loaded.params, calibration_tokens(tok, args), int(s[5:]),
+                                        protect=(0,))
+            print(f"  {s}: keep layers {searched[s]}", file=sys.stderr)
+    drafters = [(f"layers {s}" + (f" {'+'.join(map(str, searched[s]))}" if s in searched else ""),
+                 layer_skip_draft(loaded.model, loaded.params, searched.get(s, s)), g)
                 for s in args.real_layers for g in args.real_gammas]
     drafters += [(f"lookup ngram={args.lookup_ngram}", Lookup(args.lookup_ngram), args.lookup_gamma)]
     plain = {}
@@ -159,7 +166,18 @@ def part2(args, dtype) -> dict:
                      "identical": f"{same}/{len(prompts)}"})
         print(f"  {name} gamma {g}: acceptance {rows[-1]['acceptance']:.3f}, speedup {rows[-1]['speedup']:.2f}x",
               file=sys.stderr)
-    return {"model": args.real, "prompts": len(prompts), "new_tokens": args.real_new_tokens, "rows": rows}
+    return {"model": args.real, "prompts": len(prompts), "new_tokens": args.real_new_tokens, "rows": rows,
+            "searched_layers": searched}
+
+
+def calibration_tokens(tok, args):
+    import jax.numpy as jnp
+
+    from flashit_jax.data import load_documents
+
+    ids = [tok.encode(d.text) for d in load_documents("bundled", "valid")]
+    rows = [i[: args.calib_len] for i in ids if len(i) >= args.calib_len][: args.calib_rows]
+    return jnp.asarray(rows, jnp.int32)
 
 
 def main(argv=None):
@@ -175,7 +193,10 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--loop", type=int, default=32, help="forwards per timed call")
     ap.add_argument("--real", default="smollm2-135m", help="real-weight target ('' to skip part 2)")
-    ap.add_argument("--real-layers", default="0-11+18-29", help="';'-separated layer selections for the draft")
+    ap.add_argument("--real-layers", default="0-11+18-29;auto:20",
+                    help="';'-separated layer selections for the draft; auto:N searches N layers to keep")
+    ap.add_argument("--calib-rows", type=int, default=4, help="calibration rows for auto:N layer search")
+    ap.add_argument("--calib-len", type=int, default=128)
     ap.add_argument("--real-gammas", default="2,3")
     ap.add_argument("--real-prompts", type=int, default=4)
     ap.add_argument("--real-new-tokens", type=int, default=128)

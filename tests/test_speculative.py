@@ -274,3 +274,20 @@ def test_parse_layers():
     assert parse_layers("0-2+7", 8) == [0, 1, 2, 7]
     assert parse_layers("0:8:3", 8) == [0, 3, 6]
     assert parse_layers("::-1", 3) == [0, 1, 2]
+
+
+def test_layer_search_drops_the_least_harmful_layer(tiny):
+    from flashit_jax.decoding import search_layers
+
+    m, p = tiny
+    toks = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 24)), jnp.int32)
+    want = jnp.argmax(m.forward(p, toks)[0], -1)
+    agreement = {}
+    for drop in range(1, 4):
+        d = layer_skip_draft(m, p, [i for i in range(4) if i != drop])
+        agreement[drop] = float(jnp.mean((jnp.argmax(d.model.forward(d.params, toks)[0], -1) == want)
+                                         .astype(jnp.float32)))
+    keep = search_layers(m, p, toks, 3, progress=False)
+    assert keep == [i for i in range(4) if i != max(agreement, key=agreement.get)]
+    keep2 = search_layers(m, p, toks, 2, protect=(0, 3), progress=False)
+    assert keep2[0] == 0 and keep2[-1] == 3 and len(keep2) == 2

@@ -81,3 +81,47 @@ def _vocab(model, params) -> int:
     from flashit_jax.nn.linear import weight_shape
 
     return int(weight_shape(params["embed"]["w"])[0])
+
+
+def search_layers(model, params, tokens, n_keep: int, *, protect=(0,), progress: bool = True) -> list[int]:
+    """Layers to keep for a self-speculation draft, chosen greedily (as Draft & Verify's search,
+    with a greedy rule instead of Bayesian optimisation): repeatedly drop the layer whose removal
+    keeps the draft's top-1 prediction equal to the target's at the most positions of `tokens`
+    (int32 [B, T], calibration text). Layers in `protect` are never dropped.
+    Returns the kept layer indices (sorted)."""
+    import jax
+    import jax.numpy as jnp
+    from tqdm import tqdm
+
+    n = len(params["layers"])
+    if not 1 <= n_keep <= n:
+        raise FlashitError(f"n_keep must be in 1..{n}, got {n_keep}")
+    protect = {p % n for p in protect}
+
+    @jax.jit
+    def agree(sub, want):
+        logits, _, _ = draft_model(len(sub["layers"])).forward(sub, tokens)
+        return jnp.mean((jnp.argmax(logits, -1) == want).astype(jnp.float32))
+
+    def draft_model(k):
+        from models import Model
+
+        return Model(dataclasses.replace(model.config, n_layers=k))
+
+    want = jnp.argmax(jax.jit(lambda p: model.forward(p, tokens)[0])(params), -1)
+    keep = list(range(n))
+    bar = tqdm(total=n - n_keep, desc="layer search", disable=not progress)
+    while len(keep) > n_keep:
+        scores = {}
+        for drop in keep:
+            if drop in protect:
+                continue
+            kept = [i for i in keep if i != drop]
+            scores[drop] = float(agree({**params, "layers": {j: params["layers"][i] for j, i in enumerate(kept)}},
+                                       want))
+        best = max(scores, key=scores.get)
+        keep.remove(best)
+        bar.update(1)
+        bar.set_postfix(dropped=best, agreement=f"{scores[best]:.3f}")
+    bar.close()
+    return keep
