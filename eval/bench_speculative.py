@@ -73,56 +73,110 @@ def time_forward(model, params, prompt_len: int, t: int, n: int, dtype, reps: in
     return best
 
 
-def part1(args, dtype) -> dict:
-    import numpy as np
-
-    from flashit_jax.decoding import Draft, speculative_generate
-    from flashit_jax.generate import generate
-    from models import Model
+def _pair(spec: str, small: bool):
+    """'random:TARGET=shape:DRAFT' (a draft of that shape with the target's vocabulary) or
+    'random:TARGET=layers:K' (self-speculation: the target's first K layers; which K layers does not
+    change the time). --small replaces the shapes by tiny ones of the same kind."""
+    from flashit_jax.errors import FlashitError
     from models.configs import SHAPES
     from models.llama import LlamaConfig
 
-    if args.small:
+    target, _, draft = spec.partition("=")
+    kind, _, arg = draft.partition(":")
+    if not target.startswith("random:") or kind not in ("shape", "layers") or not arg:
+        raise FlashitError(f"bad pair {spec!r}: use random:TARGET=shape:DRAFT or random:TARGET=layers:K")
+    if small:
         tcfg = LlamaConfig(vocab_size=32000, dim=256, n_layers=8, n_heads=8, n_kv_heads=2, ffn_dim=768,
                            tie_embeddings=True)
         dcfg = LlamaConfig(vocab_size=32000, dim=64, n_layers=4, n_heads=4, n_kv_heads=1, ffn_dim=192,
                            tie_embeddings=True)
-        names = ("tiny target (dim 256, 8 layers, vocab 32000)", "tiny draft (dim 64, 4 layers)")
+        tname = "tiny target (dim 256, 8 layers, vocab 32000)"
+        if kind == "layers":
+            arg = str(min(int(arg), 4))
     else:
-        tcfg = SHAPES[args.target.split(":", 1)[1]]
-        dcfg = dataclasses.replace(SHAPES[args.draft_shape], vocab_size=tcfg.vocab_size)
-        names = (args.target, f"{args.draft_shape} shape, vocab {tcfg.vocab_size}")
-    target, draft = Model(tcfg), Model(dcfg)
+        tcfg = SHAPES[target.split(":", 1)[1]]
+        dcfg = dataclasses.replace(SHAPES[arg], vocab_size=tcfg.vocab_size) if kind == "shape" else None
+        tname = target
+    if kind == "shape":
+        dname = f"{arg} shape, vocab {tcfg.vocab_size}" if not small else "tiny draft (dim 64, 4 layers)"
+    else:
+        dname = f"{arg} of the target's {tcfg.n_layers} layers"
+    return tcfg, (kind, dcfg if kind == "shape" else int(arg)), tname, dname
+
+
+def part1(args, dtype) -> list[dict]:
+    import numpy as np
+
+    from flashit_jax.decoding import Draft, layer_skip_draft, speculative_generate
+    from flashit_jax.generate import generate
+    from models import Model
+
+    out = []
+    for spec in args.pairs:
+        tcfg, (kind, dsel), tname, dname = _pair(spec, args.small)
+        target = Model(tcfg)
+        tp = target.init_params(jax.random.key(0), dtype)
+        if kind == "shape":
+            draft = Draft(Model(dsel), Model(dsel).init_params(jax.random.key(1), dtype))
+        else:
+            draft = layer_skip_draft(target, tp, list(range(dsel)))
+        n, pl = args.loop, args.prompt_len
+        times = {"plain": time_forward(target, tp, pl, 1, n, dtype),
+                 "draft": time_forward(draft.model, draft.params, pl, 1, n, dtype),
+                 "draft2": time_forward(draft.model, draft.params, pl, 2, n, dtype)}
+        for g in args.gammas:
+            times[f"verify{g}"] = time_forward(target, tp, pl, g + 1, n, dtype)
+        print(f"  {tname} / {dname}: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in times.items()),
+              file=sys.stderr)
+        prompt = [np.random.default_rng(0).integers(0, tcfg.vocab_size, pl).tolist()]
+        plain = min((generate(target, tp, prompt, max_new_tokens=args.new_tokens + 1, steps_per_call=16)
+                     for _ in range(2)), key=lambda r: r.decode_s)
+        rows = []
+        for g in args.gammas:
+            r = min((speculative_generate(target, tp, prompt, draft=draft, gamma=g, max_new_tokens=args.new_tokens + 1,
+                                          rounds_per_call=8) for _ in range(2)), key=lambda r: r.decode_s)
+            t_round = r.decode_s / int(r.rounds[0])
+            t_comp = times["draft2"] + (g - 1) * times["draft"] + times[f"verify{g}"]
+            for a in args.alphas:
+                e = expected_tokens(a, g)
+                rows.append({"gamma": g, "alpha": a, "tokens_per_round": e, "t_round_ms": t_round * 1e3,
+                             "t_components_ms": t_comp * 1e3, "speedup_components": e * times["plain"] / t_comp,
+                             "speedup_measured_round": e * times["plain"] / t_round,
+                             "speedup_vs_plain_generate": e / t_round / plain.tokens_per_s})
+        out.append({"pair": spec, "target": tname, "draft": dname, "times_ms": {k: v * 1e3 for k, v in times.items()},
+                    "plain_generate_tokens_per_s": plain.tokens_per_s, "rows": rows})
+    return out
+
+
+def part_medusa(args, dtype) -> dict:
+    """Medusa round time (random heads: acceptance does not change the time) -> speedup at given
+    mean tokens per step."""
+    import numpy as np
+
+    from flashit_jax.decoding.medusa import MedusaTree, init_heads, medusa_generate
+    from flashit_jax.generate import generate
+    from models import Model
+
+    tcfg, _, tname, _ = _pair(args.medusa_target + "=layers:1", args.small)
+    target = Model(tcfg)
     tp = target.init_params(jax.random.key(0), dtype)
-    dp = draft.init_params(jax.random.key(1), dtype)
-    n, pl = args.loop, args.prompt_len
-    times = {"plain": time_forward(target, tp, pl, 1, n, dtype), "draft": time_forward(draft, dp, pl, 1, n, dtype),
-             "draft2": time_forward(draft, dp, pl, 2, n, dtype)}
-    for g in args.gammas:
-        times[f"verify{g}"] = time_forward(target, tp, pl, g + 1, n, dtype)
-    print(f"  component times: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in times.items()), file=sys.stderr)
-    prompt = [np.random.default_rng(0).integers(0, tcfg.vocab_size, pl).tolist()]
+    tree = MedusaTree.parse(args.medusa_tree)
+    heads = init_heads(tcfg, tree.depth, jax.random.key(1), dtype=dtype)
+    prompt = [np.random.default_rng(0).integers(0, tcfg.vocab_size, args.prompt_len).tolist()]
     plain = min((generate(target, tp, prompt, max_new_tokens=args.new_tokens + 1, steps_per_call=16)
                  for _ in range(2)), key=lambda r: r.decode_s)
-    rows = []
-    for g in args.gammas:
-        r = min((speculative_generate(target, tp, prompt, draft=Draft(draft, dp), gamma=g,
-                                      max_new_tokens=args.new_tokens + 1, rounds_per_call=8) for _ in range(2)),
-                key=lambda r: r.decode_s)
-        t_round = r.decode_s / int(r.rounds[0])
-        t_comp = times["draft2"] + (g - 1) * times["draft"] + times[f"verify{g}"]
-        for a in args.alphas:
-            e = expected_tokens(a, g)
-            rows.append({"gamma": g, "alpha": a, "tokens_per_round": e, "t_round_ms": t_round * 1e3,
-                         "t_components_ms": t_comp * 1e3, "speedup_components": e * times["plain"] / t_comp,
-                         "speedup_measured_round": e * times["plain"] / t_round,
-                         "speedup_vs_plain_generate": e / t_round / plain.tokens_per_s})
-    return {"target": names[0], "draft": names[1], "times_ms": {k: v * 1e3 for k, v in times.items()},
-            "plain_generate_tokens_per_s": plain.tokens_per_s, "rows": rows}
+    r = min((medusa_generate(target, tp, heads, prompt, tree=tree, max_new_tokens=args.new_tokens + 1)
+             for _ in range(2)), key=lambda r: r.decode_s)
+    t_round = r.decode_s / int(r.rounds[0])
+    t_plain = 1.0 / plain.tokens_per_s
+    rows = [{"tokens_per_step": k, "speedup": k * t_plain / t_round} for k in args.medusa_tokens_per_step]
+    return {"target": tname, "tree": args.medusa_tree, "candidates": tree.size, "t_round_ms": t_round * 1e3,
+            "t_plain_ms": t_plain * 1e3, "rows": rows}
 
 
 def part2(args, dtype) -> dict:
     from flashit_jax.decoding import Lookup, layer_skip_draft, search_layers, speculative_generate
+    from flashit_jax.decoding.medusa import medusa_generate
     from flashit_jax.errors import FlashitError
     from flashit_jax.generate import generate
     from flashit_jax.loading import load_model
@@ -143,6 +197,13 @@ def part2(args, dtype) -> dict:
                  layer_skip_draft(loaded.model, loaded.params, searched.get(s, s)), g)
                 for s in args.real_layers for g in args.real_gammas]
     drafters += [(f"lookup ngram={args.lookup_ngram}", Lookup(args.lookup_ngram), args.lookup_gamma)]
+    if args.real_medusa:
+        from flashit_jax.decoding.medusa import MedusaTree, load_heads
+
+        heads, _ = load_heads(args.real_medusa, loaded.params["embed"]["w"].dtype)
+        for t in args.real_medusa_trees.split(";"):
+            tree = MedusaTree.parse(t)
+            drafters.append((f"medusa {t}", (heads, tree), tree.depth))
     plain = {}
     for i, p in enumerate(prompts):  # batch 1, one prompt at a time
         plain[i] = min((generate(loaded.model, loaded.params, [p], max_new_tokens=args.real_new_tokens,
@@ -154,9 +215,13 @@ def part2(args, dtype) -> dict:
         acc = rounds = n_tok = 0
         spec_s, same = 0.0, 0
         for i, p in enumerate(prompts):
-            r = min((speculative_generate(loaded.model, loaded.params, [p], draft=d, gamma=g,
-                                          max_new_tokens=args.real_new_tokens) for _ in range(2)),
-                    key=lambda r: r.decode_s)
+            if isinstance(d, tuple):  # Medusa heads and tree
+                run = lambda: medusa_generate(loaded.model, loaded.params, d[0], [p], tree=d[1],  # noqa: E731
+                                              max_new_tokens=args.real_new_tokens)
+            else:
+                run = lambda: speculative_generate(loaded.model, loaded.params, [p], draft=d, gamma=g,  # noqa: E731
+                                                   max_new_tokens=args.real_new_tokens)
+            r = min((run() for _ in range(2)), key=lambda r: r.decode_s)
             acc, rounds, n_tok, spec_s = acc + int(r.accepted[0]), rounds + int(r.rounds[0]), n_tok + r.new_tokens, \
                 spec_s + r.decode_s
             same += int((r.tokens[0] == plain[i].tokens[0]).all())
@@ -184,8 +249,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m eval.bench_speculative", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="tiny shapes and fp32 (CPU smoke run)")
-    ap.add_argument("--target", default="random:llama-3.2-1b")
-    ap.add_argument("--draft-shape", default="smollm2-135m")
+    ap.add_argument("--pairs", default="random:llama-3.2-1b=shape:smollm2-135m;random:smollm2-135m=layers:20",
+                    help="';'-separated target=draft pairs: random:T=shape:D or random:T=layers:K")
+    ap.add_argument("--medusa-target", default="random:smollm2-135m", help="'' to skip the Medusa timing")
+    ap.add_argument("--medusa-tree", default="4x2x1")
+    ap.add_argument("--medusa-tokens-per-step", default="1.5,2.0,2.5,3.0")
     ap.add_argument("--dtype", default=None, help="default bf16 (fp32 with --small)")
     ap.add_argument("--gammas", default="3,4,5")
     ap.add_argument("--alphas", default="0.6,0.8,1.0")
@@ -200,11 +268,15 @@ def main(argv=None):
     ap.add_argument("--real-gammas", default="2,3")
     ap.add_argument("--real-prompts", type=int, default=4)
     ap.add_argument("--real-new-tokens", type=int, default=128)
+    ap.add_argument("--real-medusa", default=None, help="Medusa heads directory (python -m train.medusa) for part 2")
+    ap.add_argument("--real-medusa-trees", default="4x2x1;8x4x2", help="';'-separated trees for --real-medusa")
     ap.add_argument("--lookup-ngram", type=int, default=3)
     ap.add_argument("--lookup-gamma", type=int, default=8)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     args.gammas = [int(g) for g in args.gammas.split(",")]
+    args.pairs = [p for p in args.pairs.split(";") if p]
+    args.medusa_tokens_per_step = [float(k) for k in args.medusa_tokens_per_step.split(",")]
     args.alphas = [float(a) for a in args.alphas.split(",")]
     args.real_layers = [s for s in args.real_layers.split(";") if s]
     args.real_gammas = [int(g) for g in args.real_gammas.split(",")]
@@ -217,20 +289,27 @@ def main(argv=None):
         dtype = parse_dtype(args.dtype or ("fp32" if args.small else "bf16"))
         info = device_info()
         res = {"info": info, "part1": part1(args, dtype)}
+        if args.medusa_target:
+            res["medusa"] = part_medusa(args, dtype)
         if args.real:
             res["part2"] = part2(args, dtype)
-        p1 = res["part1"]
         print(f"\n{info['device']}, jax {info['jax_version']}, {info['date']}, dtype {dtype.__name__}, batch 1, "
               f"prompt {args.prompt_len}")
-        print(f"part 1: target {p1['target']}, draft {p1['draft']}")
-        print("  " + ", ".join(f"{k} {v:.3f} ms" for k, v in p1["times_ms"].items())
-              + f"; plain generate {p1['plain_generate_tokens_per_s']:.1f} tokens/s")
-        print(f"  {'gamma':>5} {'alpha':>5} {'tok/round':>9} {'round ms':>9} {'parts ms':>9} {'x (parts)':>9} "
-              f"{'x (round)':>9} {'x (vs generate)':>15}")
-        for r in p1["rows"]:
-            print(f"  {r['gamma']:5d} {r['alpha']:5.2f} {r['tokens_per_round']:9.2f} {r['t_round_ms']:9.3f} "
-                  f"{r['t_components_ms']:9.3f} {r['speedup_components']:9.2f} {r['speedup_measured_round']:9.2f} "
-                  f"{r['speedup_vs_plain_generate']:15.2f}")
+        for p1 in res["part1"]:
+            print(f"part 1: target {p1['target']}, draft {p1['draft']}")
+            print("  " + ", ".join(f"{k} {v:.3f} ms" for k, v in p1["times_ms"].items())
+                  + f"; plain generate {p1['plain_generate_tokens_per_s']:.1f} tokens/s")
+            print(f"  {'gamma':>5} {'alpha':>5} {'tok/round':>9} {'round ms':>9} {'parts ms':>9} {'x (parts)':>9} "
+                  f"{'x (round)':>9} {'x (vs generate)':>15}")
+            for r in p1["rows"]:
+                print(f"  {r['gamma']:5d} {r['alpha']:5.2f} {r['tokens_per_round']:9.2f} {r['t_round_ms']:9.3f} "
+                      f"{r['t_components_ms']:9.3f} {r['speedup_components']:9.2f} {r['speedup_measured_round']:9.2f} "
+                      f"{r['speedup_vs_plain_generate']:15.2f}")
+        if "medusa" in res:
+            md = res["medusa"]
+            print(f"medusa: target {md['target']}, tree {md['tree']} ({md['candidates']} candidates): round "
+                  f"{md['t_round_ms']:.3f} ms, plain step {md['t_plain_ms']:.3f} ms; speedup at tokens/step "
+                  + ", ".join(f"{r['tokens_per_step']:.1f}: {r['speedup']:.2f}x" for r in md["rows"]))
         if "part2" in res:
             p2 = res["part2"]
             if "skipped" in p2:
