@@ -291,3 +291,20 @@ def test_layer_search_drops_the_least_harmful_layer(tiny):
     assert keep == [i for i in range(4) if i != max(agreement, key=agreement.get)]
     keep2 = search_layers(m, p, toks, 2, protect=(0, 3), progress=False)
     assert keep2[0] == 0 and keep2[-1] == 3 and len(keep2) == 2
+
+
+@pytest.mark.slow
+def test_real_smollm2_layer_skipped_draft_is_exact(smollm2):
+    """Real weights: greedy self-speculation (and lookup) reproduce plain greedy decoding."""
+    tok = smollm2.tokenizer
+    prompts = [tok.encode(t) for t in ("ROMEO.\nBut soft, what light through yonder window breaks?",
+                                       "To be, or not to be, that is the question:",
+                                       "The history of the Roman Empire")]
+    want = generate(smollm2.model, smollm2.params, prompts, max_new_tokens=32, **F32).tokens
+    draft = layer_skip_draft(smollm2.model, smollm2.params, "0-11+18-29")
+    r = speculative_generate(smollm2.model, smollm2.params, prompts, draft=draft, gamma=3, max_new_tokens=32, **F32)
+    np.testing.assert_array_equal(r.tokens, want)
+    assert 0.2 < r.acceptance_rate < 1.0
+    r = speculative_generate(smollm2.model, smollm2.params, prompts, draft=Lookup(3), gamma=6, max_new_tokens=32,
+                             **F32)
+    np.testing.assert_array_equal(r.tokens, want)
