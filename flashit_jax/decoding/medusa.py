@@ -63,20 +63,19 @@ def n_heads_of(heads) -> int:
 
 def head_logits(heads, params, config, h: jax.Array) -> jax.Array:
     """fp32 logits [K, B, T, V] of every head for final hidden states h [B, T, d]."""
-    out = []
+    zs = []
     for k in range(n_heads_of(heads)):
         p = heads["heads"][k]
-        z = h + jax.nn.silu(nn.linear(h, p["w"].astype(h.dtype), p["b"].astype(h.dtype)))
-        if "out" in heads:
-            lg = nn.linear_logits(z, heads["out"][k]["w"].astype(h.dtype))
-        elif config.tie_embeddings:
-            lg = nn.unembed(z, params["embed"]["w"])
-        else:
-            lg = nn.linear_logits(z, params["lm_head"]["w"])
-        if getattr(config, "final_softcap", None) is not None:
-            lg = config.final_softcap * jnp.tanh(lg / config.final_softcap)
-        out.append(lg)
-    return jnp.stack(out, axis=0)
+        zs.append(h + jax.nn.silu(nn.linear(h, p["w"].astype(h.dtype), p["b"].astype(h.dtype))))
+    if "out" in heads:
+        lg = jnp.stack([nn.linear_logits(z, heads["out"][k]["w"].astype(h.dtype)) for k, z in enumerate(zs)])
+    else:
+        # all heads through the shared output layer in one matmul: it is read once, not K times
+        z = jnp.stack(zs)
+        lg = nn.unembed(z, params["embed"]["w"]) if config.tie_embeddings else nn.linear_logits(z, params["lm_head"]["w"])
+    if getattr(config, "final_softcap", None) is not None:
+        lg = config.final_softcap * jnp.tanh(lg / config.final_softcap)
+    return lg
 
 
 def base_forward(model, params, tokens, cache=None, positions=None, **kw):
