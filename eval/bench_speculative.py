@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import sys
 import time
 
@@ -175,7 +174,12 @@ def part_medusa(args, dtype) -> dict:
 
 
 def part2(args, dtype) -> dict:
-    from flashit_jax.decoding import Lookup, layer_skip_draft, search_layers, speculative_generate
+    from flashit_jax.decoding import (
+        Lookup,
+        layer_skip_draft,
+        search_layers,
+        speculative_generate,
+    )
     from flashit_jax.decoding.medusa import medusa_generate
     from flashit_jax.errors import FlashitError
     from flashit_jax.generate import generate
@@ -215,13 +219,15 @@ def part2(args, dtype) -> dict:
         acc = rounds = n_tok = 0
         spec_s, same = 0.0, 0
         for i, p in enumerate(prompts):
-            if isinstance(d, tuple):  # Medusa heads and tree
-                run = lambda: medusa_generate(loaded.model, loaded.params, d[0], [p], tree=d[1],  # noqa: E731
-                                              max_new_tokens=args.real_new_tokens)
-            else:
-                run = lambda: speculative_generate(loaded.model, loaded.params, [p], draft=d, gamma=g,  # noqa: E731
-                                                   max_new_tokens=args.real_new_tokens)
-            r = min((run() for _ in range(2)), key=lambda r: r.decode_s)
+            runs = []
+            for _ in range(2):
+                if isinstance(d, tuple):  # Medusa heads and tree
+                    runs.append(medusa_generate(loaded.model, loaded.params, d[0], [p], tree=d[1],
+                                                max_new_tokens=args.real_new_tokens))
+                else:
+                    runs.append(speculative_generate(loaded.model, loaded.params, [p], draft=d, gamma=g,
+                                                     max_new_tokens=args.real_new_tokens))
+            r = min(runs, key=lambda r: r.decode_s)
             acc, rounds, n_tok, spec_s = acc + int(r.accepted[0]), rounds + int(r.rounds[0]), n_tok + r.new_tokens, \
                 spec_s + r.decode_s
             same += int((r.tokens[0] == plain[i].tokens[0]).all())

@@ -166,10 +166,10 @@ def _speculative(args, o, loaded, tok, texts, prompts, cache_dtype):
     plain = min((generate(loaded.model, loaded.params, prompts, steps_per_call=args.steps_per_call or 16, **common)
                  for _ in range(args.repeat)), key=lambda r: r.decode_s)
     if kind == "medusa":
-        run = lambda: medusa_generate(loaded.model, loaded.params, drafter[0], prompts, tree=drafter[1],  # noqa: E731
+        run = lambda: medusa_generate(loaded.model, loaded.params, drafter[0], prompts, tree=drafter[1],
                                       rounds_per_call=args.rounds_per_call, **common)
     else:
-        run = lambda: speculative_generate(loaded.model, loaded.params, prompts, draft=drafter, gamma=gamma,  # noqa: E731
+        run = lambda: speculative_generate(loaded.model, loaded.params, prompts, draft=drafter, gamma=gamma,
                                            rounds_per_call=args.rounds_per_call, **common)
     spec = min((run() for _ in range(args.repeat)), key=lambda r: r.decode_s)
     for text, row, n in zip(texts, spec.tokens, spec.lengths):

@@ -7,9 +7,21 @@ import optax
 import pytest
 
 from flashit_jax import FlashitError
-from flashit_jax.decoding.medusa import (MedusaTree, _move_slots, _tree_arrays, accept_typical, base_forward,
-                                         head_logits, init_heads, load_heads, make_train_step, medusa_generate, medusa_loss,
-                                         save_heads, tree_mask)
+from flashit_jax.decoding.medusa import (
+    MedusaTree,
+    _move_slots,
+    _tree_arrays,
+    accept_typical,
+    base_forward,
+    head_logits,
+    init_heads,
+    load_heads,
+    make_train_step,
+    medusa_generate,
+    medusa_loss,
+    save_heads,
+    tree_mask,
+)
 from flashit_jax.generate import generate
 from models import Model
 from models.llama import LlamaConfig
@@ -159,8 +171,11 @@ def test_training_learns_the_base_and_raises_acceptance(tmp_path):
     step = make_train_step(m, opt, labels="base")
     _, _, h_held = base_forward(m, p, held)
     acc0 = np.asarray(medusa_loss(heads, p, m.config, h_held, held, ones[:32])[1])
+    losses = []
     for _ in range(150):
         heads, state, loss, _ = step(heads, state, p, train, ones)
+        losses.append(float(loss))
+    assert losses[-1] < 0.3 * losses[0], (losses[0], losses[-1])
     acc = np.asarray(medusa_loss(heads, p, m.config, h_held, held, ones[:32])[1])
     assert (acc0 < 0.2).all() and (acc > 0.8).all(), (acc0, acc)  # held-out top-1 of heads 0 and 1
 

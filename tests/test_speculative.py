@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from flashit_jax import FlashitError
-from flashit_jax.decoding import Draft, Lookup, layer_skip_draft, parse_layers, speculative_generate
+from flashit_jax.decoding import (
+    Draft,
+    Lookup,
+    layer_skip_draft,
+    parse_layers,
+    speculative_generate,
+)
 from flashit_jax.generate import Sampling, generate, warp_logits
 from models import Model
 from models.llama import LlamaConfig
@@ -221,7 +227,7 @@ def test_rollback_leaves_no_stale_entries(tiny):
 
     dirty = m.init_cache(1, 32, jnp.float32)
     # poison every slot first: large finite values that would dominate any softmax they entered
-    noise = lambda a, i: 50.0 * jax.random.normal(jax.random.key(i), a.shape, a.dtype)  # noqa: E731
+    noise = lambda a, i: 50.0 * jax.random.normal(jax.random.key(i), a.shape, a.dtype)
     dirty = type(dirty)(k=[noise(a, i) for i, a in enumerate(dirty.k)],
                         v=[noise(a, 10 + i) for i, a in enumerate(dirty.v)], lengths=dirty.lengths)
     _, dirty = fwd(p, prompt, dirty)

@@ -49,7 +49,7 @@ def layer_skip_draft(model, params, layers) -> Draft:
     from models import Model
 
     n = len(params["layers"])
-    keep = parse_layers(layers, n) if isinstance(layers, str) else sorted(set(int(i) for i in layers))
+    keep = parse_layers(layers, n) if isinstance(layers, str) else sorted({int(i) for i in layers})
     if not keep or keep[0] < 0 or keep[-1] >= n:
         raise FlashitError(f"layers {layers} outside 0..{n - 1}")
     if not hasattr(model.config, "n_layers"):

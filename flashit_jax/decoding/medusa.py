@@ -97,7 +97,7 @@ class MedusaTree:
     paths: tuple
 
     @staticmethod
-    def from_widths(widths) -> "MedusaTree":
+    def from_widths(widths) -> MedusaTree:
         """Every path whose rank at depth i is below widths[i]: (4, 2) gives 4 + 8 nodes."""
         paths, level = [], [()]
         for w in widths:
@@ -106,7 +106,7 @@ class MedusaTree:
         return MedusaTree(tuple(paths))
 
     @staticmethod
-    def parse(spec: str) -> "MedusaTree":
+    def parse(spec: str) -> MedusaTree:
         """'4x2x1' -> from_widths((4, 2, 1))."""
         try:
             widths = [int(w) for w in spec.lower().split("x")]
@@ -125,7 +125,7 @@ class MedusaTree:
         return len(_tree_arrays(self.paths)["depth"]) - 1
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tree_arrays(paths: tuple) -> dict:
     """Static arrays of a tree; node i + 1 is the i-th path in (depth, ranks) order, 0 the root."""
     full = set()
@@ -392,7 +392,7 @@ def make_train_step(model, optimizer, decay: float = 0.8, labels: str = "base"):
         if labels == "base":
             pred = jnp.argmax(logits[:, :-1], axis=-1).astype(jnp.int32)
             tokens = jnp.concatenate([tokens[:, :1], pred], axis=1)
-        loss_fn = lambda hd: medusa_loss(hd, params, model.config, h, tokens, valid, decay)  # noqa: E731
+        loss_fn = lambda hd: medusa_loss(hd, params, model.config, h, tokens, valid, decay)
         (loss, accs), g = jax.value_and_grad(loss_fn, has_aux=True)(heads)
         with jax.numpy_dtype_promotion("standard"):  # optax computes b1 ** count (float ** int32)
             updates, opt_state = optimizer.update(g, opt_state, heads)

@@ -29,7 +29,14 @@ from flashit_jax.decoding.drafts import Draft, check_draft, check_rollback
 from flashit_jax.decoding.lookup import Lookup, lookup_drafts
 from flashit_jax.decoding.verify import accept
 from flashit_jax.errors import FlashitError
-from flashit_jax.generate import Sampling, _bucket, _compiled, _prefill, sample, warp_logits
+from flashit_jax.generate import (
+    Sampling,
+    _bucket,
+    _compiled,
+    _prefill,
+    sample,
+    warp_logits,
+)
 from flashit_jax.nn.cache import write_slots
 
 
