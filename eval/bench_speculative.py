@@ -191,12 +191,17 @@ def part2(args, dtype) -> dict:
         return {"skipped": f"{args.real} could not be loaded here: {e}"}
     tok = loaded.tokenizer
     prompts = [tok.encode(p) for p in PROMPTS[: args.real_prompts]]
-    searched = {}
-    for s in args.real_layers:
-        if s.startswith("auto:"):  # greedy layer search on calibration text (bundled valid split)
-            searched[s] = search_layers(loaded.model, loaded.params, calibration_tokens(tok, args), int(s[5:]),
-                                        protect=(0,))
-            print(f"  {s}: keep layers {searched[s]}", file=sys.stderr)
+    searched, drops = {}, []
+    autos = [int(s[5:]) for s in args.real_layers if s.startswith("auto:")]
+    if autos:  # one greedy layer search on calibration text (bundled valid split) serves every auto:N
+        drops = layer_drop_order(loaded.model, loaded.params, calibration_tokens(tok, args), min(autos),
+                                 protect=(0,))
+        n = len(loaded.params["layers"])
+        for k in autos:
+            gone = {d for d, _ in drops[: n - k]}
+            searched[f"auto:{k}"] = [i for i in range(n) if i not in gone]
+            print(f"  auto:{k}: keep layers {searched[f'auto:{k}']} (calibration agreement "
+                  f"{drops[n - k - 1][1] if n > k else 1.0:.3f})", file=sys.stderr)
     drafters = [(f"layers {s}" + (f" {'+'.join(map(str, searched[s]))}" if s in searched else ""),
                  layer_skip_draft(loaded.model, loaded.params, searched.get(s, s)), g)
                 for s in args.real_layers for g in args.real_gammas]
@@ -238,7 +243,7 @@ def part2(args, dtype) -> dict:
         print(f"  {name} gamma {g}: acceptance {rows[-1]['acceptance']:.3f}, speedup {rows[-1]['speedup']:.2f}x",
               file=sys.stderr)
     return {"model": args.real, "prompts": len(prompts), "new_tokens": args.real_new_tokens, "rows": rows,
-            "searched_layers": searched}
+            "searched_layers": searched, "drop_order": drops}
 
 
 def calibration_tokens(tok, args):

@@ -89,6 +89,13 @@ def search_layers(model, params, tokens, n_keep: int, *, protect=(0,), progress:
     keeps the draft's top-1 prediction equal to the target's at the most positions of `tokens`
     (int32 [B, T], calibration text). Layers in `protect` are never dropped.
     Returns the kept layer indices (sorted)."""
+    drops = layer_drop_order(model, params, tokens, n_keep, protect=protect, progress=progress)
+    return [i for i in range(len(params["layers"])) if i not in {d for d, _ in drops}]
+
+
+def layer_drop_order(model, params, tokens, n_keep: int, *, protect=(0,), progress: bool = True):
+    """The greedy search of `search_layers` as [(dropped layer, agreement after dropping it), ...]:
+    its first k entries give the draft of n - k layers, for every k up to n - n_keep."""
     import jax
     import jax.numpy as jnp
     from tqdm import tqdm
@@ -109,7 +116,7 @@ def search_layers(model, params, tokens, n_keep: int, *, protect=(0,), progress:
         return Model(dataclasses.replace(model.config, n_layers=k))
 
     want = jnp.argmax(jax.jit(lambda p: model.forward(p, tokens)[0])(params), -1)
-    keep = list(range(n))
+    keep, drops = list(range(n)), []
     bar = tqdm(total=n - n_keep, desc="layer search", disable=not progress)
     while len(keep) > n_keep:
         scores = {}
@@ -121,7 +128,8 @@ def search_layers(model, params, tokens, n_keep: int, *, protect=(0,), progress:
                                        want))
         best = max(scores, key=scores.get)
         keep.remove(best)
+        drops.append((best, scores[best]))
         bar.update(1)
         bar.set_postfix(dropped=best, agreement=f"{scores[best]:.3f}")
     bar.close()
-    return keep
+    return drops
