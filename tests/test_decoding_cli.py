@@ -39,6 +39,20 @@ def test_speculative_and_lookup_report(tiny_dir, capsys):
     assert res["spec"].acceptance_rate == 1.0  # the target as its own draft
 
 
+def test_medusa_report(tiny_dir, tmp_path, capsys):
+    from flashit_jax.decoding.medusa import init_heads, save_heads
+    from flashit_jax.loading import load_model
+
+    cfg = load_model(tiny_dir).config
+    h = init_heads(cfg, 2, jax.random.key(0))
+    h = jax.tree.map(lambda x: 0.3 * jax.random.normal(jax.random.key(x.size), x.shape, x.dtype), h)
+    save_heads(tmp_path, h, {"base": tiny_dir})
+    res = _run(["--model", tiny_dir, "--tokenizer", "smollm2-135m", "--dtype", "fp32", "--max-new-tokens", "12",
+                "--no-eos", "--medusa", f"heads={tmp_path},tree=3x2"])
+    out = capsys.readouterr().out
+    assert all(res["identical"]) and "Medusa, 2 heads" in out and "tree 3x2 (9 candidates)" in out
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--speculative", "gamma=3"], "exactly one of draft=PATH"),
     (["--speculative", "layers=0,gamma=0"], "gamma .* must be an integer >= 1"),
