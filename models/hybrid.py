@@ -171,7 +171,8 @@ def hybrid_shape(config: LlamaConfig, fraction: float, **mixer) -> HybridConfig:
 
 def from_llama(config: LlamaConfig, params: dict, mamba_layers, *, key: jax.Array | None = None, d_conv: int = 4,
                gate: bool = True, mixer_norm: bool = True, conv_act: str = "silu",
-               dt_range: tuple[float, float] = (1e-3, 0.1), a_range: tuple[float, float] = (1.0, 16.0)):
+               dt_range: tuple[float, float] = (1e-3, 0.1), a_range: tuple[float, float] = (1.0, 16.0),
+               norm_init: float = 1.0):
     """(HybridConfig, params) with `mamba_layers` of a Llama converted to mixers.
 
     x/B/C/out come from V/K/Q/O (`models.mamba.from_attention`); the conv starts as the identity;
@@ -205,6 +206,8 @@ def from_llama(config: LlamaConfig, params: dict, mamba_layers, *, key: jax.Arra
         dtype = mp["dt"]["b"].dtype
         mp["dt"]["b"] = (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)  # softplus^-1
         mp["A_log"] = jnp.log(jax.random.uniform(k_a, (h,), jnp.float32, a_range[0], a_range[1])).astype(dtype)
+        if hc.mixer_norm:
+            mp["norm"]["scale"] = jnp.full_like(mp["norm"]["scale"], norm_init)
         new_layers[i] = {"attn_norm": lp["attn_norm"], "mixer": mp, "mlp_norm": lp["mlp_norm"], "mlp": lp["mlp"]}
     return hc, {**{k: v for k, v in params.items() if k != "layers"}, "layers": new_layers}
 

@@ -10,7 +10,7 @@
 - `hybrid=50%` / `hybrid=0.5` (a fraction of the layers) or `hybrid=1,3,5` (layer indices): the teacher with those attention
   layers converted to Mamba mixers (`models.hybrid.from_llama`), or a YAML file with
     hybrid: {fraction: 0.5, d_conv: 4, gate: true, mixer_norm: true, conv_act: silu,
-             dt_range: [0.001, 0.1], a_range: [1, 16]}        # or layers: [1, 3, 5]
+             dt_range: [0.001, 0.1], a_range: [1, 16], norm_init: 1.0}   # or layers: [1, 3, 5]
 - any model spec `load_model` accepts (`random:smollm2-135m`, a directory, a .gguf).
 
 The student must share the teacher's vocabulary (distillation compares distributions token by token).
@@ -71,7 +71,7 @@ def check_vocab(student_model, teacher_model, student_tok=None, teacher_tok=None
                            "needs the same tokenizer")
 
 
-HYBRID_KEYS = {"fraction", "layers", "d_conv", "gate", "mixer_norm", "conv_act", "dt_range", "a_range"}
+HYBRID_KEYS = {"fraction", "layers", "d_conv", "gate", "mixer_norm", "conv_act", "dt_range", "a_range", "norm_init"}
 
 
 def hybrid_student(d: dict, teacher_model, teacher_params, *, seed: int = 0) -> Student:
@@ -97,7 +97,7 @@ def hybrid_student(d: dict, teacher_model, teacher_params, *, seed: int = 0) -> 
         layers = hybrid.convert_layers(n, fraction)
     else:
         layers = parse_layers(d["layers"], n)
-    kw = {k: d[k] for k in ("d_conv", "gate", "mixer_norm", "conv_act") if k in d}
+    kw = {k: d[k] for k in ("d_conv", "gate", "mixer_norm", "conv_act", "norm_init") if k in d}
     for k in ("dt_range", "a_range"):
         if k in d:
             try:
