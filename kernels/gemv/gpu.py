@@ -24,6 +24,16 @@ class Blocks:
     bn: int = 128  # columns of W per program
     target_programs: int = 528  # ~4 per SM on an H100 (132 SMs)
     num_warps: int = 4
+    num_stages: int | None = None  # Triton's software pipelining of the K loop (None: its default)
+
+
+# Best blocks per weight shape (K, N), from `python -m kernels.gemv.bench --tune` on an H100
+# (jax 0.11.2, 2026-11-23); other shapes use the defaults above.
+TUNED: dict[tuple[int, int], Blocks] = {}
+
+
+def blocks_for(k: int, n: int) -> Blocks:
+    return TUNED.get((k, n), Blocks())
 
 
 def _pow2_at_most(n: int) -> int:
@@ -72,10 +82,11 @@ def _matvec_t_kernel(x_ref, e_ref, o_ref, *, m: int, d: int, v: int, bv: int, bd
 
 
 @functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
-def matvec(x: jax.Array, w: jax.Array, *, blocks: Blocks = Blocks(), interpret: bool = False) -> jax.Array:
+def matvec(x: jax.Array, w: jax.Array, *, blocks: Blocks | None = None, interpret: bool = False) -> jax.Array:
     """x [M, K] @ w [K, N] -> fp32 [M, N] for small M (<= 8)."""
     m, k = x.shape
     n = w.shape[1]
+    blocks = blocks or blocks_for(k, n)
     bk = min(blocks.bk, _pow2_at_most(k))
     bn = min(blocks.bn, max(16, _pow2_at_most(n)))
     ncol = pl.cdiv(n, bn)
@@ -85,8 +96,8 @@ def matvec(x: jax.Array, w: jax.Array, *, blocks: Blocks = Blocks(), interpret: 
     kernel = functools.partial(_matvec_kernel, m=m, k=k, n=n, ks=ks, bk=bk, bn=bn)
     partial = pl.pallas_call(
         kernel, grid=(ncol, splits), out_shape=jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
-        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps), interpret=interpret,
-        name="flashit_matvec",
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
+        interpret=interpret, name="flashit_matvec",
     )(x, w)
     return partial.sum(axis=0) if splits > 1 else partial[0]
 
