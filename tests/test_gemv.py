@@ -69,3 +69,20 @@ def test_matvec_on_gpu(m, k, n):
     e = jnp.asarray(rng.standard_normal((n, k)), jnp.bfloat16)
     want_t = reference.matvec_t(x, e)
     assert float(jnp.linalg.norm(gpu.matvec_t(x, e) - want_t) / jnp.linalg.norm(want_t)) < 1e-5
+
+
+def test_tuned_blocks_are_correct():
+    """Every entry of tuned.json is a valid Blocks, and those blocks compute the product (on a
+    K and N cut down so interpret mode stays quick: the masking paths are the same)."""
+    table = gpu.tuned()
+    assert table, "kernels/gemv/tuned.json is missing or empty"
+    for (k, n), b in table.items():
+        assert gpu.blocks_for(k, n) == b and b.bk >= 16 and b.bn >= 16
+        kk, nn = min(k, 2 * b.bk + 3), min(n, 3 * b.bn + 5)  # ragged edges in both axes
+        rng = np.random.default_rng(kk * nn)
+        x = jnp.asarray(rng.standard_normal((1, kk)), jnp.bfloat16)
+        w = jnp.asarray(rng.standard_normal((kk, nn)), jnp.bfloat16)
+        got = gpu.matvec(x, w, blocks=b, interpret=True)
+        want = reference.matvec(x, w)
+        assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-5, (k, n, b)
+    assert gpu.blocks_for(3, 5) == gpu.Blocks()

@@ -25,7 +25,7 @@ SHAPES = {"llama-3.2-1b": [(2048, 3072), (2048, 2048), (2048, 16384), (8192, 204
 def _candidates():
     from kernels.gemv.gpu import Blocks
 
-    for bk, bn, tp, nw, ns in itertools.product((64, 128), (64, 128, 256), (264, 528, 1056), (4, 8), (None,)):
+    for bk, bn, tp, nw, ns in itertools.product((128, 256, 512), (16, 32, 64), (132, 264, 528), (4, 8), (None,)):
         yield Blocks(bk=bk, bn=bn, target_programs=tp, num_warps=nw, num_stages=ns)
 
 
@@ -98,12 +98,28 @@ def bench_shape(k: int, n: int, tune: bool, reps: int = 10, interpret: bool = Fa
     return row
 
 
+def _write_tuned(rows, info):
+    """Each shape's best blocks into tuned.json (the sweep re-measured the current entry in the same run)."""
+    from kernels.gemv import gpu
+
+    table = json.loads(gpu.TUNED_FILE.read_text()) if gpu.TUNED_FILE.exists() else {"blocks": {}}
+    for r in rows:
+        key = f"{r['k']}x{r['n']}"
+        table["blocks"][key] = {**r["best"], "us": round(r["best_us"], 2)}
+    table.update(device=info["device"], jax=info["jax"], date=info["date"],
+                 command="python -m kernels.gemv.bench --tune --write")
+    gpu.TUNED_FILE.write_text(json.dumps(table, indent=1) + "\n")
+    gpu.tuned.cache_clear()
+    print(f"wrote {gpu.TUNED_FILE}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m kernels.gemv.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="llama-3.2-1b,smollm2-135m")
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--write", action="store_true", help="--tune: keep each shape's best in kernels/gemv/tuned.json")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes in interpret mode (CPU check)")
     args = ap.parse_args(argv)
     import datetime
@@ -125,6 +141,8 @@ def main(argv=None):
             print(line, flush=True)
     info = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": datetime.date.today().isoformat()}
     print(f"{info['device']}, jax {info['jax']}, {info['date']}; us per matvec, batch 1, bf16 weights")
+    if args.tune and args.write and not args.dry_run:
+        _write_tuned(rows, info)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({**info, "rows": rows}, f, indent=1)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -27,13 +29,23 @@ class Blocks:
     num_stages: int | None = None  # Triton's software pipelining of the K loop (None: its default)
 
 
-# Best blocks per weight shape (K, N), from `python -m kernels.gemv.bench --tune` on an H100
-# (jax 0.11.2, 2026-11-23); other shapes use the defaults above.
-TUNED: dict[tuple[int, int], Blocks] = {}
+TUNED_FILE = pathlib.Path(__file__).with_name("tuned.json")
+
+
+@functools.cache
+def tuned() -> dict[tuple[int, int], Blocks]:
+    """Best blocks per weight shape (K, N), written by `python -m kernels.gemv.bench --tune --write`
+    (the file says on which device and date); other shapes use the defaults."""
+    if not TUNED_FILE.exists():
+        return {}
+    table = json.loads(TUNED_FILE.read_text())["blocks"]
+    fields = {f.name for f in dataclasses.fields(Blocks)}
+    return {tuple(int(v) for v in key.split("x")): Blocks(**{f: b[f] for f in fields if f in b})
+            for key, b in table.items()}
 
 
 def blocks_for(k: int, n: int) -> Blocks:
-    return TUNED.get((k, n), Blocks())
+    return tuned().get((k, n), Blocks())
 
 
 def _pow2_at_most(n: int) -> int:
