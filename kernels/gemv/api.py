@@ -5,6 +5,7 @@ interpret mode on any backend (tests).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -46,6 +47,29 @@ def matvec(x, w):
 matvec.defvjp(lambda x, w: (matvec(x, w), (x, w)), lambda res, g: _grads(*res, g, transposed=False))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def matvec_norm(x, w, scale, eps: float, offset: float):
+    """rms_norm(x, scale, eps, offset) [M, K] @ w [K, N] -> fp32 [M, N], the norm inside the kernel."""
+    from kernels.gemv import gpu
+
+    return gpu.matvec(x, w.astype(x.dtype), norm_scale=scale.astype(x.dtype), eps=eps, offset=offset,
+                      interpret=_mode() == "interpret")
+
+
+def _norm_ref(x, w, scale, eps, offset):
+    from flashit_jax.nn.norms import rms_norm
+
+    return reference.matvec(rms_norm(x, scale, eps, offset), w.astype(x.dtype))
+
+
+def _matvec_norm_bwd(eps, offset, res, g):
+    _, vjp = jax.vjp(lambda x, w, s: _norm_ref(x, w, s, eps, offset), *res)
+    return vjp(g)
+
+
+matvec_norm.defvjp(lambda x, w, s, eps, offset: (matvec_norm(x, w, s, eps, offset), (x, w, s)), _matvec_norm_bwd)
+
+
 @jax.custom_vjp
 def matvec_t(x, e):
     """x [M, D] @ e [V, D].T -> fp32 [M, V]."""
@@ -56,4 +80,4 @@ def matvec_t(x, e):
 
 matvec_t.defvjp(lambda x, e: (matvec_t(x, e), (x, e)), lambda res, g: _grads(*res, g, transposed=True))
 
-__all__ = ["use_kernel", "matvec", "matvec_t", "reference"]
+__all__ = ["use_kernel", "matvec", "matvec_norm", "matvec_t", "reference"]
