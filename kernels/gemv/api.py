@@ -1,7 +1,8 @@
 """Chooses the decode matmul: Pallas GEMV on GPUs for a few rows, XLA otherwise.
 
 `FLASHIT_JAX_GEMV=0` turns the kernel off (A/B benchmarks); `=interpret` runs it in Pallas
-interpret mode on any backend (tests).
+interpret mode on any backend (tests). Under a multi-device `jax.set_mesh` (tensor-parallel
+decoding) XLA's dot serves: the kernel has no partitioning rule (`kernels.under_split_mesh`).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import jax
 import jax.numpy as jnp
 
+from kernels import under_split_mesh
 from kernels.gemv import reference
 
 MAX_ROWS = 8
@@ -22,6 +24,8 @@ def _mode() -> str:
 def use_kernel(rows: int, dtype) -> bool:
     mode = _mode()
     if mode == "0" or rows > MAX_ROWS or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16, jnp.float32):
+        return False
+    if under_split_mesh():
         return False
     return mode == "interpret" or jax.default_backend() == "gpu"
 
