@@ -218,6 +218,21 @@ def cache_shardings(cache, mesh: Mesh, cache_axes: Iterable = CACHE_AXES, rules:
                         is_leaf=lambda x: isinstance(x, P))
 
 
+def batch_spec(mesh, shape: Sequence[int], rules: Iterable = DEFAULT_RULES) -> P:
+    """PartitionSpec of an array with a leading batch dim (replicated where the batch axes do not
+    divide it, e.g. batch 1); `mesh` may be abstract."""
+    return logical_to_spec(("batch",) + ("length",) * (len(shape) - 1), mesh, rules, shape)
+
+
+def constrain_batch(x):
+    """Inside a function traced under `jax.set_mesh(mesh)`: x's leading dim over the batch axes
+    (per-row tokens and flags keep one placement from step to step; no mesh: unchanged)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, batch_spec(mesh, x.shape))
+
+
 def constrain_cache(cache):
     """Inside a function traced under `jax.set_mesh(mesh)`: keep the cache where `shard_cache`
     put it (a step's output cache is the next step's input; no mesh: unchanged)."""
@@ -241,5 +256,5 @@ def describe(params, shardings) -> str:
 
 __all__ = ["MESH_AXES", "DEFAULT_RULES", "make_mesh", "logical_to_spec", "axes_of", "family_axes",
            "param_shardings", "shard_params", "batch_sharding", "batch_shards",
-           "process_batch_slice", "shard_batch", "CACHE_AXES", "cache_specs", "cache_shardings", "constrain_cache",
+           "process_batch_slice", "shard_batch", "CACHE_AXES", "batch_spec", "constrain_batch", "cache_specs", "cache_shardings", "constrain_cache",
            "shard_cache", "describe"]
