@@ -252,6 +252,8 @@ def part_train(args, rows: Rows, deadline: float):
             elif base:
                 row["scaling_efficiency"] = row["tokens_per_s_per_device"] / base
             row["collectives"] = collectives(compiled.as_text()) if n > 1 else {}
+            stats = devs[0].memory_stats() or {}
+            row["peak_gb_device0"] = stats.get("peak_bytes_in_use", 0) / 1e9  # whole process so far
             rows.add(row)
             del state, tp, compiled, placed
         except Exception as e:  # OOM, a kernel that does not partition: report, go on
@@ -483,7 +485,7 @@ def build_parser():
     ap.add_argument("--attn-impl", default="", help="training attention (default: cudnn on GPUs, else xla)")
     ap.add_argument("--train-batch", type=int, default=None, help="sequences per device (default 8; tiny 2)")
     ap.add_argument("--train-seq", type=int, default=None, help="default 1024; tiny 16")
-    ap.add_argument("--train-steps", type=int, default=None, help="timed steps (default 10; tiny 2)")
+    ap.add_argument("--train-steps", type=int, default=None, help="timed steps (default 20; tiny 2)")
     ap.add_argument("--moe-tokens", type=int, default=None, help="default 8192; tiny 64")
     ap.add_argument("--moe-calls", type=int, default=None, help="default 10; tiny 2")
     ap.add_argument("--decode-prompt", type=int, default=None, help="default 128; tiny 12")
@@ -496,7 +498,7 @@ def build_parser():
 def _defaults(args):
     tiny = {"train_batch": 2, "train_seq": 16, "train_steps": 2, "moe_tokens": 64, "moe_calls": 2,
             "decode_prompt": 12, "decode_steps": 16}
-    full = {"train_batch": 8, "train_seq": 1024, "train_steps": 10, "moe_tokens": 8192, "moe_calls": 10,
+    full = {"train_batch": 8, "train_seq": 1024, "train_steps": 20, "moe_tokens": 8192, "moe_calls": 10,
             "decode_prompt": 128, "decode_steps": 256}
     for k, v in (tiny if args.tiny else full).items():
         if getattr(args, k) is None:
