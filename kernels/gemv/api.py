@@ -1,7 +1,10 @@
 """Chooses the decode matmul: Pallas GEMV on GPUs for a few rows, XLA otherwise.
 
 `FLASHIT_JAX_GEMV=0` turns the kernel off (A/B benchmarks); `=interpret` runs it in Pallas
-interpret mode on any backend (tests).
+interpret mode on any backend (tests). Under a multi-device `jax.set_mesh` (tensor-parallel
+decoding, `kernels.under_split_mesh`) XLA's dot serves by default; `=partitioned` runs the kernel
+there too, each device on its block of the weight (`partitioned.py`, custom_partitioning), which
+is opt-in until a multi-GPU benchmark (eval.bench_scaleout) shows it ahead of XLA.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import os
 import jax
 import jax.numpy as jnp
 
+from kernels import under_split_mesh
 from kernels.gemv import reference
 
 MAX_ROWS = 8
@@ -23,6 +27,8 @@ def _mode() -> str:
 def use_kernel(rows: int, dtype) -> bool:
     mode = _mode()
     if mode == "0" or rows > MAX_ROWS or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16, jnp.float32):
+        return False
+    if under_split_mesh() and mode not in ("interpret", "partitioned"):
         return False
     return mode == "interpret" or jax.default_backend() == "gpu"
 
@@ -39,8 +45,10 @@ def _grads(x, w, g, transposed: bool):
 @jax.custom_vjp
 def matvec(x, w):
     """x [M, K] @ w [K, N] -> fp32 [M, N]."""
-    from kernels.gemv import gpu
+    from kernels.gemv import gpu, partitioned
 
+    if under_split_mesh():
+        return partitioned.matvec(x, w.astype(x.dtype), interpret=_mode() == "interpret")
     return gpu.matvec(x, w.astype(x.dtype), interpret=_mode() == "interpret")
 
 
@@ -73,8 +81,10 @@ matvec_norm.defvjp(lambda x, w, s, eps, offset: (matvec_norm(x, w, s, eps, offse
 @jax.custom_vjp
 def matvec_t(x, e):
     """x [M, D] @ e [V, D].T -> fp32 [M, V]."""
-    from kernels.gemv import gpu
+    from kernels.gemv import gpu, partitioned
 
+    if under_split_mesh():
+        return partitioned.matvec_t(x, e.astype(x.dtype), interpret=_mode() == "interpret")
     return gpu.matvec_t(x, e.astype(x.dtype), interpret=_mode() == "interpret")
 
 
