@@ -62,7 +62,7 @@ def linear(x: jax.Array, w, b: jax.Array | None = None, *, norm: tuple | None = 
     weight then run the norm inside the GEMV kernel; every other case normalises first."""
     ops = _ops(w)
     if norm is not None:
-        if ops is None and x.shape[-1] == w.shape[0] and gemv.use_kernel(_rows(x), x.dtype):
+        if ops is None and x.shape[-1] == w.shape[0] and gemv.use_norm_kernel(_rows(x), x.dtype):
             y = gemv.matvec_norm(x.reshape(-1, x.shape[-1]), w, norm[0], float(norm[1]), float(norm[2]))
             y = y.reshape(*x.shape[:-1], w.shape[1]).astype(x.dtype)
             return y if b is None else y + b.astype(y.dtype)

@@ -33,6 +33,11 @@ def use_kernel(rows: int, dtype) -> bool:
     return mode == "interpret" or jax.default_backend() == "gpu"
 
 
+def use_norm_kernel(rows: int, dtype) -> bool:
+    """The RMSNorm-fused GEMV has no partitioning rule: off under a split mesh (norm, then GEMV)."""
+    return use_kernel(rows, dtype) and not under_split_mesh()
+
+
 def _grads(x, w, g, transposed: bool):
     w32, x32 = w.astype(jnp.float32), x.astype(jnp.float32)
     if transposed:  # y = x @ e.T
