@@ -25,6 +25,7 @@ VARIANTS = {
     "fused-xla": (True, 1, "", {"FLASHIT_JAX_GEMV": "0"}),
     "scan16-xla": (True, 16, "", {"FLASHIT_JAX_GEMV": "0"}),  # 16 steps per call, XLA matmuls
     "scan16-gemv": (True, 16, "", {}),  # 16 steps per call, Pallas GEMV (kernels/gemv)
+    "scan64-gemv": (True, 64, "", {}),
     "gemv": (True, 1, "", {}),
 }
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flashit_jax.errors import FlashitError
+from flashit_jax.sharding import constrain_batch, constrain_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,13 +71,14 @@ class GenerateResult:
 def _prefill(params, tokens, lengths, cache, key, *, model, sampling, attn_impl):
     logits, cache, _ = model.forward(params, tokens, cache=cache, logits_at=lengths - 1, seq_lengths=lengths,
                                      attn_impl=attn_impl)
-    return sample(logits[:, 0], key, sampling), cache
+    return constrain_batch(sample(logits[:, 0], key, sampling)), constrain_cache(cache)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "sampling", "eos_id", "attn_impl", "steps"),
                    donate_argnames=("cache",))
 def _decode(params, cache, tok, done, key, *, model, sampling, eos_id, attn_impl, steps):
-    """`steps` decode steps in one call (a scan when > 1): fewer dispatches per token."""
+    """`steps` decode steps in one call (a scan when > 1): fewer dispatches per token.
+    Returns (tokens [B, steps], the last of them [B], cache, done)."""
 
     def step(carry, k):
         tok, cache, done = carry
@@ -89,9 +91,11 @@ def _decode(params, cache, tok, done, key, *, model, sampling, eos_id, attn_impl
 
     if steps == 1:
         (tok, cache, done), _ = step((tok, cache, done), key)
-        return tok[:, None], cache, done
-    (_, cache, done), toks = jax.lax.scan(step, (tok, cache, done), jax.random.split(key, steps))
-    return toks.T, cache, done
+        toks = tok[:, None]
+    else:
+        (tok, cache, done), toks = jax.lax.scan(step, (tok, cache, done), jax.random.split(key, steps))
+        toks = toks.T
+    return constrain_batch(toks), constrain_batch(tok), constrain_cache(cache), constrain_batch(done)
 
 
 _EXECUTABLES: dict = {}
@@ -100,9 +104,14 @@ _EXECUTABLES: dict = {}
 def _compiled(fn, *args, **statics):
     """AOT-compiled `fn` for these argument shapes, compiled once per process (repeated
     `generate` calls, benchmarks, speculative decoding reuse it)."""
-    # leaves only: rebuilding a packed weight type around (shape, dtype) tuples (tree.map) breaks its repr
-    sig = [(a.shape, str(a.dtype)) if hasattr(a, "shape") else a for a in jax.tree.leaves(args)]
-    key = (fn, jax.tree.structure(args), str(sig), tuple(sorted(statics.items())))
+    # leaves only: rebuilding a packed weight type around (shape, dtype) tuples (tree.map) breaks its repr;
+    # shardings too: the same shapes on another mesh (1 GPU, then tensor-parallel) need their own executable
+    leaves = jax.tree.leaves(args)
+    sig = [(a.shape, str(a.dtype)) if hasattr(a, "shape") else a for a in leaves]
+    placement = tuple(getattr(a, "sharding", None) for a in leaves)
+    from kernels.gemv import api as gemv  # its mode (an environment variable) is read while tracing
+
+    key = (fn, jax.tree.structure(args), str(sig), placement, tuple(sorted(statics.items())), gemv._mode())
     if key not in _EXECUTABLES:
         _EXECUTABLES[key] = fn.lower(*args, **statics).compile()
     return _EXECUTABLES[key]
@@ -114,11 +123,15 @@ def _bucket(n: int, multiple: int) -> int:
 
 def generate(model, params, prompts, *, max_new_tokens: int, sampling: Sampling = Sampling(),
              eos_id: int | None = None, cache_dtype=None, seed: int = 0, max_len: int | None = None,
-             attn_impl: str = "auto", pad_multiple: int = 64, steps_per_call: int = 1) -> GenerateResult:
+             attn_impl: str = "auto", pad_multiple: int = 64, steps_per_call: int = 1,
+             mesh=None) -> GenerateResult:
     """Generate up to `max_new_tokens` for each prompt (lists of token ids, lengths may differ).
 
     steps_per_call > 1 runs that many decode steps per jitted call (a `lax.scan`), checking for
     EOS between calls; greedy tokens are the same (sampling draws differ, still seeded).
+    mesh: decode on this mesh (e.g. `make_mesh(data=1, tensor=2)`: tensor parallelism) with
+    `params` already placed there (`sharding.shard_params`); the cache is placed by
+    `sharding.CACHE_AXES` (KV heads over `tensor`) and XLA inserts the collectives.
     """
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -144,25 +157,43 @@ def generate(model, params, prompts, *, max_new_tokens: int, sampling: Sampling 
         cache_dtype = params["embed"]["w"].dtype  # the compute dtype, also for a quantized table
     key = jax.random.key(seed)
     cache = model.init_cache(b, max_len, cache_dtype, params=params)
+    if mesh is not None:
+        from flashit_jax import sharding as shd
+
+        cache = shd.shard_cache(cache, mesh)
+
+        def put(x):  # per-row inputs where the steps keep them (constrain_batch): rows over the batch axes
+            return jax.device_put(x, jax.sharding.NamedSharding(mesh, shd.batch_spec(mesh, x.shape)))
+
+        with jax.set_mesh(mesh):  # traced under the mesh: `auto` kernels choose partitionable ops
+            return _generate(model, params, cache, tokens, lens, key, max_new_tokens, sampling, eos_id, attn_impl,
+                             steps_per_call, n_calls, put)
+    return _generate(model, params, cache, tokens, lens, key, max_new_tokens, sampling, eos_id, attn_impl,
+                     steps_per_call, n_calls, jnp.asarray)
+
+
+def _generate(model, params, cache, tokens, lens, key, max_new_tokens, sampling, eos_id, attn_impl, steps_per_call,
+              n_calls, put) -> GenerateResult:
+    b = tokens.shape[0]
     statics = dict(model=model, sampling=sampling, attn_impl=attn_impl)
+    tokens, lens = put(tokens), put(lens)
     t0 = time.perf_counter()
-    prefill = _compiled(_prefill, params, jnp.asarray(tokens), jnp.asarray(lens), cache, key, **statics)
-    done0 = jnp.zeros((b,), bool)
-    step = _compiled(_decode, params, cache, jnp.zeros((b,), jnp.int32), done0, key, eos_id=eos_id,
+    prefill = _compiled(_prefill, params, tokens, lens, cache, key, **statics)
+    done0 = put(np.zeros((b,), bool))
+    step = _compiled(_decode, params, cache, put(np.zeros((b,), np.int32)), done0, key, eos_id=eos_id,
                      steps=steps_per_call, **statics)
     compile_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    tok, cache = prefill(params, jnp.asarray(tokens), jnp.asarray(lens), cache, jax.random.fold_in(key, 0))
+    tok, cache = prefill(params, tokens, lens, cache, jax.random.fold_in(key, 0))
     tok.block_until_ready()
     ttft = time.perf_counter() - t0
-    done = done0 if eos_id is None else tok == eos_id
+    done = done0 if eos_id is None else put(tok == eos_id)
     out = [tok[:, None]]
     check_every = max(1, 16 // steps_per_call)  # reading `done` syncs with the device: not every step
     t0 = time.perf_counter()
     for i in range(n_calls):
-        toks, cache, done = step(params, cache, tok, done, jax.random.fold_in(key, i + 1))
-        tok = toks[:, -1]
+        toks, tok, cache, done = step(params, cache, tok, done, jax.random.fold_in(key, i + 1))
         out.append(toks)
         if eos_id is not None and (i + 1) % check_every == 0 and bool(done.all()):
             break

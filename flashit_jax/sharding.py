@@ -12,6 +12,10 @@ Nothing in the model changes: XLA's SPMD partitioner inserts the collectives. Pa
 matches are replicated; a dimension a mesh axis does not divide is replicated too (logged once),
 so a rules table written for one model works for any shape. Packed weight types (QArray,
 sparse) are replicated leaf by leaf.
+
+Decoding caches follow the same rules (`CACHE_AXES`): with `tensor` > 1 the KV heads of the cache
+sit on the devices that hold those heads' projections, so a tensor-parallel decode step
+(`generate(..., mesh=mesh)`) moves only activations between devices.
 """
 from __future__ import annotations
 
@@ -187,6 +191,62 @@ def shard_batch(batch, mesh: Mesh, rules: Iterable = DEFAULT_RULES, *, local: bo
     return jax.tree.map(put, batch)
 
 
+# Logical axes of decoding-cache leaves (regex over '/'-joined paths of the cache pytree; see
+# flashit_jax.nn.cache): keys/values [B, max_len, Hkv, D] (int8 scales [B, max_len, Hkv, 1]),
+# lengths [B]. Unmatched leaves (recurrent states of other cache types) are replicated.
+CACHE_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"(k|v|k_scale|v_scale)/\d+", ("batch", "length", "kv_heads", None)),
+    (r"lengths", ("batch",)),
+)
+
+
+def cache_specs(cache, mesh, cache_axes: Iterable = CACHE_AXES, rules: Iterable = DEFAULT_RULES):
+    """A pytree of PartitionSpec matching a decoding cache (a batch of 1 is replicated). `mesh` may
+    be abstract (`jax.sharding.get_abstract_mesh()` inside a jitted function)."""
+    cache_axes, rules = list(cache_axes), list(rules)
+
+    def one(path, leaf):
+        shape = tuple(leaf.shape)
+        return logical_to_spec(axes_of(path, len(shape), cache_axes), mesh, rules, shape)
+
+    return jax.tree_util.tree_map_with_path(lambda p, x: one(tree.path_str(p), x), cache)
+
+
+def cache_shardings(cache, mesh: Mesh, cache_axes: Iterable = CACHE_AXES, rules: Iterable = DEFAULT_RULES):
+    """A pytree of NamedSharding matching a decoding cache."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), cache_specs(cache, mesh, cache_axes, rules),
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_spec(mesh, shape: Sequence[int], rules: Iterable = DEFAULT_RULES) -> P:
+    """PartitionSpec of an array with a leading batch dim (replicated where the batch axes do not
+    divide it, e.g. batch 1); `mesh` may be abstract."""
+    return logical_to_spec(("batch",) + ("length",) * (len(shape) - 1), mesh, rules, shape)
+
+
+def constrain_batch(x):
+    """Inside a function traced under `jax.set_mesh(mesh)`: x's leading dim over the batch axes
+    (per-row tokens and flags keep one placement from step to step; no mesh: unchanged)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, batch_spec(mesh, x.shape))
+
+
+def constrain_cache(cache):
+    """Inside a function traced under `jax.set_mesh(mesh)`: keep the cache where `shard_cache`
+    put it (a step's output cache is the next step's input; no mesh: unchanged)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return cache
+    return jax.lax.with_sharding_constraint(cache, cache_specs(cache, mesh))
+
+
+def shard_cache(cache, mesh: Mesh, cache_axes: Iterable = CACHE_AXES, rules: Iterable = DEFAULT_RULES):
+    """Place a decoding cache on the mesh by the rules (KV heads over `tensor`)."""
+    return jax.device_put(cache, cache_shardings(cache, mesh, cache_axes, rules))
+
+
 def describe(params, shardings) -> str:
     """One line per parameter: path, shape, PartitionSpec (for logs and debugging)."""
     flat_p, flat_s = tree.flatten(params), tree.flatten(shardings)
@@ -196,4 +256,5 @@ def describe(params, shardings) -> str:
 
 __all__ = ["MESH_AXES", "DEFAULT_RULES", "make_mesh", "logical_to_spec", "axes_of", "family_axes",
            "param_shardings", "shard_params", "batch_sharding", "batch_shards",
-           "process_batch_slice", "shard_batch", "describe"]
+           "process_batch_slice", "shard_batch", "CACHE_AXES", "batch_spec", "constrain_batch", "cache_specs", "cache_shardings", "constrain_cache",
+           "shard_cache", "describe"]

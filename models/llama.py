@@ -187,21 +187,28 @@ def _heads(w, head_dim: int) -> int:
     return nn.weight_shape(w)[-1] // head_dim
 
 
-def _proj(p: dict, x, tap: dict | None, path: str):
+def _proj(p: dict, x, tap: dict | None, path: str, norm=None):
+    """nn.linear; norm=(scale, eps, offset) means x is the raw residual and the projection's
+    input is rms_norm(x) (fused into the decode GEMV where it runs)."""
     if tap is not None:
+        if norm is not None:
+            x, norm = nn.rms_norm(x, *norm), None
         tap[path] = x
-    return nn.linear(x, p["w"], p.get("b"))
+    return nn.linear(x, p["w"], p.get("b"), norm=norm)
 
 
 def _attention(p, x, positions, q_slots, kv_lengths, cache, layer: int, c: LlamaConfig, tap, pre, attn_impl,
-               segment_ids=None, attn_mask=None):
-    """Self-attention of one layer; with a cache, also returns the layer's new cache entry."""
+               segment_ids=None, attn_mask=None, norm=None):
+    """Self-attention of one layer; with a cache, also returns the layer's new cache entry.
+    norm: (scale, eps, offset) when x is the un-normalised residual (see `_proj`)."""
     b, t, _ = x.shape
     hd = c.head_dim
     if "qkv" in p:  # the fused decode layout of `fuse_projections`
         nq, nkv = c.n_heads * hd, c.n_kv_heads * hd
-        q, k, v = jnp.split(_proj(p["qkv"], x, tap, pre + "qkv"), [nq, nq + nkv], axis=-1)
+        q, k, v = jnp.split(_proj(p["qkv"], x, tap, pre + "qkv", norm), [nq, nq + nkv], axis=-1)
     else:
+        if norm is not None:  # three projections: normalise once
+            x, norm = nn.rms_norm(x, *norm), None
         q, k, v = (_proj(p[n], x, tap, pre + n) for n in ("q", "k", "v"))
     q, k, v = (a.reshape(b, t, -1, hd) for a in (q, k, v))
     inv_freq = nn.inv_frequencies(hd, c.rope_theta, c.rope_scaling, c.rope_freq_factors)
@@ -217,10 +224,12 @@ def _attention(p, x, positions, q_slots, kv_lengths, cache, layer: int, c: Llama
     return _proj(p["o"], o.reshape(b, t, -1), tap, pre + "o"), entry
 
 
-def _mlp(p, x, c: LlamaConfig, tap, pre):
+def _mlp(p, x, c: LlamaConfig, tap, pre, norm=None):
     if "gate_up" in p:
-        g, u = jnp.split(_proj(p["gate_up"], x, tap, pre + "gate_up"), 2, axis=-1)
+        g, u = jnp.split(_proj(p["gate_up"], x, tap, pre + "gate_up", norm), 2, axis=-1)
     else:
+        if norm is not None:
+            x = nn.rms_norm(x, *norm)
         g = _proj(p["gate"], x, tap, pre + "gate")
         u = _proj(p["up"], x, tap, pre + "up")
     a = jax.nn.silu(g) if c.act == "silu" else jax.nn.gelu(g, approximate=True)
@@ -243,8 +252,10 @@ def forward(params, tokens, positions=None, cache: nn.KVCache | None = None, *, 
     attn_mask: bool [B, 1, T, Tk], ANDed with the causal mask (tree attention over draft candidates).
     Returns (logits, cache, aux).
     """
-    def ffn(lp, h, layer, tap, pre):
-        return _mlp(lp["mlp"], h, config, tap, pre + "mlp/"), None
+    def ffn(lp, h, layer, tap, pre, norm=None):
+        return _mlp(lp["mlp"], h, config, tap, pre + "mlp/", norm), None
+
+    ffn.takes_norm = True  # gets the raw residual and the norm (fused into its first GEMV)
 
     logits, new_cache, aux, _ = decoder_forward(
         params, tokens, positions, cache, config=config, ffn=ffn, collect=collect, segment_ids=segment_ids,
@@ -257,7 +268,8 @@ def decoder_forward(params, tokens, positions, cache, *, config, ffn, collect=()
     """The decoder stack shared by families that differ only in the feed-forward block (Mixtral).
 
     ffn(layer_params, h, layer_index, tap, path_prefix) -> (output, ffn_aux); returns
-    (logits, cache, aux, [ffn_aux of each layer]).
+    (logits, cache, aux, [ffn_aux of each layer]). An ffn with `takes_norm = True` is called with
+    the raw residual and `norm=(scale, eps, offset)` instead of h.
     """
     c = config
     b, t = tokens.shape
@@ -281,13 +293,16 @@ def decoder_forward(params, tokens, positions, cache, *, config, ffn, collect=()
     for i in range(len(layers)):
         lp = layers[i]
         pre = f"layers/{i}/"
-        h = nn.rms_norm(x, lp["attn_norm"]["scale"], c.norm_eps, c.norm_offset)
-        a, entry = _attention(lp["attn"], h, positions, q_slots, kv_lengths, cache, i, c, tap, pre + "attn/",
-                              attn_impl, segment_ids, attn_mask)
+        norm = (lp["attn_norm"]["scale"], c.norm_eps, c.norm_offset)
+        a, entry = _attention(lp["attn"], x, positions, q_slots, kv_lengths, cache, i, c, tap, pre + "attn/",
+                              attn_impl, segment_ids, attn_mask, norm=norm)
         entries.append(entry)
         x = x + a
-        h = nn.rms_norm(x, lp["mlp_norm"]["scale"], c.norm_eps, c.norm_offset)
-        y, extra = ffn(lp, h, i, tap, pre)
+        norm = (lp["mlp_norm"]["scale"], c.norm_eps, c.norm_offset)
+        if getattr(ffn, "takes_norm", False):
+            y, extra = ffn(lp, x, i, tap, pre, norm=norm)
+        else:
+            y, extra = ffn(lp, nn.rms_norm(x, *norm), i, tap, pre)
         ffn_aux.append(extra)
         x = x + y
         if "hidden" in collect:

@@ -34,15 +34,21 @@ def test_matvec_t(m, d, v):
     assert got.shape == (m, v) and rel < 1e-5
 
 
-def test_model_logits_through_the_kernel(monkeypatch):
+@pytest.mark.parametrize("fused", [False, True])
+def test_model_logits_through_the_kernel(monkeypatch, fused):
     """A decode step through nn.linear/unembed with the kernel equals the XLA path, and its grads."""
     from models import Model
     from models.configs import SHAPES as _  # noqa: F401  (registers shapes)
     from models.llama import LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, tie_embeddings=True)
+    from models.llama import fuse_projections
+
+    cfg = LlamaConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, tie_embeddings=True,
+                      norm_offset=float(fused))
     m = Model(cfg)
     p = m.init_params(jax.random.key(0))
+    if fused:  # q|k|v and gate|up: the attention and MLP norms run inside the GEMV (with Gemma's offset)
+        p = fuse_projections(p, cfg)
     toks = jnp.asarray([[5], [9]], jnp.int32)
     monkeypatch.setenv("FLASHIT_JAX_GEMV", "0")
     want = m.forward(p, toks)[0]
@@ -54,6 +60,25 @@ def test_model_logits_through_the_kernel(monkeypatch):
     np.testing.assert_allclose(np.asarray(gg["embed"]["w"]), np.asarray(gw["embed"]["w"]), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(gg["layers"][1]["mlp"]["down"]["w"]),
                                np.asarray(gw["layers"][1]["mlp"]["down"]["w"]), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(gg["layers"][0]["mlp_norm"]["scale"]),
+                               np.asarray(gw["layers"][0]["mlp_norm"]["scale"]), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("m,k,n,offset", [(1, 576, 960, 0.0), (2, 200, 130, 1.0), (1, 2048, 64, 0.0)])
+def test_matvec_norm(m, k, n, offset):
+    """The kernel's in-prologue RMSNorm equals nn.rms_norm followed by the product (bf16 inputs:
+    the normalised values are rounded to bf16 on both paths, so only the fp32 sum order differs)."""
+    from flashit_jax.nn.norms import rms_norm
+
+    rng = np.random.default_rng(k)
+    x = jnp.asarray(3 * rng.standard_normal((m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
+    s = jnp.asarray(rng.standard_normal(k), jnp.bfloat16)
+    got = gpu.matvec(x, w, blocks=gpu.Blocks(bk=64, target_programs=16), norm_scale=s, eps=1e-6, offset=offset,
+                     interpret=True)
+    want = reference.matvec(rms_norm(x, s, 1e-6, offset), w)
+    rel = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+    assert rel < 1e-4, rel  # a bf16 rounding of a normalised value may flip (~2^-9 on one entry)
 
 
 @pytest.mark.gpu
@@ -69,3 +94,20 @@ def test_matvec_on_gpu(m, k, n):
     e = jnp.asarray(rng.standard_normal((n, k)), jnp.bfloat16)
     want_t = reference.matvec_t(x, e)
     assert float(jnp.linalg.norm(gpu.matvec_t(x, e) - want_t) / jnp.linalg.norm(want_t)) < 1e-5
+
+
+def test_tuned_blocks_are_correct():
+    """Every entry of tuned.json is a valid Blocks, and those blocks compute the product (on a
+    K and N cut down so interpret mode stays quick: the masking paths are the same)."""
+    table = gpu.tuned()
+    assert table, "kernels/gemv/tuned.json is missing or empty"
+    for (k, n), b in table.items():
+        assert gpu.blocks_for(k, n) == b and b.bk >= 16 and b.bn >= 16
+        kk, nn = min(k, 2 * b.bk + 3), min(n, 3 * b.bn + 5)  # ragged edges in both axes
+        rng = np.random.default_rng(kk * nn)
+        x = jnp.asarray(rng.standard_normal((1, kk)), jnp.bfloat16)
+        w = jnp.asarray(rng.standard_normal((kk, nn)), jnp.bfloat16)
+        got = gpu.matvec(x, w, blocks=b, interpret=True)
+        want = reference.matvec(x, w)
+        assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-5, (k, n, b)
+    assert gpu.blocks_for(3, 5) == gpu.Blocks()

@@ -13,6 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from flashit_jax.nn.norms import rms_norm
 from kernels.gemv import api as gemv
 
 
@@ -54,9 +55,18 @@ def _dense_matmul(x, w):
     return jnp.einsum("...i,io->...o", x, _dense(w, x.dtype), preferred_element_type=jnp.float32)
 
 
-def linear(x: jax.Array, w, b: jax.Array | None = None) -> jax.Array:
-    """y = x @ w + b with w `[in, out]`; the result has x's dtype, accumulated in fp32."""
+def linear(x: jax.Array, w, b: jax.Array | None = None, *, norm: tuple | None = None) -> jax.Array:
+    """y = x @ w + b with w `[in, out]`; the result has x's dtype, accumulated in fp32.
+
+    norm=(scale, eps, offset): y = rms_norm(x, ...) @ w + b. Decode-sized inputs with a plain
+    weight then run the norm inside the GEMV kernel; every other case normalises first."""
     ops = _ops(w)
+    if norm is not None:
+        if ops is None and x.shape[-1] == w.shape[0] and gemv.use_norm_kernel(_rows(x), x.dtype):
+            y = gemv.matvec_norm(x.reshape(-1, x.shape[-1]), w, norm[0], float(norm[1]), float(norm[2]))
+            y = y.reshape(*x.shape[:-1], w.shape[1]).astype(x.dtype)
+            return y if b is None else y + b.astype(y.dtype)
+        x = rms_norm(x, *norm)
     if ops is not None and ops.linear is not None:
         y = ops.linear(x, w)
     else:

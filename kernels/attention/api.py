@@ -20,6 +20,7 @@ from typing import Callable
 
 import jax
 
+from kernels import under_split_mesh
 from kernels.attention import common, decode, gpu_mosaic, gpu_triton, reference, tpu
 
 _IMPLS: dict[str, Callable] = {}
@@ -143,7 +144,9 @@ def choose(q, k, v, **kw) -> str:
     XLA 110 TFLOP/s forward (L4096). The Mosaic GPU kernel is left out until it is measured.
     """
     backend = _backend()
-    if backend == "gpu":
+    if under_split_mesh():  # Pallas kernels have no SPMD partitioning rule; cuDNN's attention has one
+        order = ["xla"] if backend != "gpu" or _is_decode(q, k, kw) else ["cudnn", "xla"]
+    elif backend == "gpu":
         if _is_decode(q, k, kw):
             order = ["pallas_triton", "xla"]
         else:

@@ -1,15 +1,20 @@
 """Chooses the decode matmul: Pallas GEMV on GPUs for a few rows, XLA otherwise.
 
 `FLASHIT_JAX_GEMV=0` turns the kernel off (A/B benchmarks); `=interpret` runs it in Pallas
-interpret mode on any backend (tests).
+interpret mode on any backend (tests). Under a multi-device `jax.set_mesh` (tensor-parallel
+decoding, `kernels.under_split_mesh`) XLA's dot serves by default; `=partitioned` runs the kernel
+there too, each device on its block of the weight (`partitioned.py`, custom_partitioning), which
+is opt-in until a multi-GPU benchmark (eval.bench_scaleout) shows it ahead of XLA.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
 import jax.numpy as jnp
 
+from kernels import under_split_mesh
 from kernels.gemv import reference
 
 MAX_ROWS = 8
@@ -23,7 +28,14 @@ def use_kernel(rows: int, dtype) -> bool:
     mode = _mode()
     if mode == "0" or rows > MAX_ROWS or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16, jnp.float32):
         return False
+    if under_split_mesh() and mode not in ("interpret", "partitioned"):
+        return False
     return mode == "interpret" or jax.default_backend() == "gpu"
+
+
+def use_norm_kernel(rows: int, dtype) -> bool:
+    """The RMSNorm-fused GEMV has no partitioning rule: off under a split mesh (norm, then GEMV)."""
+    return use_kernel(rows, dtype) and not under_split_mesh()
 
 
 def _grads(x, w, g, transposed: bool):
@@ -38,22 +50,49 @@ def _grads(x, w, g, transposed: bool):
 @jax.custom_vjp
 def matvec(x, w):
     """x [M, K] @ w [K, N] -> fp32 [M, N]."""
-    from kernels.gemv import gpu
+    from kernels.gemv import gpu, partitioned
 
+    if under_split_mesh():
+        return partitioned.matvec(x, w.astype(x.dtype), interpret=_mode() == "interpret")
     return gpu.matvec(x, w.astype(x.dtype), interpret=_mode() == "interpret")
 
 
 matvec.defvjp(lambda x, w: (matvec(x, w), (x, w)), lambda res, g: _grads(*res, g, transposed=False))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def matvec_norm(x, w, scale, eps: float, offset: float):
+    """rms_norm(x, scale, eps, offset) [M, K] @ w [K, N] -> fp32 [M, N], the norm inside the kernel."""
+    from kernels.gemv import gpu
+
+    return gpu.matvec(x, w.astype(x.dtype), norm_scale=scale.astype(x.dtype), eps=eps, offset=offset,
+                      interpret=_mode() == "interpret")
+
+
+def _norm_ref(x, w, scale, eps, offset):
+    from flashit_jax.nn.norms import rms_norm
+
+    return reference.matvec(rms_norm(x, scale, eps, offset), w.astype(x.dtype))
+
+
+def _matvec_norm_bwd(eps, offset, res, g):
+    _, vjp = jax.vjp(lambda x, w, s: _norm_ref(x, w, s, eps, offset), *res)
+    return vjp(g)
+
+
+matvec_norm.defvjp(lambda x, w, s, eps, offset: (matvec_norm(x, w, s, eps, offset), (x, w, s)), _matvec_norm_bwd)
+
+
 @jax.custom_vjp
 def matvec_t(x, e):
     """x [M, D] @ e [V, D].T -> fp32 [M, V]."""
-    from kernels.gemv import gpu
+    from kernels.gemv import gpu, partitioned
 
+    if under_split_mesh():
+        return partitioned.matvec_t(x, e.astype(x.dtype), interpret=_mode() == "interpret")
     return gpu.matvec_t(x, e.astype(x.dtype), interpret=_mode() == "interpret")
 
 
 matvec_t.defvjp(lambda x, e: (matvec_t(x, e), (x, e)), lambda res, g: _grads(*res, g, transposed=True))
 
-__all__ = ["use_kernel", "matvec", "matvec_t", "reference"]
+__all__ = ["use_kernel", "matvec", "matvec_norm", "matvec_t", "reference"]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -24,25 +26,60 @@ class Blocks:
     bn: int = 128  # columns of W per program
     target_programs: int = 528  # ~4 per SM on an H100 (132 SMs)
     num_warps: int = 4
+    num_stages: int | None = None  # Triton's software pipelining of the K loop (None: its default)
+
+
+TUNED_FILE = pathlib.Path(__file__).with_name("tuned.json")
+
+
+@functools.cache
+def tuned() -> dict[tuple[int, int], Blocks]:
+    """Best blocks per weight shape (K, N), written by `python -m kernels.gemv.bench --tune --write`
+    (the file says on which device and date); other shapes use the defaults."""
+    if not TUNED_FILE.exists():
+        return {}
+    table = json.loads(TUNED_FILE.read_text())["blocks"]
+    fields = {f.name for f in dataclasses.fields(Blocks)}
+    return {tuple(int(v) for v in key.split("x")): Blocks(**{f: b[f] for f in fields if f in b})
+            for key, b in table.items()}
+
+
+def blocks_for(k: int, n: int) -> Blocks:
+    return tuned().get((k, n), Blocks())
 
 
 def _pow2_at_most(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
 
 
-def _matvec_kernel(x_ref, w_ref, o_ref, *, m: int, k: int, n: int, ks: int, bk: int, bn: int):
+def _matvec_kernel(x_ref, w_ref, s_ref, o_ref, *, m: int, k: int, n: int, ks: int, bk: int, bn: int,
+                   norm: tuple[float, float] | None):
     col = pl.program_id(0) * bn + jnp.arange(bn)
     cmask = col < n
     k0 = pl.program_id(1) * ks
+    if norm is not None:  # RMSNorm of each row, recomputed per program: x is a few KB in L2
+        eps, offset = norm
+        kp = 1 << (k - 1).bit_length()
+        allk = jnp.arange(kp)
+        inv = []
+        for r in range(m):
+            xs = plgpu.load(x_ref.at[r, allk], mask=allk < k, other=0.0).astype(jnp.float32)
+            inv.append(jax.lax.rsqrt(jnp.sum(xs * xs) / k + eps))
 
     def body(i, accs):
         rows = k0 + i * bk + jnp.arange(bk)
         rmask = rows < jnp.minimum(k, k0 + ks)
         w = plgpu.load(w_ref.at[rows[:, None], col[None, :]], mask=rmask[:, None] & cmask[None, :],
                        other=0.0).astype(jnp.float32)
+        if norm is not None:
+            scale = plgpu.load(s_ref.at[rows], mask=rmask, other=0.0).astype(jnp.float32) + offset
         out = []
         for r in range(m):
-            xr = plgpu.load(x_ref.at[r, rows], mask=rmask, other=0.0).astype(jnp.float32)
+            xr = plgpu.load(x_ref.at[r, rows], mask=rmask, other=0.0)
+            if norm is None:
+                xr = xr.astype(jnp.float32)
+            else:  # rounded to x's dtype as nn.rms_norm returns it, so both paths multiply the same values
+                xr = ((xr.astype(jnp.float32) * inv[r]) * scale).astype(x_ref.dtype).astype(jnp.float32)
             out.append(accs[r] + xr[:, None] * w)
         return tuple(out)
 
@@ -71,23 +108,31 @@ def _matvec_t_kernel(x_ref, e_ref, o_ref, *, m: int, d: int, v: int, bv: int, bd
         plgpu.store(o_ref.at[r, rows], jnp.sum(accs[r], axis=1), mask=rmask)
 
 
-@functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
-def matvec(x: jax.Array, w: jax.Array, *, blocks: Blocks = Blocks(), interpret: bool = False) -> jax.Array:
-    """x [M, K] @ w [K, N] -> fp32 [M, N] for small M (<= 8)."""
+@functools.partial(jax.jit, static_argnames=("blocks", "interpret", "eps", "offset"))
+def matvec(x: jax.Array, w: jax.Array, *, blocks: Blocks | None = None, interpret: bool = False,
+           norm_scale: jax.Array | None = None, eps: float = 1e-5, offset: float = 0.0) -> jax.Array:
+    """x [M, K] @ w [K, N] -> fp32 [M, N] for small M (<= 8).
+
+    With `norm_scale` [K]: rms_norm(x, norm_scale, eps, offset) @ w, the norm computed inside the
+    kernel (a decode step then needs no separate normalisation kernels before its projections)."""
     m, k = x.shape
     n = w.shape[1]
+    blocks = blocks or blocks_for(k, n)
     bk = min(blocks.bk, _pow2_at_most(k))
     bn = min(blocks.bn, max(16, _pow2_at_most(n)))
     ncol = pl.cdiv(n, bn)
     splits = max(1, min(pl.cdiv(blocks.target_programs, ncol), pl.cdiv(k, bk)))
     ks = pl.cdiv(pl.cdiv(k, splits), bk) * bk  # rows per split, a multiple of bk
     splits = pl.cdiv(k, ks)
-    kernel = functools.partial(_matvec_kernel, m=m, k=k, n=n, ks=ks, bk=bk, bn=bn)
+    norm = None if norm_scale is None else (float(eps), float(offset))
+    kernel = functools.partial(_matvec_kernel, m=m, k=k, n=n, ks=ks, bk=bk, bn=bn, norm=norm)
+    if norm_scale is None:
+        norm_scale = jnp.zeros((1,), x.dtype)  # unread placeholder
     partial = pl.pallas_call(
         kernel, grid=(ncol, splits), out_shape=jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
-        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps), interpret=interpret,
-        name="flashit_matvec",
-    )(x, w)
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
+        interpret=interpret, name="flashit_matvec",
+    )(x, w, norm_scale)
     return partial.sum(axis=0) if splits > 1 else partial[0]
 
 
