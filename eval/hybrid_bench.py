@@ -95,6 +95,7 @@ def main(argv=None):
     ap.add_argument("--contexts", default="1024,8192,32768")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--per-call", type=int, default=1, help="decode steps per jitted call (lax.scan; 1: one call a token)")
     ap.add_argument("--check", action="store_true", help="recurrent vs parallel logits of the first shape's hybrids")
     ap.add_argument("--check-tol", type=float, default=1e-3)
     ap.add_argument("--budget-s", type=float, default=0.0, help="skip what is left after this many seconds (0: none)")
@@ -115,16 +116,17 @@ def main(argv=None):
             contexts = [int(c) for c in args.contexts.split(",")]
         except ValueError:
             raise FlashitError(f"--contexts must be integers, got {args.contexts!r}") from None
-        if args.steps < 1 or any(c < 1 for c in contexts):
-            raise FlashitError("--steps and every context must be >= 1")
+        if args.steps < 1 or args.per_call < 1 or any(c < 1 for c in contexts):
+            raise FlashitError("--steps, --per-call and every context must be >= 1")
         ppl = None
         if args.ppl:
             p = Path(args.ppl)
             if not p.exists():
                 raise FlashitError(f"--ppl {p}: no such file")
             ppl = {k: float(v) for k, v in json.loads(p.read_text()).get("ppl", {}).items()}
+        args.steps = -(-args.steps // args.per_call) * args.per_call  # what bench() runs
         info = device_info()
-        rec = {**info, "dtype": args.dtype, "steps": args.steps, "checks": [], "rows": [], "skipped": [],
+        rec = {**info, "dtype": args.dtype, "steps": args.steps, "per_call": args.per_call, "checks": [], "rows": [], "skipped": [],
                "ppl": ppl, "tables": {}}
 
         def over_budget():
@@ -144,10 +146,10 @@ def main(argv=None):
                 if over_budget():
                     rec["skipped"].append(spec(s, v))
                     continue
-                for r in bench(spec(s, v), contexts, args.steps, args.dtype):
+                for r in bench(spec(s, v), contexts, args.steps, args.dtype, args.per_call):
                     rec["rows"].append({"shape": s, "variant": v, **r})
                     write_json(args.out, rec)
-    print(f"\nbatch-1 decode, {args.dtype}, {args.steps} steps, {info['device']}, {info['date']}, jax {info['jax_version']}"
+    print(f"\nbatch-1 decode, {args.dtype}, {args.steps} steps ({args.per_call} per call), {info['device']}, {info['date']}, jax {info['jax_version']}"
           f"\n(ratios: tokens/s over the transformer's at the same context, same run)")
     for c in rec["checks"]:
         print(f"check {c['model']}: recurrent vs parallel rel. max err {c['rel_max_err']:.2e} ({'ok' if c['ok'] else 'FAIL'})")

@@ -5,7 +5,7 @@
 # Results: $OUT/hybrid.json (written row by row), $OUT/hybrid.log. Fits < 240 s on an H100 with
 # BUDGET=150 (what is left after 150 s is skipped and listed, never half-run).
 #   bash eval/hybrid_gpu.sh                                                 # GPU
-#   OUT=/tmp/h CONTEXTS=64,128 STEPS=2 DTYPE=fp32 bash eval/hybrid_gpu.sh   # CPU dry run
+#   OUT=/tmp/h CONTEXTS=64,128 STEPS=4 PER_CALL=2 DTYPE=fp32 SHAPES=smollm2-135m BUDGET=0 bash eval/hybrid_gpu.sh  # CPU dry run
 set -euo pipefail
 OUT=${OUT:-out/hybrid_gpu}
 mkdir -p "$OUT"
@@ -14,5 +14,5 @@ ppl_arg=()
 [ -f "$PPL" ] && ppl_arg=(--ppl "$PPL")
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1 || true
 python -m eval.hybrid_bench --check --shapes "${SHAPES:-smollm2-135m,llama-3.2-1b}" \
-    --contexts "${CONTEXTS:-1024,8192,32768}" --steps "${STEPS:-64}" --dtype "${DTYPE:-bf16}" \
+    --contexts "${CONTEXTS:-1024,8192,32768}" --steps "${STEPS:-64}" --per-call "${PER_CALL:-16}" --dtype "${DTYPE:-bf16}" \
     --budget-s "${BUDGET:-150}" "${ppl_arg[@]}" --out "$OUT/hybrid.json" 2>&1 | tee "$OUT/hybrid.log"
