@@ -65,3 +65,9 @@ def linear(x, packed, sw, *, n: int, out_dtype=None):
     """BitLinear at inference: int8 per-token activations x ternary weights."""
     xq, sx = quantize_rows_int8(x)
     return ternary_matmul(xq, sx, packed, sw, n=n, out_dtype=out_dtype or x.dtype)
+
+
+def int8_matmul_unpacked(xq, sx, t, sw, out_dtype=jnp.bfloat16):
+    """The same product with the ternary values stored unpacked as int8 (a baseline for benchmarks)."""
+    acc = jax.lax.dot_general(xq, t, (((xq.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    return (acc.astype(jnp.float32) * sx.astype(jnp.float32) * sw.astype(jnp.float32)).astype(out_dtype)
