@@ -71,7 +71,8 @@ def describe_row(row: str) -> str:
         path, _, recipe = rest.partition("@")
         if kind == "qlora":
             r = _trained_record(str(Path(path) / "model"))
-            return (f"QLoRA: {r.get('base')} base (frozen) + rank-{r.get('rank')} adapters in bf16, unmerged; "
+            kind = "LoRA" if r.get("base", "float") == "float" else "QLoRA"
+            return (f"{kind}: {r.get('base')} base (frozen) + rank-{r.get('rank')} adapters in bf16, unmerged; "
                     f"trained {_budget(r)}")
         r = _trained_record(path)
         what = {"lora": lambda: f"LoRA rank {r.get('rank')} on a {r.get('base')} base, merged to bf16",

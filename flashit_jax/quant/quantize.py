@@ -38,7 +38,7 @@ def _bits_and_group(method: Method, k: int) -> tuple[int, int, bool]:
 
 def _check(path: str, leaf, method: Method, recipe_name: str) -> None:
     if tree.is_leaf_weight(leaf):
-        raise FlashitError(f"{path} is already a packed {type(leaf).__name__}; quantize the float parameters")
+        raise FlashitError(f"{path} is already quantized ({type(leaf).__name__}); quantize the float parameters")
     if getattr(leaf, "ndim", 0) != 2:
         raise FlashitError(f"recipe {recipe_name}: rule {method.describe()} matches {path}, a tensor of shape "
                            f"{tuple(getattr(leaf, 'shape', ()))}; only matrices are quantized")
