@@ -240,6 +240,6 @@ def load_adapters(path) -> tuple[dict, dict]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="numpy") as f:
-        flat = {k: jnp.asarray(f.get_tensor(k)) for k in f.keys()}
+        flat = {k: jnp.asarray(f.get_tensor(k)) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
         meta = json.loads((f.metadata() or {}).get("lora", "{}"))
     return tree.unflatten(flat), meta

@@ -1,7 +1,6 @@
 """train.finetune with BitNet QAT and with (Q)LoRA on a tiny model: what is saved is what was
 trained, the frozen base stays frozen, LoRA runs resume from checkpoints without the base."""
 import json
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -72,10 +71,11 @@ def test_lora_finetune_trains_adapters_only(tiny, tmp_path, base):
     assert ppl == pytest.approx(s["eval_ppl"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_lora_run_resumes_without_the_base_in_checkpoints(tiny, tmp_path):
-    from train.finetune import main
-
     import shutil
+
+    from train.finetune import main
 
     out = tmp_path / "r"
     args = ["--lora-rank", "2", "--lora-base", "w4g16", "--ckpt-every", "1", "--steps", "3",

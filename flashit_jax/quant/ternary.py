@@ -51,7 +51,7 @@ class TernaryArray:
     dtype: Any = _static()  # compute dtype of dequantize()
 
     @classmethod
-    def create(cls, packed, scale, *, shape, dtype) -> "TernaryArray":
+    def create(cls, packed, scale, *, shape, dtype) -> TernaryArray:
         t = cls(packed=packed, scale=scale, shape=tuple(int(s) for s in shape), dtype=np.dtype(jnp.dtype(dtype)))
         t.validate()
         return t

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from kernels.ternary import api, gpu, reference as ref
+from kernels.ternary import api, gpu
+from kernels.ternary import reference as ref
 
 
 def random_ternary(key, k, n):
@@ -44,8 +44,8 @@ def check(cases, impl, log) -> bool:
         _, p = random_ternary(jax.random.fold_in(key, 1), k, n)
         sw = jax.random.uniform(jax.random.fold_in(key, 2), (1, 1), jnp.float32, 0.01, 0.1)
         try:
-            want = jax.jit(lambda a, b, c, d: ref.ternary_matmul(a, b, c, d, n=n))(xq, sx, p, sw)
-            got = jax.jit(lambda a, b, c, d: api.ternary_matmul(a, b, c, d, n=n, impl=impl))(xq, sx, p, sw)
+            want = jax.jit(lambda a, b, c, d, n=n: ref.ternary_matmul(a, b, c, d, n=n))(xq, sx, p, sw)
+            got = jax.jit(lambda a, b, c, d, n=n: api.ternary_matmul(a, b, c, d, n=n, impl=impl))(xq, sx, p, sw)
             err = float(jnp.max(jnp.abs(got - want)) / jnp.maximum(jnp.max(jnp.abs(want)), 1e-30))
             good = err < 1e-6 and got.shape == (m, n)
         except Exception as e:  # a failing shape is reported, the rest still runs
