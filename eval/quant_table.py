@@ -7,7 +7,9 @@ The baseline is the model as loaded (for smollm2-135m: its GGUF dequantized to f
 Q4_1 matrices, Q8_0 embedding, F32 norms). Every row is evaluated in fp32 on the same chunks
 (llama.cpp protocol by default). Size = bytes of every stored leaf: QArray codes, scales and
 zeros as stored, float leaves (norms, unquantized embedding) counted as bf16. `kv-int8` is the
-baseline's weights with an int8 KV cache. Finished rows are kept in --json and skipped when
+baseline's weights with an int8 KV cache. Trained rows (BitNet QAT, QLoRA; docs/quantization.md):
+`bitnet=model:out/bitnet/model`, `qlora=qlora:out/qlora`, `qlora-merged-w4=model:out/qlora/model@w4g64`.
+Finished rows are kept in --json and skipped when
 the command is run again with the same settings (--fresh recomputes).
 """
 from __future__ import annotations
@@ -36,9 +38,49 @@ GOALS = [  # (description, rows, test on {row: delta%})
 ]
 
 
+def _trained_record(path: str) -> dict:
+    import json as _json
+
+    tf = Path(path) / "transforms.json"
+    recs = _json.loads(tf.read_text()) if tf.exists() else []
+    return recs[-1] if recs else {}
+
+
+def _budget(r: dict) -> str:
+    if "steps" not in r:
+        return ""
+    return (f"{r['steps']} steps x {r['batch_size']} x {r['seq_len']} tokens of {r['data']}:{r['split']}"
+            f" ({r['steps'] * r['batch_size'] * r['seq_len']} tokens)")
+
+
+def _spec(row: str) -> str:
+    """A row is RECIPE, `model:DIR[@RECIPE]`, `qlora:RUN`, or LABEL=one of those (LABEL is shown)."""
+    return row.split("=", 1)[1] if "=" in row and row.split("=", 1)[1].startswith(("model:", "qlora:")) else row
+
+
+def _label(row: str) -> str:
+    return row.split("=", 1)[0] if _spec(row) != row else row
+
+
 def describe_row(row: str) -> str:
+    row = _spec(row)
     if row == "baseline":
         return "as loaded"
+    if row.startswith(("model:", "qlora:")):
+        kind, rest = row.split(":", 1)
+        path, _, recipe = rest.partition("@")
+        if kind == "qlora":
+            r = _trained_record(str(Path(path) / "model"))
+            kind = "LoRA" if r.get("base", "float") == "float" else "QLoRA"
+            return (f"{kind}: {r.get('base')} base (frozen) + rank-{r.get('rank')} adapters in bf16, unmerged; "
+                    f"trained {_budget(r)}")
+        r = _trained_record(path)
+        what = {"lora": lambda: f"LoRA rank {r.get('rank')} on a {r.get('base')} base, merged to bf16",
+                "finetune": lambda: ("BitNet b1.58 QAT: ternary W (absmean per tensor) x int8 X per token"
+                                     if r.get("qat", {}).get("method") == "bitnet-b1.58" else "fine-tuned")}
+        text = what.get(r.get("transform"), lambda: f"model {path}")()
+        text += f"; trained {_budget(r)}" if _budget(r) else ""
+        return text + (f"; then re-quantized {recipe}" if recipe else "")
     if row == "kv-int8":
         return "baseline weights, int8 KV cache (scale per token and head)"
     from flashit_jax.quant import named_recipe
@@ -73,7 +115,7 @@ def markdown(results: dict, rows: list[str], settings: dict, baseline_note: str)
         size = f"{r['size_bytes'] / 1e6:.1f}"
         if row == "baseline" and r.get("file_bytes"):
             size += f" (GGUF file {r['file_bytes'] / 1e6:.1f})"
-        lines.append(f"| `{row}` | {r['ppl']:.4f} | {delta:+.2f} | {size} | {describe_row(row)} |")
+        lines.append(f"| `{_label(row)}` | {r['ppl']:.4f} | {delta:+.2f} | {size} | {describe_row(row)} |")
     head = (f"model `{settings['model']}` ({baseline_note}); data `{settings['data']}:{settings['split']}`, "
             f"protocol {settings['protocol']}, ctx {settings['ctx']}, {results['baseline']['n_chunks']} chunks; "
             f"calibration {settings['calib_seqs']} x {settings['calib_len']} tokens of `{settings['calib']}:"
@@ -104,7 +146,7 @@ def plot(results: dict, rows: list[str], path: str, title: str = "") -> None:
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(shown) + 1.2))
     y = range(len(shown))[::-1]
     ax.barh(list(y), deltas, color=["#4c72b0" if d <= 3 else "#dd8452" for d in deltas])
-    ax.set_yticks(list(y), shown, fontsize=8)
+    ax.set_yticks(list(y), [_label(r) for r in shown], fontsize=8)
     ax.set_xscale("symlog", linthresh=1.0)
     for yi, r, d in zip(y, shown, deltas):
         ax.annotate(f"{d:+.2f}%  {results[r]['size_bytes'] / 1e6:.0f} MB", (max(d, 0), yi), fontsize=7,
@@ -116,6 +158,28 @@ def plot(results: dict, rows: list[str], path: str, title: str = "") -> None:
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
+
+
+def trained_row_params(row: str, loaded):
+    """Parameters of a trained row: `model:DIR[@RECIPE]` a saved model (re-quantized by RECIPE if
+    given), `qlora:RUN` the base model quantized as recorded in RUN/model plus RUN/adapters.safetensors,
+    unmerged (the QLoRA model as trained)."""
+    from flashit_jax import lora
+    from flashit_jax.loading import load_model
+    from flashit_jax.quant import quantize
+
+    kind, rest = row.split(":", 1)
+    path, _, recipe = rest.partition("@")
+    if kind == "qlora":
+        r = _trained_record(str(Path(path) / "model"))
+        base = loaded.params if r.get("base", "float") == "float" else quantize(loaded.params, r["base"])
+        adapters, _ = lora.load_adapters(Path(path) / "adapters.safetensors")
+        rules = lora.parse_rules(r["rules"], int(r["rank"]), float(r["alpha"]))
+        return lora.attach(base, adapters, lora.scale_of(rules, adapters))
+    m = load_model(path, "fp32")
+    if m.model.config != loaded.model.config:
+        raise FlashitError(f"row {row}: {path} is not a {loaded.model.config} model")
+    return quantize(m.params, recipe) if recipe else m.params
 
 
 def main(argv=None):
@@ -132,7 +196,10 @@ def main(argv=None):
     ap.add_argument("--calib-split", default="train")
     ap.add_argument("--calib-seqs", type=int, default=32)
     ap.add_argument("--calib-len", type=int, default=512)
-    ap.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated recipes (+ baseline, kv-int8)")
+    ap.add_argument("--rows", default=",".join(DEFAULT_ROWS),
+                    help="comma-separated recipes (+ baseline, kv-int8); trained models: [LABEL=]model:DIR[@RECIPE] "
+                         "(a saved model, re-quantized by RECIPE if given), [LABEL=]qlora:RUN (train.finetune "
+                         "--lora-base run: quantized base + adapters, unmerged)")
     ap.add_argument("--json", default="out/quant_table.json", help="results (also the resume state)")
     ap.add_argument("--markdown", default=None, help="write the table here too")
     ap.add_argument("--plot", default=None, help="size vs perplexity plot (png)")
@@ -153,7 +220,13 @@ def main(argv=None):
         if "baseline" not in rows:
             rows.insert(0, "baseline")
         for r in rows:
-            if r not in ("baseline", "kv-int8"):
+            if _spec(r).startswith(("model:", "qlora:")):
+                path, _, recipe = _spec(r).split(":", 1)[1].partition("@")
+                if not Path(path).exists():
+                    raise FlashitError(f"row {r}: no model directory {path}")
+                if recipe:
+                    resolve(recipe)
+            elif r not in ("baseline", "kv-int8"):
                 resolve(r)
         settings = {k: getattr(args, k) for k in ("model", "data", "split", "ctx", "protocol", "max_chunks", "calib",
                                                   "calib_split", "calib_seqs", "calib_len")}
@@ -173,6 +246,8 @@ def main(argv=None):
             params, cache_dtype = loaded.params, None
             if row == "kv-int8":
                 cache_dtype = "int8"
+            elif _spec(row).startswith(("model:", "qlora:")):
+                params = trained_row_params(_spec(row), loaded)
             elif row != "baseline":
                 _, rules = resolve(row)
                 if calib is None and any(m is not None and m.needs_calibration for _, m in rules):

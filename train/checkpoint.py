@@ -13,8 +13,15 @@ from flashit_jax.errors import FlashitError
 from train.config import RESUMABLE, TrainConfig
 
 
+# Fields added after runs were recorded: left out of the identity at their defaults, so that
+# those runs still resume.
+LATER_FIELDS = ("qat_method", "lora_rank", "lora_alpha", "lora_rules", "lora_base")
+
+
 def run_identity(cfg: TrainConfig, extra: dict | None = None) -> dict:
-    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE}
+    default = TrainConfig()
+    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE
+         and not (k in LATER_FIELDS and v == getattr(default, k))}
     return {**d, **(extra or {})}
 
 

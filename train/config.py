@@ -64,6 +64,12 @@ class TrainConfig:
     qat_group: int = 32
     qat_symmetric: bool = True
     qat_rules: str = r"layers/\d+/(attn|mlp)/\w+/w"
+    qat_method: str = "rtn"  # rtn (--qat-bits B) | bitnet (ternary absmean weights x int8 per-token activations)
+    # LoRA / QLoRA (finetune): train low-rank adapters on a frozen base
+    lora_rank: int = 0  # 0: off
+    lora_alpha: float = 16.0
+    lora_rules: str = r"layers/\d+/(attn|mlp)/\w+/w"
+    lora_base: str = ""  # a quantization recipe for the frozen base (QLoRA), e.g. w4g64; "": float base
     # sharding / hosts
     mesh_data: int = -1
     mesh_fsdp: int = 1

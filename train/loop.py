@@ -42,7 +42,11 @@ class Task:
     extra_trainable: dict = dataclasses.field(default_factory=dict)  # e.g. {"proj": ...} (not saved)
     transforms: list = dataclasses.field(default_factory=list)  # the base model's transforms
     record: dict = dataclasses.field(default_factory=dict)  # appended to transforms in the saved model
-    prepare_save: object = None  # params -> params to save (QAT: the quantized grid)
+    prepare_save: object = None  # params -> params to save (QAT: the quantized grid); (params, frozen) -> ... with frozen_params
+    # Partial training (LoRA): student_params are the trained part only, frozen_params the rest (an input
+    # of every step, never differentiated, not checkpointed), combine(trained, frozen) -> model params.
+    frozen_params: dict | None = None
+    combine: object = None
 
 
 def init_distributed(cfg: TrainConfig) -> None:
@@ -127,18 +131,31 @@ def _eval_docs(cfg: TrainConfig):
     return load_documents(cfg.eval_data or cfg.data, cfg.eval_split)
 
 
-def evaluate(task: Task, params, docs, cfg: TrainConfig, max_chunks: int | None) -> dict:
+def model_params(task: Task, params, frozen=None):
+    """The model the run has trained so far, as evaluated and saved."""
+    if task.frozen_params is not None:
+        return task.prepare_save(params, frozen)
+    return task.prepare_save(params) if task.prepare_save else params
+
+
+def evaluate(task: Task, params, docs, cfg: TrainConfig, max_chunks: int | None, frozen=None) -> dict:
     from eval.perplexity import evaluate as ppl
 
-    model_params = task.prepare_save(params) if task.prepare_save else params
-    rep = ppl(task.student_model, model_params, task.tokenizer, docs, ctx=cfg.eval_ctx, protocol="llamacpp",
+    mp = model_params(task, params, frozen)
+    rep = ppl(task.student_model, mp, task.tokenizer, docs, ctx=cfg.eval_ctx, protocol="llamacpp",
               max_chunks=max_chunks, progress=False, attn_impl=cfg.attn_impl)
     return {"eval_ppl": rep["ppl"], "eval_nll": rep["mean_nll"], "eval_chunks": rep["n_chunks"]}
 
 
-def build_state(model, params, extra_trainable: dict, optimizer, mesh, seed: int):
+def _trained_state(state):
+    """What a checkpoint holds: the state without the frozen base (the task rebuilds it)."""
+    return {k: v for k, v in state.items() if k != "frozen"}
+
+
+def build_state(model, params, extra_trainable: dict, optimizer, mesh, seed: int, frozen=None):
     """The train state with fp32 master weights, placed by the family's sharding rules (extra
-    trainables, e.g. feature projections, replicated). Returns (state, its shardings)."""
+    trainables, e.g. feature projections, replicated; `frozen`, a frozen part of the model, as
+    it is). Returns (state, its shardings)."""
     import optax
 
     trainable = {"model": cast_floats(params, jnp.float32), **extra_trainable}
@@ -152,6 +169,11 @@ def build_state(model, params, extra_trainable: dict, optimizer, mesh, seed: int
                                  is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
     state_sh = {"step": replicated, "params": p_sh, "opt_state": o_sh, "rng": replicated}
     state = jax.jit(lambda t: init_state(t, optimizer, seed), out_shardings=state_sh)(trainable)
+    if frozen is not None:
+        f_sh = shd.param_shardings(frozen, mesh, shd.family_axes(model))
+        # a copy: the step donates the state, and the caller's arrays must survive that
+        state["frozen"] = jax.jit(lambda f: jax.tree.map(jnp.copy, f), out_shardings=f_sh)(frozen)
+        state_sh["frozen"] = f_sh
     return state, state_sh
 
 
@@ -203,7 +225,7 @@ def run(cfg: TrainConfig, task: Task, *, prog: str = "train") -> dict:
     compute_dtype = parse_dtype(cfg.compute_dtype)
     optimizer = make_optimizer(cfg)
     state, state_sh = build_state(task.student_model, task.student_params, task.extra_trainable, optimizer, mesh,
-                                  cfg.seed)
+                                  cfg.seed, frozen=task.frozen_params)
     if _is_main():
         (out / "sharding.txt").write_text(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, "
                                           f"{jax.process_count()} processes\n"
@@ -217,7 +239,8 @@ def run(cfg: TrainConfig, task: Task, *, prog: str = "train") -> dict:
                         async_save=cfg.async_checkpoints) if cfg.ckpt_every > 0 else None
     start = 0
     if resuming and ckpt is not None and ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(ckpt.latest_step(), state)
+        restored, meta = ckpt.restore(ckpt.latest_step(), _trained_state(state))
+        state = {**state, **restored}
         start = int(jax.device_get(state["step"]))
         if meta.get("data_fingerprint") != rows.fingerprint:
             raise FlashitError(f"{out}: checkpoint was trained on other data rows ({meta.get('data_fingerprint')} vs "
@@ -250,7 +273,7 @@ def run(cfg: TrainConfig, task: Task, *, prog: str = "train") -> dict:
 
     # ---- the step
     token_loss = make_token_loss(obj, task.student_model, task.teacher_model, compute_dtype=compute_dtype,
-                                 attn_impl=cfg.attn_impl, doc_masking=cfg.doc_masking)
+                                 attn_impl=cfg.attn_impl, doc_masking=cfg.doc_masking, combine=task.combine)
     batch_keys = ["tokens", "targets", "segment_ids", "positions", "loss_mask"] + (
         ["topk_values", "topk_indices"] if topk is not None else [])
     jstep = compile_step(token_loss, optimizer, mesh, state_sh, t_sh, batch_keys, cfg.accum_steps)
@@ -267,13 +290,14 @@ def run(cfg: TrainConfig, task: Task, *, prog: str = "train") -> dict:
     def do_eval(step, max_chunks):
         if eval_docs is None:
             return None
-        rec = {"step": step, **evaluate(task, state["params"]["model"], eval_docs, cfg, max_chunks)}
+        rec = {"step": step, **evaluate(task, state["params"]["model"], eval_docs, cfg, max_chunks,
+                                        state.get("frozen"))}
         metrics.write(rec)
         return rec
 
     def save_ckpt(step, force=False):
         if ckpt is not None:
-            ckpt.save(step, state, {"step": step, "data_position": step * cfg.batch_size,
+            ckpt.save(step, _trained_state(state), {"step": step, "data_position": step * cfg.batch_size,
                                     "data_fingerprint": rows.fingerprint, "seed": cfg.seed}, force=force)
 
     records_pending: list = []
@@ -336,7 +360,7 @@ def run(cfg: TrainConfig, task: Task, *, prog: str = "train") -> dict:
             params = multihost_utils.process_allgather(params, tiled=True)
         params = jax.device_get(params)
         if task.prepare_save:
-            params = jax.device_get(task.prepare_save(params))
+            params = jax.device_get(model_params(task, params, state.get("frozen")))
         if _is_main():
             record = {**task.record, "steps": cfg.steps, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
                       "data": cfg.data, "split": cfg.split, "date": datetime.date.today().isoformat(),

@@ -4,8 +4,7 @@ The forward pass sees round-to-nearest per-group quantized weights; the backward
 the rounding as identity (the straight-through estimator, Bengio et al. 2013), so the fp32
 master weights learn to sit well on the quantization grid.
 
-Self-contained for now; once `flashit_jax.quant` (issue 7) lands, `fake_quant` should call its
-RTN quantizer so that QAT and post-training quantization share one definition of the grid.
+BitNet b1.58 (`BitNetQAT`): ternary weights and int8 activations, see flashit_jax/quant/ternary.py.
 """
 from __future__ import annotations
 
@@ -29,6 +28,14 @@ class FakeQuant:
             raise FlashitError(f"QAT bits must be in 2..8, got {self.bits}")
         if self.group < 0:
             raise FlashitError(f"QAT group size must be >= 0, got {self.group}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BitNetQAT:
+    """BitNet b1.58 QAT: ternary absmean weights x int8 per-token activations, both straight-through
+    (the matched weights become `flashit_jax.quant.ternary.BitLinearQAT` inside the loss)."""
+
+    per_channel: bool = False
 
 
 def quantize_dequantize(w: jax.Array, q: FakeQuant) -> jax.Array:
@@ -56,8 +63,13 @@ def quantize_dequantize(w: jax.Array, q: FakeQuant) -> jax.Array:
     return deq.reshape(w.shape).astype(w.dtype)
 
 
-def fake_quant(w: jax.Array, q: FakeQuant) -> jax.Array:
-    """Quantized in the forward pass, identity in the backward pass (straight-through)."""
+def fake_quant(w: jax.Array, q: FakeQuant | BitNetQAT):
+    """Quantized in the forward pass, identity in the backward pass (straight-through). BitNet:
+    a BitLinearQAT weight, whose linear also fake-quantizes its input activations."""
+    if isinstance(q, BitNetQAT):
+        from flashit_jax.quant.ternary import BitLinearQAT
+
+        return BitLinearQAT(w, q.per_channel)
     return w + jax.lax.stop_gradient(quantize_dequantize(w, q) - w)
 
 
@@ -70,10 +82,17 @@ def apply(params, rules: list[tuple[str, FakeQuant | None]]):
     return tree.map_with_path(one, params)
 
 
-def apply_quantized(params, rules: list[tuple[str, FakeQuant | None]]):
-    """The weights the QAT forward pass uses, as plain arrays (for evaluation and saving)."""
+def apply_quantized(params, rules: list[tuple[str, FakeQuant | BitNetQAT | None]]):
+    """The weights the QAT forward pass uses, as plain arrays (for evaluation and saving); BitNet:
+    packed TernaryArray weights (which also quantize activations, as in training)."""
     def one(path, w):
         q = tree.first_match(path, rules)
-        return w if q is None or getattr(w, "ndim", 0) < 2 else quantize_dequantize(w, q)
+        if q is None or getattr(w, "ndim", 0) < 2:
+            return w
+        if isinstance(q, BitNetQAT):
+            from flashit_jax.quant.ternary import quantize_ternary
+
+            return quantize_ternary(w, per_channel=q.per_channel)
+        return quantize_dequantize(w, q)
 
     return tree.map_with_path(one, params)

@@ -5,7 +5,7 @@ Everything here is a pure function of (state, teacher params, batch); `jax.jit` 
 (train/loop.py) turns it into the data/fsdp/tensor-parallel step, with no sharding code here.
 
 State: {"step": int32, "params": {"model": student params, ["proj": feature projections]},
-"opt_state": optax state, "rng": uint32[2]}.
+"opt_state": optax state, "rng": uint32[2], ["frozen": the frozen part of the model (LoRA base)]}.
 """
 from __future__ import annotations
 
@@ -114,11 +114,13 @@ def _layer_alignment(obj: Objective, student, teacher, p, teacher_params, batch,
 
 
 def make_token_loss(obj: Objective, student, teacher=None, *, compute_dtype=jnp.bfloat16, attn_impl="auto",
-                    doc_masking: bool = True):
+                    doc_masking: bool = True, combine: Callable | None = None):
     """(trainable, teacher_params, batch, key) -> (per-token loss [B, T] fp32, {metric: [B, T]}).
 
     doc_masking=False: the documents packed in a row attend to each other, positions run 0..T-1
-    (GPT-2 / nanoGPT practice); what fused kernels without segment masks (cuDNN) can run."""
+    (GPT-2 / nanoGPT practice); what fused kernels without segment masks (cuDNN) can run.
+    combine: (trained, frozen) -> model params, when only part of the model is trained and the
+    rest is a frozen input (`trainable["frozen"]`, e.g. LoRA adapters on a frozen, maybe quantized, base)."""
     if obj.needs_teacher and teacher is None:
         raise FlashitError(f"loss {obj.loss!r} needs a teacher")
     want_hidden = obj.kd == "feature"
@@ -132,6 +134,8 @@ def make_token_loss(obj: Objective, student, teacher=None, *, compute_dtype=jnp.
 
     def token_loss(trainable, teacher_params, batch, key):
         p = trainable["model"]
+        if combine is not None:
+            p = combine(p, trainable["frozen"])
         if obj.qat:
             p = qat_lib.apply(p, list(obj.qat))
         p = cast_floats(p, compute_dtype)
@@ -205,8 +209,11 @@ def make_train_step(token_loss: Callable, optimizer: optax.GradientTransformatio
     def step(state, teacher_params, batch):
         rng, key = jax.random.split(state["rng"])
         mask_total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+        frozen = state.get("frozen")  # an input of the loss that is not differentiated (a frozen base)
 
         def micro(trainable, mb, k):
+            if frozen is not None:
+                trainable = {**trainable, "frozen": frozen}
             tl, mets = token_loss(trainable, teacher_params, mb, k)
             m = mb["loss_mask"].astype(jnp.float32)
             return jnp.sum(tl * m) / mask_total, {n: jnp.sum(v * m) / mask_total for n, v in mets.items()}
@@ -244,7 +251,10 @@ def make_train_step(token_loss: Callable, optimizer: optax.GradientTransformatio
             updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         metrics = {"loss": loss, **mets, "grad_norm": _global_norm(grads), "tokens": mask_total}
-        return {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "rng": rng}, metrics
+        new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "rng": rng}
+        if frozen is not None:
+            new_state["frozen"] = frozen
+        return new_state, metrics
 
     return step
 

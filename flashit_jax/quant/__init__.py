@@ -16,9 +16,10 @@ import numpy as np
 from flashit_jax.errors import FlashitError
 from flashit_jax.nn.qarray import QArray, matmul_impl
 from flashit_jax.quant.calib import Calibration, InputStats, calibrate, calibration_tokens
-from flashit_jax.quant.methods import AWQ, FP8, GPTQ, RTN, LLMInt8, Method, SmoothQuant, W8A8, method_from_dict
+from flashit_jax.quant.methods import AWQ, FP8, GPTQ, RTN, BitNet, LLMInt8, Method, SmoothQuant, W8A8, method_from_dict
 from flashit_jax.quant.quantize import quantize, quantize_leaf, size_bytes
 from flashit_jax.quant.recipes import EXAMPLES, named_recipe, resolve, rules_to_json
+from flashit_jax.quant.ternary import TernaryArray
 
 
 def _to_tensors(q: QArray):
@@ -50,10 +51,13 @@ def _register():
     from flashit_jax.loading import register_serializer
 
     register_serializer(QArray, _to_tensors, _from_tensors, sidecar="quant.json")
+    from flashit_jax.quant import ternary
+
+    ternary.register_serializer()
 
 
 _register()
 
 __all__ = ["QArray", "matmul_impl", "Calibration", "InputStats", "calibrate", "calibration_tokens", "quantize",
            "quantize_leaf", "size_bytes", "Method", "RTN", "GPTQ", "AWQ", "W8A8", "SmoothQuant", "LLMInt8", "FP8",
-           "method_from_dict", "named_recipe", "resolve", "rules_to_json", "EXAMPLES"]
+           "BitNet", "TernaryArray", "method_from_dict", "named_recipe", "resolve", "rules_to_json", "EXAMPLES"]

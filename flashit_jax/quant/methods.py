@@ -129,7 +129,20 @@ class FP8(Method):
         return "fp8 e4m3 W, scale per channel"
 
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (RTN, GPTQ, AWQ, W8A8, SmoothQuant, LLMInt8, FP8)}
+@dataclasses.dataclass(frozen=True)
+class BitNet(Method):
+    """BitNet b1.58: ternary weights t * mean|W| (per tensor, or per output column), packed 2 bits a
+    weight, times int8 per-token activations. Post-training it destroys a pretrained model; train
+    it in with `train.finetune --qat-method bitnet` (flashit_jax/quant/ternary.py)."""
+
+    name: ClassVar[str] = "bitnet"
+    per_channel: bool = False
+
+    def short(self) -> str:
+        return f"BitNet b1.58: ternary W (absmean, {'per channel' if self.per_channel else 'per tensor'}) x int8 X per token"
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (RTN, GPTQ, AWQ, W8A8, SmoothQuant, LLMInt8, FP8, BitNet)}
 
 
 def method_from_dict(d: dict[str, Any]) -> Method:

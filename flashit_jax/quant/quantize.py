@@ -16,7 +16,7 @@ from flashit_jax.errors import FlashitError
 from flashit_jax.nn.qarray import QArray
 from flashit_jax.quant import rtn
 from flashit_jax.quant.calib import Calibration
-from flashit_jax.quant.methods import AWQ, FP8, GPTQ, RTN, LLMInt8, Method, SmoothQuant, W8A8
+from flashit_jax.quant.methods import AWQ, FP8, GPTQ, RTN, BitNet, LLMInt8, Method, SmoothQuant, W8A8
 from flashit_jax.quant.recipes import resolve
 from kernels.qmatmul import reference as qref
 
@@ -37,8 +37,8 @@ def _bits_and_group(method: Method, k: int) -> tuple[int, int, bool]:
 
 
 def _check(path: str, leaf, method: Method, recipe_name: str) -> None:
-    if isinstance(leaf, QArray):
-        raise FlashitError(f"{path} is already quantized; quantize the float parameters")
+    if tree.is_leaf_weight(leaf):
+        raise FlashitError(f"{path} is already quantized ({type(leaf).__name__}); quantize the float parameters")
     if getattr(leaf, "ndim", 0) != 2:
         raise FlashitError(f"recipe {recipe_name}: rule {method.describe()} matches {path}, a tensor of shape "
                            f"{tuple(getattr(leaf, 'shape', ()))}; only matrices are quantized")
@@ -48,7 +48,13 @@ def _check(path: str, leaf, method: Method, recipe_name: str) -> None:
     if k % group:
         raise FlashitError(f"recipe {recipe_name}: group size {group} does not divide the input dimension {k} of "
                            f"{path} {tuple(leaf.shape)}")
-    if not isinstance(method, FP8):
+    if isinstance(method, BitNet):
+        if path in EMBEDDING_TABLES:
+            raise FlashitError(f"recipe {recipe_name}: BitNet ternarizes linear layers; {path} is an embedding table")
+        if n % 4:
+            raise FlashitError(f"recipe {recipe_name}: ternary codes pack 4 output columns per byte; {path} "
+                               f"{tuple(leaf.shape)} has {n}")
+    elif not isinstance(method, FP8):
         mult = qref.column_multiple(qref.packing_for(bits, symmetric))
         if n % mult:
             raise FlashitError(f"recipe {recipe_name}: {bits}-bit codes pack {mult} output columns per byte; "
@@ -59,7 +65,11 @@ def _check(path: str, leaf, method: Method, recipe_name: str) -> None:
 
 
 def quantize_leaf(path: str, w, method: Method, calib: Calibration | None = None, log: list | None = None) -> QArray:
-    """One matrix (logical layout) -> QArray, by `method`."""
+    """One matrix (logical layout) -> QArray (TernaryArray for BitNet), by `method`."""
+    if isinstance(method, BitNet):
+        from flashit_jax.quant.ternary import quantize_ternary
+
+        return quantize_ternary(w, per_channel=method.per_channel)
     axis = contracted_axis(path)
     dtype = w.dtype
     w_kn = jnp.asarray(w, jnp.float32)
@@ -138,16 +148,20 @@ def quantize(params, recipe, calib: Calibration | None = None, *, progress: bool
     return tree.unflatten(flat)
 
 
+def _leaf_bytes(leaf, float_bytes: int | None) -> int:
+    from flashit_jax.lora import LoRAWeight
+
+    if isinstance(leaf, LoRAWeight):  # frozen base as it is stored, adapters as float leaves
+        return sum(_leaf_bytes(x, float_bytes) for x in (leaf.base, leaf.a, leaf.b))
+    if tree.is_leaf_weight(leaf):
+        return leaf.nbytes
+    itemsize = jnp.dtype(leaf.dtype).itemsize
+    if float_bytes and jnp.issubdtype(leaf.dtype, jnp.floating):
+        itemsize = float_bytes
+    return int(np.prod(leaf.shape)) * itemsize
+
+
 def size_bytes(params, float_bytes: int | None = 2) -> int:
-    """Bytes of every stored leaf: QArray leaves as stored, float leaves at `float_bytes` each
-    (2: as bf16; None: as they are)."""
-    total = 0
-    for leaf in tree.flatten(params).values():
-        if isinstance(leaf, QArray):
-            total += leaf.nbytes
-        else:
-            itemsize = jnp.dtype(leaf.dtype).itemsize
-            if float_bytes and jnp.issubdtype(leaf.dtype, jnp.floating):
-                itemsize = float_bytes
-            total += int(np.prod(leaf.shape)) * itemsize
-    return total
+    """Bytes of every stored leaf: packed weights (QArray, TernaryArray) as stored, float leaves
+    (LoRA adapters included) at `float_bytes` each (2: as bf16; None: as they are)."""
+    return sum(_leaf_bytes(leaf, float_bytes) for leaf in tree.flatten(params).values())

@@ -10,6 +10,8 @@
     w8a8-smoothquant      the same after SmoothQuant smoothing (alpha 0.5; -smoothquant0.8 for 0.8)
     llm-int8              LLM.int8 (outlier threshold 6)
     fp8                   float8 e4m3 weights, per-channel scales
+    bitnet                BitNet b1.58 ternary weights (absmean per tensor) x int8 activations
+                          (after QAT: train.finetune --qat-method bitnet); bitnet-pc: scale per column
     ...+emb8              also the embedding / lm_head: int8, one scale per vocab row
 
 Named recipes quantize the attention and MLP matrices of every layer; the embedding and an
@@ -20,7 +22,7 @@ from __future__ import annotations
 import re
 
 from flashit_jax.errors import FlashitError
-from flashit_jax.quant.methods import AWQ, FP8, GPTQ, RTN, LLMInt8, Method, SmoothQuant, W8A8, method_from_dict
+from flashit_jax.quant.methods import AWQ, FP8, GPTQ, RTN, BitNet, LLMInt8, Method, SmoothQuant, W8A8, method_from_dict
 
 MATRICES = r"layers/\d+/(attn|mlp)/[^/]+/w"
 EMBEDDINGS = [r"embed/w", r"lm_head/w"]
@@ -40,6 +42,8 @@ def _base_method(base: str) -> Method:
         return LLMInt8()
     if base == "fp8":
         return FP8()
+    if base in ("bitnet", "bitnet-pc"):
+        return BitNet(per_channel=base == "bitnet-pc")
     m = _SQ_RE.fullmatch(base)
     if m:
         return SmoothQuant(alpha=float(m["alpha"]) if m["alpha"] else 0.5)
