@@ -30,6 +30,18 @@ def _step(params, cache, tok, *, model):
     return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), cache
 
 
+@functools.partial(jax.jit, static_argnames=("model", "n"), donate_argnames=("cache",))
+def _steps(params, cache, tok, *, model, n: int):
+    """n greedy steps in one call (lax.scan): no per-token dispatch, as a serving loop would run."""
+    def body(carry, _):
+        tok, cache = carry
+        logits, cache, _ = model.forward(params, tok[:, None], cache=cache)
+        return (jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), cache), None
+
+    (tok, cache), _ = jax.lax.scan(body, (tok, cache), None, length=n)
+    return tok, cache
+
+
 def _filled_cache(model, params, context: int, steps: int, dtype, key):
     """A batch-1 cache that has consumed `context` tokens (random contents)."""
     cache = model.init_cache(1, context + steps + 1, dtype, params=params)
@@ -50,30 +62,39 @@ def _bytes_per_sequence(cache, context: int) -> int:
     return cache.nbytes_per_sequence()
 
 
-def bench(spec: str, contexts, steps: int, dtype: str):
+def bench(spec: str, contexts, steps: int, dtype: str, per_call: int = 1):
+    """per_call > 1: the timed steps run `per_call` at a time in one jitted scan (steps rounded up to a multiple)."""
     loaded = load_model(spec, dtype)
     model, params = loaded.model, loaded.params
     cdtype = jax.tree.leaves(params["embed"])[0].dtype
     n_params = sum(x.size for x in jax.tree.leaves(params))
+    if per_call < 1:
+        raise ValueError(f"per_call must be >= 1, got {per_call}")
+    calls = -(-steps // per_call)
+    steps = calls * per_call
+    if per_call == 1:
+        step = functools.partial(_step, model=model)
+    else:
+        step = functools.partial(_steps, model=model, n=per_call)
     rows = []
     for c in contexts:
-        cache = _filled_cache(model, params, c, steps, cdtype, jax.random.key(c))
+        cache = _filled_cache(model, params, c, steps + 4 * per_call, cdtype, jax.random.key(c))
         tok = jnp.zeros((1,), jnp.int32)
         t0 = time.perf_counter()
-        tok, cache = _step(params, cache, tok, model=model)
+        tok, cache = step(params, cache, tok)
         jax.block_until_ready(tok)
         compile_s = time.perf_counter() - t0
         for _ in range(3):
-            tok, cache = _step(params, cache, tok, model=model)
+            tok, cache = step(params, cache, tok)
         jax.block_until_ready(tok)
         t0 = time.perf_counter()
-        for _ in range(steps):
-            tok, cache = _step(params, cache, tok, model=model)
+        for _ in range(calls):
+            tok, cache = step(params, cache, tok)
         jax.block_until_ready(tok)
         dt = time.perf_counter() - t0
         row = {"model": spec, "context": c, "tokens_per_s": steps / dt, "ms_per_token": 1e3 * dt / steps,
                "cache_MiB_per_seq": _bytes_per_sequence(cache, c) / 2**20, "params_M": n_params / 1e6,
-               "compile_s": compile_s}
+               "compile_s": compile_s, "per_call": per_call}
         print(json.dumps(row), flush=True)
         rows.append(row)
         del cache

@@ -273,17 +273,18 @@ def _block(lp, x, i: int, c: HybridConfig, *, positions, q_slots, kv_lengths, kv
            seq_lengths, tap, segment_ids, attn_impl, scan_impl):
     """One layer: x + mixer-or-attention(norm(x)), then + mlp(norm(.)). Returns (x, new cache entry)."""
     pre = f"layers/{i}/"
-    h = nn.rms_norm(x, lp["attn_norm"]["scale"], c.norm_eps, c.norm_offset)
+    norm = (lp["attn_norm"]["scale"], c.norm_eps, c.norm_offset)
     if "mixer" in lp:
+        h = nn.rms_norm(x, *norm)
         a, conv_s, ssm_s = multihead_mixer(lp["mixer"], h, c.mixer, conv_prev=conv_prev, ssm_prev=ssm_prev,
                                            seq_lengths=seq_lengths, scan_impl=scan_impl, tap=tap, pre=pre + "mixer/")
         entry = (conv_s, ssm_s)
-    else:
-        a, entry = llama._attention(lp["attn"], h, positions, q_slots, kv_lengths, kv, slot, c, tap, pre + "attn/",
-                                    attn_impl, segment_ids)
+    else:  # the raw residual and its norm, as Llama passes them: the decode GEMV fuses the norm
+        a, entry = llama._attention(lp["attn"], x, positions, q_slots, kv_lengths, kv, slot, c, tap, pre + "attn/",
+                                    attn_impl, segment_ids, norm=norm)
     x = x + a.astype(x.dtype)
-    h = nn.rms_norm(x, lp["mlp_norm"]["scale"], c.norm_eps, c.norm_offset)
-    return x + llama._mlp(lp["mlp"], h, c, tap, pre + "mlp/"), entry
+    norm = (lp["mlp_norm"]["scale"], c.norm_eps, c.norm_offset)
+    return x + llama._mlp(lp["mlp"], x, c, tap, pre + "mlp/", norm=norm), entry
 
 
 def _check_layers(params, c: HybridConfig):
