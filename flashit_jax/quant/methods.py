@@ -39,10 +39,11 @@ class RTN(Method):
     symmetric: bool = True
     per_tensor: bool = False
     scale_dtype: str = "float16"
+    hadamard: bool = False  # rotate the input dimension by a random Hadamard first (RotatedWeight)
 
     def short(self) -> str:
         return f"RTN {_grid(self.bits, None, True) if self.per_tensor else _grid(self.bits, self.group_size, self.symmetric)}" \
-            + (" per tensor" if self.per_tensor else "")
+            + (" per tensor" if self.per_tensor else "") + (" after a random Hadamard rotation" if self.hadamard else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +61,11 @@ class GPTQ(Method):
     act_order: bool = True
     clip: bool = True
     scale_dtype: str = "float16"
+    hadamard: bool = False  # rotate the input dimension by a random Hadamard first (RotatedWeight)
 
     def short(self) -> str:
-        extra = [x for x, on in (("act-order", self.act_order), ("clip search", self.clip and self.act_order)) if on]
+        extra = [x for x, on in (("act-order", self.act_order), ("clip search", self.clip and self.act_order),
+                                 ("random Hadamard rotation", self.hadamard)) if on]
         return f"GPTQ {_grid(self.bits, self.group_size, self.symmetric)}" + (f" ({', '.join(extra)})" if extra else "")
 
 

@@ -8,6 +8,8 @@ parameters too, exactly (the float model computes the same function before round
 """
 from __future__ import annotations
 
+import re
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -37,7 +39,7 @@ def _bits_and_group(method: Method, k: int) -> tuple[int, int, bool]:
 
 
 def _check(path: str, leaf, method: Method, recipe_name: str) -> None:
-    if isinstance(leaf, QArray):
+    if tree.is_leaf_weight(leaf):
         raise FlashitError(f"{path} is already quantized; quantize the float parameters")
     if getattr(leaf, "ndim", 0) != 2:
         raise FlashitError(f"recipe {recipe_name}: rule {method.describe()} matches {path}, a tensor of shape "
@@ -56,6 +58,13 @@ def _check(path: str, leaf, method: Method, recipe_name: str) -> None:
     if isinstance(method, (GPTQ, AWQ)) and path in EMBEDDING_TABLES:
         raise FlashitError(f"{method.name} needs the inputs of a linear layer; {path} is an embedding table "
                            "(use RTN for it)")
+    if getattr(method, "hadamard", False):
+        if path in EMBEDDING_TABLES:
+            raise FlashitError(f"recipe {recipe_name}: a Hadamard rotation needs a linear layer's input; {path} is "
+                               "an embedding table")
+        from flashit_jax.quant.hadamard import check_size
+
+        check_size(path, k)
 
 
 def quantize_leaf(path: str, w, method: Method, calib: Calibration | None = None, log: list | None = None) -> QArray:
@@ -67,6 +76,8 @@ def quantize_leaf(path: str, w, method: Method, calib: Calibration | None = None
         w_kn = w_kn.T
     k = w_kn.shape[0]
     common = dict(axis=axis, shape=tuple(w.shape), dtype=dtype)
+    if getattr(method, "hadamard", False):
+        return _rotated_leaf(path, w_kn, method, calib, log, common)
     if isinstance(method, RTN):
         bits, group, sym = _bits_and_group(method, k)
         return rtn.quantize_kn(w_kn, bits=bits, group_size=group, symmetric=sym, scale_dtype=method.scale_dtype,
@@ -98,6 +109,28 @@ def quantize_leaf(path: str, w, method: Method, calib: Calibration | None = None
     if isinstance(method, FP8):
         return rtn.quantize_fp8(w_kn, **common)
     raise FlashitError(f"unknown quantization method {method!r}")
+
+
+def _rotated_leaf(path, w_kn, method, calib, log, common) -> "RotatedWeight":
+    """RotatedWeight(quantize(R^T W)): the method runs on the rotated matrix (and Hessian)."""
+    import dataclasses
+
+    from flashit_jax.nn.hadamard import random_signs
+    from flashit_jax.quant import hadamard as had
+    from flashit_jax.quant.calib import InputStats
+
+    # Linears reading one tensor (q/k/v, gate/up) share signs, so one rotation of x could serve them all.
+    shared = re.sub(r"/attn/(q|k|v)/w$", "/attn/qkv/w", re.sub(r"/mlp/(gate|up)/w$", "/mlp/gate_up/w", path))
+    signs = random_signs(w_kn.shape[0], had.path_seed(shared, 0))
+    w_rot = had.rotate_input(w_kn, signs)
+    sub = calib
+    if method.needs_calibration:
+        st = calib.get(path)
+        key = path[:-2] if path.endswith("/w") else path
+        rot = InputStats(had.rotate_hessian(st.h, signs), st.absmax, st.abssum, st.count)
+        sub = dataclasses.replace(calib, stats={key: rot})
+    inner = quantize_leaf(path, w_rot, dataclasses.replace(method, hadamard=False), sub, log)
+    return had.wrap(path, inner, signs)
 
 
 def quantize(params, recipe, calib: Calibration | None = None, *, progress: bool = False, log: list | None = None):
@@ -143,7 +176,7 @@ def size_bytes(params, float_bytes: int | None = 2) -> int:
     (2: as bf16; None: as they are)."""
     total = 0
     for leaf in tree.flatten(params).values():
-        if isinstance(leaf, QArray):
+        if tree.is_leaf_weight(leaf) and hasattr(leaf, "nbytes"):  # QArray, RotatedWeight, AQArray
             total += leaf.nbytes
         else:
             itemsize = jnp.dtype(leaf.dtype).itemsize
