@@ -18,7 +18,7 @@ from flashit_jax.errors import FlashitError
 from flashit_jax.nn.qarray import QArray
 from flashit_jax.quant import rtn
 from flashit_jax.quant.calib import Calibration
-from flashit_jax.quant.methods import AWQ, FP8, GPTQ, RTN, LLMInt8, Method, SmoothQuant, W8A8
+from flashit_jax.quant.methods import AQLM, AWQ, FP8, GPTQ, RTN, LLMInt8, Method, SmoothQuant, W8A8
 from flashit_jax.quant.recipes import resolve
 from kernels.qmatmul import reference as qref
 
@@ -46,6 +46,13 @@ def _check(path: str, leaf, method: Method, recipe_name: str) -> None:
                            f"{tuple(getattr(leaf, 'shape', ()))}; only matrices are quantized")
     axis = contracted_axis(path)
     k, n = leaf.shape[axis], leaf.shape[1 - axis]
+    if isinstance(method, AQLM):
+        if path in EMBEDDING_TABLES:
+            raise FlashitError(f"AQLM needs the inputs of a linear layer; {path} is an embedding table")
+        if k % method.group_size:
+            raise FlashitError(f"recipe {recipe_name}: AQLM vectors of {method.group_size} weights do not divide "
+                               f"the input dimension {k} of {path} {tuple(leaf.shape)}")
+        return
     bits, group, symmetric = _bits_and_group(method, k)
     if k % group:
         raise FlashitError(f"recipe {recipe_name}: group size {group} does not divide the input dimension {k} of "
@@ -101,6 +108,16 @@ def quantize_leaf(path: str, w, method: Method, calib: Calibration | None = None
                             scale_dtype=jnp.dtype(method.scale_dtype))
         return rtn.quantize_kn(w_kn, bits=method.bits, group_size=group, symmetric=method.symmetric,
                                scale_dtype=method.scale_dtype, clip=clip, **common)
+    if isinstance(method, AQLM):
+        from flashit_jax.quant.aqlm import aqlm_quantize
+
+        q, info = aqlm_quantize(w_kn, calib.get(path).h, num_codebooks=method.num_codebooks,
+                                bits=method.codebook_bits, group_size=method.group_size, beam=method.beam,
+                                rounds=method.rounds, kmeans_iters=method.kmeans_iters, cg_iters=method.cg_iters,
+                                damp=method.damp, seed=method.seed, shape=common["shape"], dtype=dtype)
+        if log is not None:
+            log.append({"path": path, "method": "aqlm", **info})
+        return q
     if isinstance(method, (W8A8, SmoothQuant)):
         return rtn.quantize_kn(w_kn, bits=8, group_size=k, symmetric=True, scale_dtype="float32", act="int8", **common)
     if isinstance(method, LLMInt8):

@@ -8,6 +8,8 @@
     w4g64-awq, w3g64-awq  AWQ
     w2g64-hadamard-gptq   -hadamard: each matrix's input dimension rotated by a random Hadamard
                           first (QuIP#-style incoherence; x is rotated on the fly), then RTN/GPTQ
+    aqlm-2x8              AQLM: 2 codebooks of 2^8 entries over groups of 8 weights (2 bits/weight);
+                          aqlm-MxB[gD] in general
     w8a8                  int8 weights (per channel) x int8 activations (per token, dynamic)
     w8a8-smoothquant      the same after SmoothQuant smoothing (alpha 0.5; -smoothquant0.8 for 0.8)
     llm-int8              LLM.int8 (outlier threshold 6)
@@ -22,16 +24,17 @@ from __future__ import annotations
 import re
 
 from flashit_jax.errors import FlashitError
-from flashit_jax.quant.methods import AWQ, FP8, GPTQ, RTN, LLMInt8, Method, SmoothQuant, W8A8, method_from_dict
+from flashit_jax.quant.methods import AQLM, AWQ, FP8, GPTQ, RTN, LLMInt8, Method, SmoothQuant, W8A8, method_from_dict
 
 MATRICES = r"layers/\d+/(attn|mlp)/[^/]+/w"
 EMBEDDINGS = [r"embed/w", r"lm_head/w"]
 EMB8 = RTN(bits=8, group_size=None, symmetric=True)
 
 _WEIGHT_RE = re.compile(r"w(?P<bits>[2-8])(?:g(?P<group>\d+))?(?P<sym>-sym|-asym)?(?P<had>-hadamard)?(?P<algo>-gptq(?:-noact)?|-awq)?")
+_AQLM_RE = re.compile(r"aqlm-(?P<m>\d+)x(?P<b>\d+)(?:g(?P<g>\d+))?")
 _SQ_RE = re.compile(r"w8a8-smoothquant(?P<alpha>\d*\.?\d+)?")
 
-EXAMPLES = ["w8", "w4g64", "w4g32-asym", "w4g64-gptq", "w4g64-awq", "w2g64-hadamard-gptq", "w3g64-hadamard", "w3g64", "w3g64-gptq", "w3g64-awq",
+EXAMPLES = ["w8", "w4g64", "w4g32-asym", "w4g64-gptq", "w4g64-awq", "w2g64-hadamard-gptq", "w3g64-hadamard", "aqlm-2x8", "w3g64", "w3g64-gptq", "w3g64-awq",
             "w4g128", "w4g128-gptq", "w8a8", "w8a8-smoothquant", "llm-int8", "fp8", "w4g128+emb8", "w8+emb8"]
 
 
@@ -42,6 +45,9 @@ def _base_method(base: str) -> Method:
         return LLMInt8()
     if base == "fp8":
         return FP8()
+    m = _AQLM_RE.fullmatch(base)
+    if m:
+        return AQLM(num_codebooks=int(m["m"]), codebook_bits=int(m["b"]), group_size=int(m["g"] or 8))
     m = _SQ_RE.fullmatch(base)
     if m:
         return SmoothQuant(alpha=float(m["alpha"]) if m["alpha"] else 0.5)
