@@ -8,9 +8,25 @@ import pytest
 
 from flashit_jax import FlashitError, tree
 from flashit_jax.nn import linear
-from flashit_jax.nn.hadamard import (BASES, RotatedWeight, factor, hadamard_matrix, random_signs, rotation,
-                                     transform)
-from flashit_jax.quant import AQLM, GPTQ, RTN, AQArray, QArray, calibrate, obs, quantize, size_bytes
+from flashit_jax.nn.hadamard import (
+    RotatedWeight,
+    factor,
+    hadamard_matrix,
+    random_signs,
+    rotation,
+    transform,
+)
+from flashit_jax.quant import (
+    AQLM,
+    GPTQ,
+    RTN,
+    AQArray,
+    QArray,
+    calibrate,
+    obs,
+    quantize,
+    size_bytes,
+)
 from flashit_jax.quant import hadamard as had
 from flashit_jax.quant.quantize import quantize_leaf
 from models import Model
@@ -168,7 +184,7 @@ def test_aqlm_learns_codes_and_codebooks():
     w, h = _layer()
     kw = dict(num_codebooks=2, bits=5, group_size=8, beam=4, kmeans_iters=5, cg_iters=8, damp=0.01, seed=0,
               shape=w.shape, dtype=jnp.float32)
-    q1, info1 = aqlm.aqlm_quantize(w, h, rounds=1, **kw)
+    _, info1 = aqlm.aqlm_quantize(w, h, rounds=1, **kw)
     q3, info3 = aqlm.aqlm_quantize(w, h, rounds=3, **kw)
     assert isinstance(q3, AQArray) and q3.codes.dtype == jnp.uint8 and q3.codes.shape == (2, 8, 48)
     assert info3["objective"] <= info1["objective"] * (1 + 1e-6)

@@ -197,7 +197,7 @@ def aqlm_quantize(w_kn, h, *, num_codebooks: int, bits: int, group_size: int, be
     best = None
     history = []
     for _ in range(rounds):
-        codes, obs_loss = sequential_codes(w, u, cbs, d=d, beam=beam)
+        codes, _ = sequential_codes(w, u, cbs, d=d, beam=beam)
         cbs = update_codebooks(w, cbs, codes, hd, sw, iters=cg_iters)
         cb16 = cbs.astype(jnp.float16).astype(jnp.float32)
         f = float(objective(w, cb16, codes, hd, sw))

@@ -21,7 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from flashit_jax.errors import FlashitError
-from flashit_jax.nn.hadamard import RotatedWeight, factor, random_signs, rotation, transform
+from flashit_jax.nn.hadamard import (
+    RotatedWeight,
+    factor,
+    random_signs,
+    rotation,
+    transform,
+)
 
 
 def path_seed(path: str, seed: int) -> int:

@@ -128,7 +128,7 @@ def quantize_leaf(path: str, w, method: Method, calib: Calibration | None = None
     raise FlashitError(f"unknown quantization method {method!r}")
 
 
-def _rotated_leaf(path, w_kn, method, calib, log, common) -> "RotatedWeight":
+def _rotated_leaf(path, w_kn, method, calib, log, common):
     """RotatedWeight(quantize(R^T W)): the method runs on the rotated matrix (and Hessian)."""
     import dataclasses
 

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.aqlm import gpu, reference as ref
+from kernels.aqlm import gpu
+from kernels.aqlm import reference as ref
 from kernels.qmatmul.bench import chain_time, rel_err
 
 

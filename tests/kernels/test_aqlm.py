@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.aqlm import api, gpu, reference as ref
+from kernels.aqlm import api, gpu
+from kernels.aqlm import reference as ref
 
 RTOL = 2e-5
 
