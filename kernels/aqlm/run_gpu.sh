@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU call: AQLM lookup kernel checks + timings vs XLA (dequant+dot, LUT) and bf16, results under $OUT.
-# Ship: rsync -a --delete --exclude .git --exclude out /work/wt/issue12a/ /work/main/.dev/issue12a/
+# Ship: rm -rf /work/main/.dev/issue12a && mkdir -p /work/main/.dev/issue12a && git -C /work/wt/issue12a archive HEAD | tar -x -C /work/main/.dev/issue12a
 # Run (carry [".dev/issue12a"]):  cd .dev/issue12a && export PYTHONPATH=$PWD && bash kernels/aqlm/run_gpu.sh
 # CPU dry run (interpreter, tiny shapes): SMOKE=1 OUT=/tmp/aq bash kernels/aqlm/run_gpu.sh
 set -uo pipefail
