@@ -23,7 +23,8 @@ from pathlib import Path
 from flashit_jax.errors import FlashitError, user_errors
 
 DEFAULT_ROWS = ["baseline", "w8", "w4g32-asym", "w4g32-asym+emb8", "w4g64", "w4g64-gptq", "w4g64-awq", "w3g64",
-                "w3g64-gptq", "w3g64-awq", "w8a8", "w8a8-smoothquant", "llm-int8", "fp8", "kv-int8"]
+                "w3g64-gptq", "w3g64-awq", "w3g64-hadamard", "w3g64-hadamard-gptq", "w2g64", "w2g64-gptq",
+                "w2g64-hadamard", "w2g64-hadamard-gptq", "aqlm-2x8", "w8a8", "w8a8-smoothquant", "llm-int8", "fp8", "kv-int8"]
 GOALS = [  # (description, rows, test on {row: delta%})
     ("W8 delta <= 0.5%", ["w8"], lambda d: d["w8"] <= 0.5),
     ("W4 GPTQ g64 delta <= 3%", ["w4g64-gptq"], lambda d: d["w4g64-gptq"] <= 3.0),
@@ -35,6 +36,14 @@ GOALS = [  # (description, rows, test on {row: delta%})
     ("GPTQ better than RTN at 3 bits", ["w3g64-gptq", "w3g64"], lambda d: d["w3g64-gptq"] < d["w3g64"]),
     ("AWQ better than RTN at 4 bits", ["w4g64-awq", "w4g64"], lambda d: d["w4g64-awq"] < d["w4g64"]),
     ("AWQ better than RTN at 3 bits", ["w3g64-awq", "w3g64"], lambda d: d["w3g64-awq"] < d["w3g64"]),
+    ("Hadamard rotation helps GPTQ at 3 bits", ["w3g64-hadamard-gptq", "w3g64-gptq"],
+     lambda d: d["w3g64-hadamard-gptq"] < d["w3g64-gptq"]),
+    ("Hadamard rotation helps GPTQ at 2 bits", ["w2g64-hadamard-gptq", "w2g64-gptq"],
+     lambda d: d["w2g64-hadamard-gptq"] < d["w2g64-gptq"]),
+    ("Hadamard rotation helps RTN at 3 bits", ["w3g64-hadamard", "w3g64"], lambda d: d["w3g64-hadamard"] < d["w3g64"]),
+    ("Hadamard rotation helps RTN at 2 bits", ["w2g64-hadamard", "w2g64"], lambda d: d["w2g64-hadamard"] < d["w2g64"]),
+    ("AQLM 2x8 better than 2-bit GPTQ g64 (with or without Hadamard)", ["aqlm-2x8", "w2g64-gptq", "w2g64-hadamard-gptq"],
+     lambda d: d["aqlm-2x8"] < min(d["w2g64-gptq"], d["w2g64-hadamard-gptq"])),
 ]
 
 

@@ -39,10 +39,11 @@ class RTN(Method):
     symmetric: bool = True
     per_tensor: bool = False
     scale_dtype: str = "float16"
+    hadamard: bool = False  # rotate the input dimension by a random Hadamard first (RotatedWeight)
 
     def short(self) -> str:
         return f"RTN {_grid(self.bits, None, True) if self.per_tensor else _grid(self.bits, self.group_size, self.symmetric)}" \
-            + (" per tensor" if self.per_tensor else "")
+            + (" per tensor" if self.per_tensor else "") + (" after a random Hadamard rotation" if self.hadamard else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +61,11 @@ class GPTQ(Method):
     act_order: bool = True
     clip: bool = True
     scale_dtype: str = "float16"
+    hadamard: bool = False  # rotate the input dimension by a random Hadamard first (RotatedWeight)
 
     def short(self) -> str:
-        extra = [x for x, on in (("act-order", self.act_order), ("clip search", self.clip and self.act_order)) if on]
+        extra = [x for x, on in (("act-order", self.act_order), ("clip search", self.clip and self.act_order),
+                                 ("random Hadamard rotation", self.hadamard)) if on]
         return f"GPTQ {_grid(self.bits, self.group_size, self.symmetric)}" + (f" ({', '.join(extra)})" if extra else "")
 
 
@@ -142,7 +145,46 @@ class BitNet(Method):
         return f"BitNet b1.58: ternary W (absmean, {'per channel' if self.per_channel else 'per tensor'}) x int8 X per token"
 
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (RTN, GPTQ, AWQ, W8A8, SmoothQuant, LLMInt8, FP8, BitNet)}
+
+@dataclasses.dataclass(frozen=True)
+class AQLM(Method):
+    """Additive codebooks (AQLM): each vector of `group_size` consecutive input weights of a column
+    is the sum of one entry from each of `num_codebooks` codebooks of 2^codebook_bits entries,
+    times the column's scale; codes by beam search with OBS error feedback, codebooks by
+    conjugate gradient on the calibration output error (`flashit_jax.quant.aqlm`)."""
+
+    name: ClassVar[str] = "aqlm"
+    needs_calibration: ClassVar[bool] = True
+    num_codebooks: int = 2
+    codebook_bits: int = 8
+    group_size: int = 8
+    beam: int = 4
+    rounds: int = 2
+    kmeans_iters: int = 10
+    cg_iters: int = 8
+    damp: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 1 <= self.codebook_bits <= 16:
+            raise FlashitError(f"AQLM codebook bits must be in 1..16 (2^bits entries per codebook), "
+                               f"got {self.codebook_bits}")
+        if self.num_codebooks < 1:
+            raise FlashitError(f"AQLM needs at least one codebook, got num_codebooks={self.num_codebooks}")
+        if self.group_size < 1 or self.beam < 1 or self.rounds < 1:
+            raise FlashitError(f"AQLM group_size, beam and rounds must be >= 1, got {self.group_size}, "
+                               f"{self.beam}, {self.rounds}")
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.num_codebooks * self.codebook_bits / self.group_size
+
+    def short(self) -> str:
+        return (f"AQLM {self.num_codebooks}x{self.codebook_bits} codebooks over {self.group_size} weights "
+                f"({self.bits_per_weight:g} bits/weight + codebooks, scale per column)")
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (RTN, GPTQ, AWQ, W8A8, SmoothQuant, LLMInt8, FP8, BitNet, AQLM)}
 
 
 def method_from_dict(d: dict[str, Any]) -> Method:

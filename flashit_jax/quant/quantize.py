@@ -8,6 +8,8 @@ parameters too, exactly (the float model computes the same function before round
 """
 from __future__ import annotations
 
+import re
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -16,7 +18,7 @@ from flashit_jax.errors import FlashitError
 from flashit_jax.nn.qarray import QArray
 from flashit_jax.quant import rtn
 from flashit_jax.quant.calib import Calibration
-from flashit_jax.quant.methods import AWQ, FP8, GPTQ, RTN, BitNet, LLMInt8, Method, SmoothQuant, W8A8
+from flashit_jax.quant.methods import AQLM, AWQ, FP8, GPTQ, RTN, BitNet, LLMInt8, Method, SmoothQuant, W8A8
 from flashit_jax.quant.recipes import resolve
 from kernels.qmatmul import reference as qref
 
@@ -44,6 +46,13 @@ def _check(path: str, leaf, method: Method, recipe_name: str) -> None:
                            f"{tuple(getattr(leaf, 'shape', ()))}; only matrices are quantized")
     axis = contracted_axis(path)
     k, n = leaf.shape[axis], leaf.shape[1 - axis]
+    if isinstance(method, AQLM):
+        if path in EMBEDDING_TABLES:
+            raise FlashitError(f"AQLM needs the inputs of a linear layer; {path} is an embedding table")
+        if k % method.group_size:
+            raise FlashitError(f"recipe {recipe_name}: AQLM vectors of {method.group_size} weights do not divide "
+                               f"the input dimension {k} of {path} {tuple(leaf.shape)}")
+        return
     bits, group, symmetric = _bits_and_group(method, k)
     if k % group:
         raise FlashitError(f"recipe {recipe_name}: group size {group} does not divide the input dimension {k} of "
@@ -62,6 +71,13 @@ def _check(path: str, leaf, method: Method, recipe_name: str) -> None:
     if isinstance(method, (GPTQ, AWQ)) and path in EMBEDDING_TABLES:
         raise FlashitError(f"{method.name} needs the inputs of a linear layer; {path} is an embedding table "
                            "(use RTN for it)")
+    if getattr(method, "hadamard", False):
+        if path in EMBEDDING_TABLES:
+            raise FlashitError(f"recipe {recipe_name}: a Hadamard rotation needs a linear layer's input; {path} is "
+                               "an embedding table")
+        from flashit_jax.quant.hadamard import check_size
+
+        check_size(path, k)
 
 
 def quantize_leaf(path: str, w, method: Method, calib: Calibration | None = None, log: list | None = None) -> QArray:
@@ -77,6 +93,8 @@ def quantize_leaf(path: str, w, method: Method, calib: Calibration | None = None
         w_kn = w_kn.T
     k = w_kn.shape[0]
     common = dict(axis=axis, shape=tuple(w.shape), dtype=dtype)
+    if getattr(method, "hadamard", False):
+        return _rotated_leaf(path, w_kn, method, calib, log, common)
     if isinstance(method, RTN):
         bits, group, sym = _bits_and_group(method, k)
         return rtn.quantize_kn(w_kn, bits=bits, group_size=group, symmetric=sym, scale_dtype=method.scale_dtype,
@@ -100,6 +118,16 @@ def quantize_leaf(path: str, w, method: Method, calib: Calibration | None = None
                             scale_dtype=jnp.dtype(method.scale_dtype))
         return rtn.quantize_kn(w_kn, bits=method.bits, group_size=group, symmetric=method.symmetric,
                                scale_dtype=method.scale_dtype, clip=clip, **common)
+    if isinstance(method, AQLM):
+        from flashit_jax.quant.aqlm import aqlm_quantize
+
+        q, info = aqlm_quantize(w_kn, calib.get(path).h, num_codebooks=method.num_codebooks,
+                                bits=method.codebook_bits, group_size=method.group_size, beam=method.beam,
+                                rounds=method.rounds, kmeans_iters=method.kmeans_iters, cg_iters=method.cg_iters,
+                                damp=method.damp, seed=method.seed, shape=common["shape"], dtype=dtype)
+        if log is not None:
+            log.append({"path": path, "method": "aqlm", **info})
+        return q
     if isinstance(method, (W8A8, SmoothQuant)):
         return rtn.quantize_kn(w_kn, bits=8, group_size=k, symmetric=True, scale_dtype="float32", act="int8", **common)
     if isinstance(method, LLMInt8):
@@ -108,6 +136,28 @@ def quantize_leaf(path: str, w, method: Method, calib: Calibration | None = None
     if isinstance(method, FP8):
         return rtn.quantize_fp8(w_kn, **common)
     raise FlashitError(f"unknown quantization method {method!r}")
+
+
+def _rotated_leaf(path, w_kn, method, calib, log, common):
+    """RotatedWeight(quantize(R^T W)): the method runs on the rotated matrix (and Hessian)."""
+    import dataclasses
+
+    from flashit_jax.nn.hadamard import random_signs
+    from flashit_jax.quant import hadamard as had
+    from flashit_jax.quant.calib import InputStats
+
+    # Linears reading one tensor (q/k/v, gate/up) share signs, so one rotation of x could serve them all.
+    shared = re.sub(r"/attn/(q|k|v)/w$", "/attn/qkv/w", re.sub(r"/mlp/(gate|up)/w$", "/mlp/gate_up/w", path))
+    signs = random_signs(w_kn.shape[0], had.path_seed(shared, 0))
+    w_rot = had.rotate_input(w_kn, signs)
+    sub = calib
+    if method.needs_calibration:
+        st = calib.get(path)
+        key = path[:-2] if path.endswith("/w") else path
+        rot = InputStats(had.rotate_hessian(st.h, signs), st.absmax, st.abssum, st.count)
+        sub = dataclasses.replace(calib, stats={key: rot})
+    inner = quantize_leaf(path, w_rot, dataclasses.replace(method, hadamard=False), sub, log)
+    return had.wrap(path, inner, signs)
 
 
 def quantize(params, recipe, calib: Calibration | None = None, *, progress: bool = False, log: list | None = None):
