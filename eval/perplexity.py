@@ -25,12 +25,18 @@ from flashit_jax.errors import FlashitError, user_errors
 PROTOCOLS = ("llamacpp", "all")
 
 
-def token_nll_fn(model, attn_impl: str = "auto"):
-    """jit: (params, chunks [B, T]) -> NLL fp32 [B, T-1] of predicting token t+1 from t."""
+def token_nll_fn(model, attn_impl: str = "auto", cache_dtype=None):
+    """jit: (params, chunks [B, T]) -> NLL fp32 [B, T-1] of predicting token t+1 from t.
+
+    cache_dtype: run the chunk through a KV cache of this dtype (e.g. "int8"), so that
+    attention reads keys/values as stored there."""
 
     @jax.jit
     def nll(params, chunks):
-        logits, _, _ = model.forward(params, chunks, attn_impl=attn_impl)
+        cache = None
+        if cache_dtype is not None:
+            cache = model.init_cache(chunks.shape[0], chunks.shape[1], cache_dtype, params=params)
+        logits, _, _ = model.forward(params, chunks, cache=cache, attn_impl=attn_impl)
         logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
         return -jnp.take_along_axis(logp, chunks[:, 1:, None], axis=-1)[..., 0]
 
@@ -39,7 +45,7 @@ def token_nll_fn(model, attn_impl: str = "auto"):
 
 def evaluate(model, params, tokenizer, docs, *, ctx: int = 512, protocol: str = "llamacpp",
              max_chunks: int | None = None, batch_size: int = 8, progress: bool = True,
-             attn_impl: str = "auto") -> dict:
+             attn_impl: str = "auto", cache_dtype=None) -> dict:
     """Perplexity of `params` on `docs`; returns the report fields (without model/data names)."""
     from tqdm.auto import tqdm
 
@@ -56,7 +62,7 @@ def evaluate(model, params, tokenizer, docs, *, ctx: int = 512, protocol: str = 
     if len(chunks) == 0:
         raise FlashitError(f"no document is at least {ctx} tokens long: nothing to score (lower --ctx?)")
     first = ctx // 2 if protocol == "llamacpp" else 0
-    nll_fn = token_nll_fn(model, attn_impl)
+    nll_fn = token_nll_fn(model, attn_impl, cache_dtype)
     bs = min(batch_size, len(chunks))
     n_pad = (-len(chunks)) % bs
     padded = np.concatenate([chunks, np.zeros((n_pad, ctx), np.int32)])
@@ -89,6 +95,7 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--attn-impl", default="auto")
+    ap.add_argument("--cache-dtype", default=None, help="score through a KV cache of this dtype (e.g. int8)")
     ap.add_argument("--json", default=None, help="write the report here")
     args = ap.parse_args(argv)
     with user_errors("eval.perplexity"):
@@ -101,7 +108,8 @@ def main(argv=None):
         tok = load_tokenizer(args.tokenizer) if args.tokenizer else loaded.tokenizer
         docs = load_documents(args.data, args.split)
         rep = evaluate(loaded.model, loaded.params, tok, docs, ctx=args.ctx, protocol=args.protocol,
-                       max_chunks=args.max_chunks, batch_size=args.batch_size, attn_impl=args.attn_impl)
+                       max_chunks=args.max_chunks, batch_size=args.batch_size, attn_impl=args.attn_impl,
+                       cache_dtype=args.cache_dtype)
         report = {"model": args.model, "data": args.data, "split": args.split, "dtype": args.dtype,
                   "note": loaded.note, **rep}
         write_json(args.json, report)

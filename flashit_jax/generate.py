@@ -140,7 +140,7 @@ def generate(model, params, prompts, *, max_new_tokens: int, sampling: Sampling 
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
     if cache_dtype is None:
-        cache_dtype = jax.tree.leaves(params["embed"])[0].dtype
+        cache_dtype = params["embed"]["w"].dtype  # the compute dtype, also for a quantized table
     key = jax.random.key(seed)
     cache = model.init_cache(b, max_len, cache_dtype, params=params)
     statics = dict(model=model, sampling=sampling, attn_impl=attn_impl)

@@ -65,6 +65,8 @@ def _to_device(flat: dict, dtype) -> dict:
     for k, v in flat.items():
         if isinstance(v, np.ndarray):
             v = jnp.asarray(v if v.dtype == _np_dtype(dtype) or v.dtype.kind not in "fc" else v.astype(_np_dtype(dtype)))
+        elif hasattr(v, "with_compute_dtype"):  # packed weights (QArray) keep their codes, compute in `dtype`
+            v = v.with_compute_dtype(dtype)
         out[k] = v
     return tree.unflatten(out)
 

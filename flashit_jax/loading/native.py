@@ -21,6 +21,8 @@ FORMAT_VERSION = 1
 
 # type name -> (to_tensors(obj) -> (dict[field, array], dict meta), from_tensors(fields, meta) -> obj, sidecar)
 _SERIALIZERS: dict[str, tuple[Callable, Callable, str]] = {}
+# modules that register a packed type's serializer when imported (loaded on demand)
+_PROVIDERS = {"QArray": "flashit_jax.quant"}
 
 
 def register_serializer(cls: type, to_tensors: Callable, from_tensors: Callable, sidecar: str) -> None:
@@ -111,6 +113,10 @@ def load_native(path: Path):
     for name, info in packed.items():
         info = dict(info)
         kind, fields = info.pop("type"), info.pop("fields")
+        if kind not in _SERIALIZERS and kind in _PROVIDERS:
+            import importlib
+
+            importlib.import_module(_PROVIDERS[kind])
         if kind not in _SERIALIZERS:
             raise FlashitError(f"{path}: {name} is a {kind}, which no imported module can read "
                                "(import the module that defines it, e.g. flashit_jax.quant)")

@@ -47,8 +47,51 @@ class KVCache:
         return dataclasses.replace(self, lengths=lengths)
 
 
+def _quantize_heads(x):
+    """Per (token, head) symmetric int8 over head_dim: (codes int8, scales fp16 [..., 1])."""
+    xf = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0).astype(jnp.float16)
+    codes = jnp.clip(jnp.round(xf / scale.astype(jnp.float32)), -127, 127).astype(jnp.int8)
+    return codes, scale
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Int8KVCache(KVCache):
+    """Keys/values as int8 with one fp16 scale per (token, head): half the bytes of bf16.
+
+    New keys are quantized when written; attention reads the whole buffer dequantized to the
+    compute dtype, so every key it sees (the current token's too) went through int8.
+    """
+
+    k_scale: list
+    v_scale: list
+
+    def update_layer(self, i: int, k: jax.Array, v: jax.Array):
+        kq, ks = _quantize_heads(k)
+        vq, vs = _quantize_heads(v)
+        kc = write_slots(self.k[i], kq, self.lengths)
+        vc = write_slots(self.v[i], vq, self.lengths)
+        ksc = write_slots(self.k_scale[i], ks, self.lengths)
+        vsc = write_slots(self.v_scale[i], vs, self.lengths)
+        k_all = kc.astype(k.dtype) * ksc.astype(k.dtype)
+        v_all = vc.astype(v.dtype) * vsc.astype(v.dtype)
+        return k_all, v_all, (kc, vc, ksc, vsc)
+
+    def advance(self, entries: list, lengths: jax.Array) -> "Int8KVCache":
+        return dataclasses.replace(self, k=[e[0] for e in entries], v=[e[1] for e in entries],
+                                   k_scale=[e[2] for e in entries], v_scale=[e[3] for e in entries], lengths=lengths)
+
+
 def init_kv_cache(batch: int, max_len: int, kv_heads, head_dim: int, dtype) -> KVCache:
-    """`kv_heads` is one int per layer."""
+    """`kv_heads` is one int per layer; dtype int8 (or "int8") gives an `Int8KVCache`."""
+    if jnp.dtype(dtype) == jnp.int8:
+        shapes = [(batch, max_len, h, head_dim) for h in kv_heads]
+        return Int8KVCache(k=[jnp.zeros(s, jnp.int8) for s in shapes], v=[jnp.zeros(s, jnp.int8) for s in shapes],
+                           lengths=jnp.zeros((batch,), jnp.int32),
+                           k_scale=[jnp.zeros(s[:-1] + (1,), jnp.float16) for s in shapes],
+                           v_scale=[jnp.zeros(s[:-1] + (1,), jnp.float16) for s in shapes])
     k = [jnp.zeros((batch, max_len, h, head_dim), dtype) for h in kv_heads]
     v = [jnp.zeros((batch, max_len, h, head_dim), dtype) for h in kv_heads]
     return KVCache(k=k, v=v, lengths=jnp.zeros((batch,), jnp.int32))

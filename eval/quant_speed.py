@@ -1,0 +1,137 @@
+"""Batch-1 decode speed of quantized weights through our kernels, vs bf16, in one run.
+
+    python -m eval.quant_speed --model random:llama-3.2-1b               # GPU
+    python -m eval.quant_speed --kernels --model random:llama-3.2-1b     # + kernel check & bench first
+    python -m eval.quant_speed --smoke                                   # CPU, tiny model (tests the script)
+
+Variants: `bf16` (all weights bf16), `RECIPE` (quantized with the Pallas kernels), `RECIPE@xla`
+(the same weights, dequantized before each dot by XLA). Speed recipes quantize the tied
+embedding / lm_head to int8 (`+emb8`); norms and the KV cache stay bf16. Quantization here is
+RTN: speed does not depend on how the codes were chosen.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+DEFAULT_VARIANTS = "bf16,w8+emb8,w4g128+emb8,w4g128+emb8@xla"
+
+
+def weight_bytes(params) -> int:
+    from flashit_jax.quant import size_bytes
+
+    return size_bytes(params, float_bytes=None)
+
+
+def decode_row(model, params, variant: str, *, prompt_len: int, new_tokens: int, log, kernel_impl="auto") -> dict:
+    import numpy as np
+
+    from flashit_jax.generate import generate
+    from flashit_jax.nn.qarray import matmul_impl
+
+    impl = "xla" if variant.endswith("@xla") else kernel_impl
+    prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, prompt_len).tolist()
+    with matmul_impl(impl):
+        res = generate(model, params, [prompt], max_new_tokens=new_tokens, cache_dtype="bfloat16")
+    wb = weight_bytes(params)
+    row = {"variant": variant, "tokens_per_s": res.tokens_per_s, "ms_per_token": 1e3 / res.tokens_per_s,
+           "weights_MB": wb / 1e6, "weight_GBps": wb * res.tokens_per_s / 1e9, "compile_s": res.compile_s,
+           "ttft_ms": res.ttft_s * 1e3, "first_tokens": res.tokens[0, :8].tolist()}
+    log(f"decode {variant}: {row['tokens_per_s']:.0f} tokens/s ({row['ms_per_token']:.2f} ms/token), weights "
+        f"{row['weights_MB']:.0f} MB -> {row['weight_GBps']:.0f} GB/s, compile {row['compile_s']:.0f} s")
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m eval.quant_speed", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="random:llama-3.2-1b")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--kernels", action="store_true", help="run kernels.qmatmul.bench (check + timings) first")
+    ap.add_argument("--smoke", action="store_true", help="CPU: tiny model, kernels in the Pallas interpreter")
+    ap.add_argument("--budget-s", type=float, default=None, help="skip remaining variants after this many seconds")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    from flashit_jax.errors import user_errors
+
+    with user_errors("eval.quant_speed"):
+        import jax
+        import jax.numpy as jnp
+
+        from eval.common import device_info
+        from flashit_jax.quant import quantize
+
+        t_start = time.perf_counter()
+        lines: list[str] = []
+
+        def log(s):
+            print(s, flush=True)
+            lines.append(s)
+
+        log(json.dumps(device_info()))
+        report = {"device": device_info(), "model": args.model}
+        if args.kernels or args.smoke:
+            from kernels.qmatmul import bench
+
+            ok, rows = bench.main(["--smoke"] if args.smoke else [], log=log)
+            report["kernel_check_ok"], report["kernel_bench"] = ok, rows
+        if args.smoke:
+            from models import Model
+            from models.llama import LlamaConfig
+
+            model = Model(LlamaConfig(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=256,
+                                      tie_embeddings=True))
+            base = model.init_params(jax.random.key(0), jnp.bfloat16)
+            variants = ["bf16", "w8+emb8", "w4g128+emb8@xla"]
+        else:
+            from flashit_jax.loading import load_model
+
+            loaded = load_model(args.model, "bf16")
+            model, base = loaded.model, loaded.params
+            variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        decode = []
+        cache: dict[str, object] = {}
+        for v in variants:
+            if args.budget_s and time.perf_counter() - t_start > args.budget_s:
+                log(f"decode {v}: skipped (time budget {args.budget_s:.0f} s spent)")
+                continue
+            recipe = v.split("@")[0]
+            if recipe == "bf16":
+                params = base
+            else:
+                if recipe not in cache:
+                    cache.clear()  # keep one quantized copy on the device at a time
+                    cache[recipe] = jax.block_until_ready(quantize(base, recipe))
+                params = cache[recipe]
+            decode.append(decode_row(model, params, v, prompt_len=args.prompt_len,
+                                     new_tokens=8 if args.smoke else args.new_tokens, log=log,
+                                     kernel_impl="interpret" if args.smoke else "auto"))
+        report["decode"] = decode
+        bf16 = next((r for r in decode if r["variant"] == "bf16"), None)
+        log("")
+        log(f"| variant | tokens/s | ms/token | vs bf16 | weights MB | weight GB/s |")
+        log("|---|---:|---:|---:|---:|---:|")
+        for r in decode:
+            ratio = f"{r['tokens_per_s'] / bf16['tokens_per_s']:.2f}x" if bf16 else "-"
+            log(f"| {r['variant']} | {r['tokens_per_s']:.0f} | {r['ms_per_token']:.2f} | {ratio} | "
+                f"{r['weights_MB']:.0f} | {r['weight_GBps']:.0f} |")
+        kb = report.get("kernel_bench") or []
+        if kb:
+            log("")
+            log("| M | K x N | bf16 us | W8A16 us (x) | W4A16 us (x) | W4 XLA dequant+dot (x) |")
+            log("|---:|---|---:|---:|---:|---:|")
+            for r in kb:
+                log(f"| {r['m']} | {r['k']}x{r['n']} | {r['bf16_us']:.1f} | {r['w8_us']:.1f} ({r['w8_speedup']:.2f}x) "
+                    f"| {r['w4_us']:.1f} ({r['w4_speedup']:.2f}x) | {r['w4_xla_us']:.1f} ({r['w4_xla_speedup']:.2f}x) |")
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({**report, "log": lines}, indent=1))
+        return report
+
+
+if __name__ == "__main__":
+    main()

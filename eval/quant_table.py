@@ -1,0 +1,211 @@
+"""The quantization table: perplexity, delta vs the baseline and size, for every recipe, one command.
+
+    python -m eval.quant_table --model smollm2-135m --data bundled --calib bundled \\
+        --json out/quant_table.json --markdown out/quant_table.md --plot out/quant_table.png
+
+The baseline is the model as loaded (for smollm2-135m: its GGUF dequantized to fp32, i.e.
+Q4_1 matrices, Q8_0 embedding, F32 norms). Every row is evaluated in fp32 on the same chunks
+(llama.cpp protocol by default). Size = bytes of every stored leaf: QArray codes, scales and
+zeros as stored, float leaves (norms, unquantized embedding) counted as bf16. `kv-int8` is the
+baseline's weights with an int8 KV cache. Finished rows are kept in --json and skipped when
+the command is run again with the same settings (--fresh recomputes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+from flashit_jax.errors import FlashitError, user_errors
+
+DEFAULT_ROWS = ["baseline", "w8", "w4g32-asym", "w4g32-asym+emb8", "w4g64", "w4g64-gptq", "w4g64-awq", "w3g64",
+                "w3g64-gptq", "w3g64-awq", "w8a8", "w8a8-smoothquant", "llm-int8", "fp8", "kv-int8"]
+GOALS = [  # (description, rows, test on {row: delta%})
+    ("W8 delta <= 0.5%", ["w8"], lambda d: d["w8"] <= 0.5),
+    ("W4 GPTQ g64 delta <= 3%", ["w4g64-gptq"], lambda d: d["w4g64-gptq"] <= 3.0),
+    ("w4g32-asym delta == 0 (reproduces the Q4_1 weights)", ["w4g32-asym"], lambda d: d["w4g32-asym"] == 0.0),
+    ("SmoothQuant W8A8 delta <= 1.5%", ["w8a8-smoothquant"], lambda d: d["w8a8-smoothquant"] <= 1.5),
+    ("SmoothQuant better than naive W8A8", ["w8a8-smoothquant", "w8a8"],
+     lambda d: d["w8a8-smoothquant"] < d["w8a8"]),
+    ("GPTQ better than RTN at 4 bits", ["w4g64-gptq", "w4g64"], lambda d: d["w4g64-gptq"] < d["w4g64"]),
+    ("GPTQ better than RTN at 3 bits", ["w3g64-gptq", "w3g64"], lambda d: d["w3g64-gptq"] < d["w3g64"]),
+    ("AWQ better than RTN at 4 bits", ["w4g64-awq", "w4g64"], lambda d: d["w4g64-awq"] < d["w4g64"]),
+    ("AWQ better than RTN at 3 bits", ["w3g64-awq", "w3g64"], lambda d: d["w3g64-awq"] < d["w3g64"]),
+]
+
+
+def describe_row(row: str) -> str:
+    if row == "baseline":
+        return "as loaded"
+    if row == "kv-int8":
+        return "baseline weights, int8 KV cache (per token & head)"
+    from flashit_jax.quant import named_recipe
+
+    parts = []
+    for pattern, m in named_recipe(row):
+        what = "emb/lm_head" if "embed" in pattern or "lm_head" in pattern else "matrices"
+        if what == "emb/lm_head" and parts and parts[-1].startswith("emb/lm_head"):
+            continue
+        parts.append(f"{what}: {m.describe()}")
+    return "; ".join(parts)
+
+
+def file_size(spec: str) -> int | None:
+    from flashit_jax.loading.resolver import KNOWN, cache_dir
+
+    if spec in KNOWN:
+        p = cache_dir() / "models" / Path(KNOWN[spec].member).name
+        return p.stat().st_size if p.exists() else None
+    p = Path(spec)
+    return p.stat().st_size if p.is_file() else None
+
+
+def markdown(results: dict, rows: list[str], settings: dict, baseline_note: str) -> str:
+    base = results["baseline"]["ppl"]
+    lines = [f"| recipe | ppl | Δ% vs baseline | size (MB) | what |", "|---|---:|---:|---:|---|"]
+    for row in rows:
+        r = results.get(row)
+        if r is None:
+            continue
+        delta = 100.0 * (r["ppl"] / base - 1.0)
+        size = f"{r['size_bytes'] / 1e6:.1f}"
+        if row == "baseline" and r.get("file_bytes"):
+            size += f" (GGUF file {r['file_bytes'] / 1e6:.1f})"
+        lines.append(f"| `{row}` | {r['ppl']:.4f} | {delta:+.2f} | {size} | {r['what']} |")
+    head = (f"model `{settings['model']}` ({baseline_note}); data `{settings['data']}:{settings['split']}`, "
+            f"protocol {settings['protocol']}, ctx {settings['ctx']}, {results['baseline']['n_chunks']} chunks; "
+            f"calibration {settings['calib_seqs']} x {settings['calib_len']} tokens of `{settings['calib']}:"
+            f"{settings['calib_split']}`; device {results['baseline']['device']}, {results['baseline']['date']}")
+    return head + "\n\n" + "\n".join(lines) + "\n"
+
+
+def goal_lines(results: dict) -> list[str]:
+    base = results["baseline"]["ppl"]
+    d = {k: 100.0 * (v["ppl"] / base - 1.0) for k, v in results.items()}
+    out = []
+    for text, need, test in GOALS:
+        if all(r in d for r in need):
+            out.append(f"- [{'x' if test(d) else ' '}] {text}")
+    return out
+
+
+def plot(results: dict, rows: list[str], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = results["baseline"]["ppl"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        r = results.get(row)
+        if r is None:
+            continue
+        ax.scatter(r["size_bytes"] / 1e6, 100 * (r["ppl"] / base - 1), s=25)
+        ax.annotate(row, (r["size_bytes"] / 1e6, 100 * (r["ppl"] / base - 1)), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.axhline(0, color="gray", lw=0.5)
+    ax.set_xlabel("size (MB, float leaves as bf16)")
+    ax.set_ylabel("perplexity Δ% vs baseline")
+    ax.set_title("Quantization: quality vs size")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m eval.quant_table", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--data", default="bundled")
+    ap.add_argument("--split", default="valid")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--protocol", default="llamacpp", choices=["llamacpp", "all"])
+    ap.add_argument("--max-chunks", type=int, default=None, help="at most this many chunks per document")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--calib", default="bundled")
+    ap.add_argument("--calib-split", default="train")
+    ap.add_argument("--calib-seqs", type=int, default=32)
+    ap.add_argument("--calib-len", type=int, default=512)
+    ap.add_argument("--rows", default=",".join(DEFAULT_ROWS), help="comma-separated recipes (+ baseline, kv-int8)")
+    ap.add_argument("--json", default="out/quant_table.json", help="results (also the resume state)")
+    ap.add_argument("--markdown", default=None, help="write the table here too")
+    ap.add_argument("--plot", default=None, help="size vs perplexity plot (png)")
+    ap.add_argument("--fresh", action="store_true", help="recompute rows already in --json")
+    args = ap.parse_args(argv)
+    with user_errors("eval.quant_table"):
+        import jax
+
+        from eval.common import device_info, setup_jax
+        from eval.perplexity import evaluate
+        from eval.quantize import calibration_for
+        from flashit_jax.data import load_documents
+        from flashit_jax.loading import load_model
+        from flashit_jax.quant import quantize, resolve, size_bytes
+
+        setup_jax()
+        rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+        if "baseline" not in rows:
+            rows.insert(0, "baseline")
+        for r in rows:
+            if r not in ("baseline", "kv-int8"):
+                resolve(r)
+        settings = {k: getattr(args, k) for k in ("model", "data", "split", "ctx", "protocol", "max_chunks", "calib",
+                                                  "calib_split", "calib_seqs", "calib_len")}
+        state_path = Path(args.json)
+        state = json.loads(state_path.read_text()) if state_path.exists() and not args.fresh else {}
+        if state.get("settings") != settings:
+            state = {"settings": settings, "results": {}}
+        results = state["results"]
+        loaded = load_model(args.model, "fp32")
+        docs = load_documents(args.data, args.split)
+        calib = None
+        for row in rows:
+            if row in results:
+                print(f"{row}: done before (ppl {results[row]['ppl']:.4f}); --fresh recomputes")
+                continue
+            t0 = time.perf_counter()
+            params, cache_dtype = loaded.params, None
+            if row == "kv-int8":
+                cache_dtype = "int8"
+            elif row != "baseline":
+                _, rules = resolve(row)
+                if calib is None and any(m is not None and m.needs_calibration for _, m in rules):
+                    calib = calibration_for(loaded, loaded.tokenizer, row, args.calib, args.calib_split,
+                                            args.calib_seqs, args.calib_len)
+                params = quantize(loaded.params, row, calib, progress=True)
+                jax.block_until_ready(params)
+            quant_s = time.perf_counter() - t0
+            rep = evaluate(loaded.model, params, loaded.tokenizer, docs, ctx=args.ctx, protocol=args.protocol,
+                           max_chunks=args.max_chunks, batch_size=args.batch_size, cache_dtype=cache_dtype)
+            results[row] = {"ppl": rep["ppl"], "mean_nll": rep["mean_nll"], "n_chunks": rep["n_chunks"],
+                            "size_bytes": size_bytes(params), "quantize_s": quant_s, "what": describe_row(row),
+                            "eval_tokens_per_s": rep["tokens_per_s"], **device_info()}
+            if row == "baseline":
+                results[row]["file_bytes"] = file_size(args.model)
+            base = results.get("baseline", {}).get("ppl")
+            delta = "" if base is None else f"  Δ {100 * (rep['ppl'] / base - 1):+.2f}%"
+            print(f"{row}: ppl {rep['ppl']:.4f}{delta}  size {results[row]['size_bytes'] / 1e6:.1f} MB  "
+                  f"(quantize {quant_s:.0f} s)")
+            state_path.parent.mkdir(parents=True, exist_ok=True)
+            state_path.write_text(json.dumps(state, indent=1))
+            del params
+        if not math.isfinite(results["baseline"]["ppl"]):
+            raise FlashitError("baseline perplexity is not finite")
+        table = markdown(results, rows, settings, loaded.note or loaded.source)
+        goals = goal_lines(results)
+        text = table + ("\nGoals:\n" + "\n".join(goals) + "\n" if goals else "")
+        print()
+        print(text)
+        if args.markdown:
+            Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.markdown).write_text(text)
+        if args.plot:
+            plot(results, rows, args.plot)
+        return results
+
+
+if __name__ == "__main__":
+    main()

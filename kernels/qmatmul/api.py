@@ -1,0 +1,127 @@
+"""Chooses the quantized-matmul implementation: Pallas on GPU/TPU where the shape fits, else XLA.
+
+    qmatmul(x, q, scales, zeros, bits=, packing=, n=)   weight-only (W8A16, W4A16, ...)
+    int8_matmul(xq, sx, wq, sw)                          W8A8: int8 x int8 -> int32
+
+`impl`: "auto" (kernel on GPU/TPU when supported), "xla" (dequantize, then one dot),
+"pallas" (the kernel of the current backend, error if unsupported), "interpret" (the GPU
+kernel in Pallas' interpreter, for CPU tests), "interpret-tpu". Gradients flow to x only
+(custom_vjp: dx = dy @ W^T through the XLA path); quantized weights are frozen.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels.qmatmul import reference
+
+IMPLS = ("auto", "xla", "pallas", "interpret", "interpret-tpu")
+
+
+def _backend() -> str:
+    return jax.default_backend()
+
+
+def choose(m: int, k: int, n: int, packing: str, groups: int, x_dtype, impl: str = "auto") -> str:
+    """'xla', 'gpu', 'tpu', 'interpret' or 'interpret-tpu'."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown qmatmul impl {impl!r}; use one of {IMPLS}")
+    if impl == "xla":
+        return "xla"
+    if impl == "interpret":
+        return "interpret"
+    if impl == "interpret-tpu":
+        return "interpret-tpu"
+    backend = _backend()
+    why = "no Pallas kernel for this backend"
+    if backend == "gpu":
+        from kernels.qmatmul import gpu
+
+        why = gpu.supported(m, k, n, packing, groups, x_dtype)
+        if not why:
+            return "gpu"
+    elif backend == "tpu":
+        from kernels.qmatmul import tpu
+
+        why = tpu.supported(m, k, n, packing, groups)
+        if not why:
+            return "tpu"
+    if impl == "pallas":
+        raise ValueError(f"qmatmul: no Pallas kernel for M={m} K={k} N={n} {packing} on {backend}: {why}")
+    return "xla"
+
+
+def _kernel_call(which: str, x2, q, scales, zeros, *, bits, packing, n, out_dtype):
+    if which in ("gpu", "interpret"):
+        from kernels.qmatmul import gpu
+
+        return gpu.qmatmul(x2, q, scales, zeros, bits=bits, packing=packing, n=n, out_dtype=out_dtype,
+                           interpret=which == "interpret")
+    from kernels.qmatmul import tpu
+
+    return tpu.qmatmul(x2, q, scales, zeros, bits=bits, packing=packing, n=n, out_dtype=out_dtype,
+                       interpret=which == "interpret-tpu")
+
+
+def _zero_cotangent(a):
+    if a is None:
+        return None
+    if jnp.issubdtype(a.dtype, jnp.integer) or a.dtype == jnp.bool_:
+        return np.zeros(a.shape, jax.dtypes.float0)
+    return jnp.zeros_like(a)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _kernel_vjp(x2, q, scales, zeros, which, bits, packing, n, out_dtype):
+    return _kernel_call(which, x2, q, scales, zeros, bits=bits, packing=packing, n=n, out_dtype=out_dtype)
+
+
+def _fwd(x2, q, scales, zeros, which, bits, packing, n, out_dtype):
+    return _kernel_vjp(x2, q, scales, zeros, which, bits, packing, n, out_dtype), (x2, q, scales, zeros)
+
+
+def _bwd(which, bits, packing, n, out_dtype, res, dy):
+    x2, q, scales, zeros = res
+    w = reference.dequantize(q, scales, zeros, bits=bits, packing=packing, n=n, dtype=jnp.float32)
+    dx = jnp.dot(dy.astype(jnp.float32), w.T).astype(x2.dtype)
+    return dx, _zero_cotangent(q), _zero_cotangent(scales), _zero_cotangent(zeros)
+
+
+_kernel_vjp.defvjp(_fwd, _bwd)
+
+
+def qmatmul(x, q, scales, zeros=None, *, bits: int, packing: str, n: int, out_dtype=None, impl: str = "auto"):
+    """x [..., K] @ W [K, N] for W stored as described in `kernels.qmatmul.reference`."""
+    out_dtype = out_dtype or x.dtype
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    m = int(np.prod(lead)) if lead else 1
+    which = choose(m, k, n, packing, scales.shape[0], x.dtype, impl)
+    if which == "xla":
+        return reference.qmatmul(x, q, scales, zeros, bits=bits, packing=packing, n=n, out_dtype=out_dtype)
+    y = _kernel_vjp(x.reshape(m, k), q, scales, zeros, which, bits, packing, n, jnp.dtype(out_dtype))
+    return y.reshape(*lead, n)
+
+
+def int8_matmul(xq, sx, wq, sw, *, out_dtype=jnp.float32, impl: str = "auto"):
+    """W8A8: (xq int8 [..., K] * sx [..., 1]) @ (wq int8 [K, N] * sw [1, N])."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown int8_matmul impl {impl!r}; use one of {IMPLS}")
+    k, n = wq.shape
+    lead = xq.shape[:-1]
+    m = int(np.prod(lead)) if lead else 1
+    use = impl in ("pallas", "interpret") or (impl == "auto" and _backend() == "gpu")
+    if use:
+        from kernels.qmatmul import gpu
+
+        why = gpu.int8_supported(m, k, n)
+        if why and impl == "pallas":
+            raise ValueError(f"int8_matmul: {why}")
+        if not why:
+            y = gpu.int8_matmul(xq.reshape(m, k), sx.reshape(m, 1), wq, sw, out_dtype=out_dtype,
+                                interpret=impl == "interpret")
+            return y.reshape(*lead, n)
+    return reference.int8_matmul(xq, sx, wq, sw, out_dtype=out_dtype)

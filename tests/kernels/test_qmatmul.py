@@ -1,0 +1,166 @@
+"""Quantized matmul kernels vs the XLA reference (dequantize, then dot), in Pallas' interpreters.
+
+Tolerances: codes and bf16/fp32 activations are exact in the kernels' input dtype and every
+product accumulates in fp32, so kernel and reference differ only in summation order:
+~1e-6 relative for fp32 and bf16 inputs alike (both compute on the same bf16-rounded x).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.qmatmul import api, gpu, reference as ref, tpu
+
+RTOL = 2e-5
+
+
+def make(rng, k, n, bits, group, symmetric, scale_dtype=np.float16):
+    packing = ref.packing_for(bits, symmetric)
+    if packing == "i8":
+        codes = rng.integers(-127, 128, (k, n))
+    else:
+        codes = rng.integers(0, 1 << bits, (k, n))
+    g = k // group
+    s = rng.uniform(0.005, 0.02, (g, n)).astype(scale_dtype)
+    z = None if symmetric else rng.uniform(-0.1, 0.0, (g, n)).astype(scale_dtype)
+    return packing, jnp.asarray(ref.pack(codes, packing)), jnp.asarray(s), None if z is None else jnp.asarray(z), codes
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+@pytest.mark.parametrize("packing,n", [("i8", 8), ("u8", 8), ("u4x2", 8), ("u2x4", 8), ("u1x8", 16), ("u3", 16)])
+def test_pack_roundtrip(packing, n):
+    rng = np.random.default_rng(0)
+    bits = {"i8": 8, "u8": 8, "u4x2": 4, "u2x4": 2, "u1x8": 1, "u3": 3}[packing]
+    lo, hi = (-128, 128) if packing == "i8" else (0, 1 << bits)
+    codes = rng.integers(lo, hi, (6, n))
+    packed = ref.pack(codes, packing)
+    assert packed.shape == (6, ref.packed_columns(packing, n))
+    assert packed.nbytes * 8 == codes.size * bits  # really `bits` per code
+    np.testing.assert_array_equal(ref.unpack(packed, packing, n), codes)
+    np.testing.assert_array_equal(np.asarray(ref.unpack(jnp.asarray(packed), packing, n)), codes)
+
+
+def test_u4x2_layout_is_column_halves():
+    codes = np.arange(8, dtype=np.int64)[None] % 16
+    packed = ref.pack(codes, "u4x2")
+    np.testing.assert_array_equal(packed[0], [0 | 4 << 4, 1 | 5 << 4, 2 | 6 << 4, 3 | 7 << 4])
+
+
+def test_dequantize_formula():
+    rng = np.random.default_rng(1)
+    packing, q, s, z, codes = make(rng, 64, 16, 4, 32, symmetric=False)
+    want = (np.asarray(s, np.float32).repeat(32, 0) * codes.astype(np.float32)) + np.asarray(z, np.float32).repeat(32, 0)
+    np.testing.assert_array_equal(np.asarray(ref.dequantize(q, s, z, bits=4, packing=packing, n=16)), want)
+    packing, q, s, _, codes = make(rng, 64, 16, 4, 64, symmetric=True)
+    want = np.asarray(s, np.float32) * (codes - 8).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(ref.dequantize(q, s, None, bits=4, packing=packing, n=16)), want)
+
+
+GPU_CASES = [  # m, k, n, bits, group (None: per channel), symmetric, dtype
+    (1, 256, 128, 4, 64, False, jnp.float32),
+    (1, 512, 256, 4, 128, True, jnp.bfloat16),
+    (5, 256, 64, 8, None, True, jnp.float32),
+    (16, 256, 128, 8, 32, False, jnp.bfloat16),
+    (20, 128, 64, 4, None, False, jnp.float32),
+    (40, 256, 128, 4, 128, False, jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("m,k,n,bits,group,symmetric,dtype", GPU_CASES)
+def test_gpu_kernel_interpret(m, k, n, bits, group, symmetric, dtype):
+    rng = np.random.default_rng(m * 7 + k)
+    packing, q, s, z, _ = make(rng, k, n, bits, group or k, symmetric)
+    x = jnp.asarray(rng.normal(size=(m, k)), dtype)
+    want = ref.qmatmul(x.astype(jnp.float32), q, s, z, bits=bits, packing=packing, n=n)
+    got = gpu.qmatmul(x, q, s, z, bits=bits, packing=packing, n=n, out_dtype=jnp.float32, interpret=True)
+    assert got.shape == (m, n)
+    assert rel(got, want) < RTOL
+
+
+def test_gpu_kernel_explicit_blocks_and_splits():
+    rng = np.random.default_rng(3)
+    packing, q, s, z, _ = make(rng, 512, 128, 4, 64, False)
+    x = jnp.asarray(rng.normal(size=(3, 512)), jnp.float32)
+    want = ref.qmatmul(x, q, s, z, bits=4, packing=packing, n=128)
+    for b in (gpu.BlockSizes(block_n=16, k_splits=8), gpu.BlockSizes(block_n=32, k_splits=1, block_m=32)):
+        got = gpu.qmatmul(x, q, s, z, bits=4, packing=packing, n=128, blocks=b, interpret=True)
+        assert rel(got, want) < RTOL
+
+
+def test_gpu_supported_reasons():
+    assert gpu.supported(1, 576, 1536, "u4x2", 9, jnp.bfloat16) == ""  # SmolLM2 g64
+    assert "packing" in gpu.supported(1, 256, 128, "u3", 4, jnp.bfloat16)
+    assert gpu.supported(1, 96 * 3, 128, "u4x2", 3, jnp.bfloat16)  # group 96: not a power of two
+
+
+@pytest.mark.parametrize("m,k,n,bits,group,symmetric,dtype", [
+    (1, 512, 512, 4, 128, False, jnp.float32), (8, 1024, 256, 4, 256, True, jnp.float32),
+    (3, 512, 256, 8, None, True, jnp.float32), (16, 256, 128, 8, 256, False, jnp.bfloat16)])
+def test_tpu_kernel_interpret(m, k, n, bits, group, symmetric, dtype):
+    rng = np.random.default_rng(m + k + n)
+    packing, q, s, z, _ = make(rng, k, n, bits, group or k, symmetric)
+    x = jnp.asarray(rng.normal(size=(m, k)), dtype)
+    want = ref.qmatmul(x.astype(jnp.float32), q, s, z, bits=bits, packing=packing, n=n)
+    got = tpu.qmatmul(x, q, s, z, bits=bits, packing=packing, n=n, out_dtype=jnp.float32, interpret=True)
+    assert rel(got, want) < RTOL
+
+
+@pytest.mark.parametrize("m", [1, 7, 33])
+def test_int8_kernel_interpret(m):
+    rng = np.random.default_rng(m)
+    x = jnp.asarray(rng.normal(size=(m, 256)) * 3, jnp.float32)
+    xq, sx = ref.quantize_rows_int8(x)
+    wq = jnp.asarray(rng.integers(-127, 128, (256, 64)), jnp.int8)
+    sw = jnp.asarray(rng.uniform(0.001, 0.01, (1, 64)), jnp.float32)
+    want = ref.int8_matmul(xq, sx, wq, sw)
+    got = gpu.int8_matmul(xq, sx, wq, sw, interpret=True)
+    assert rel(got, want) < 1e-6
+    # int32 accumulation is exact: compare against float64 math on the codes
+    exact = (np.asarray(xq, np.float64) @ np.asarray(wq, np.float64)) * np.asarray(sx) * np.asarray(sw)
+    assert rel(got, exact) < 1e-6
+
+
+def test_api_leading_dims_grad_and_choice():
+    rng = np.random.default_rng(5)
+    packing, q, s, z, _ = make(rng, 128, 64, 4, 32, False)
+    x = jnp.asarray(rng.normal(size=(2, 3, 128)), jnp.float32)
+    kw = dict(bits=4, packing=packing, n=64)
+    want = api.qmatmul(x, q, s, z, impl="xla", **kw)
+    got = api.qmatmul(x, q, s, z, impl="interpret", **kw)
+    assert got.shape == (2, 3, 64) and rel(got, want) < RTOL
+    f = lambda impl: jax.grad(lambda x: jnp.sum(api.qmatmul(x, q, s, z, impl=impl, **kw) ** 2))(x)  # noqa: E731
+    assert rel(f("interpret"), f("xla")) < 1e-5
+    assert api.choose(1, 128, 64, packing, 4, jnp.float32) == "xla"  # CPU: no kernel
+    with pytest.raises(ValueError, match="no Pallas kernel"):
+        api.choose(1, 128, 64, packing, 4, jnp.float32, impl="pallas")
+
+
+def _lower_cuda(fn, *args):
+    exp = jax.export.export(jax.jit(fn), platforms=("cuda",), disabled_checks=[
+        jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+    return exp.mlir_module()
+
+
+def test_gpu_kernels_lower_to_triton():
+    """The Triton lowering runs on CPU (cross-platform export): catches unsupported ops in CI."""
+    S = jax.ShapeDtypeStruct
+    txt = _lower_cuda(lambda x, q, s, z: gpu.qmatmul(x, q, s, z, bits=4, packing="u4x2", n=1024),
+                      S((1, 2048), jnp.bfloat16), S((2048, 512), jnp.uint8), S((16, 1024), jnp.float16),
+                      S((16, 1024), jnp.float16))
+    assert "xla.gpu.triton" in txt
+    _lower_cuda(lambda x, q, s: gpu.qmatmul(x, q, s, bits=8, packing="i8", n=512),
+                S((64, 1024), jnp.bfloat16), S((1024, 512), jnp.int8), S((1, 512), jnp.float16))
+    _lower_cuda(lambda a, b, c, d: gpu.int8_matmul(a, b, c, d), S((4, 256), jnp.int8), S((4, 1), jnp.float32),
+                S((256, 128), jnp.int8), S((1, 128), jnp.float32))
+
+
+def test_tpu_kernel_lowers_to_mosaic():
+    S = jax.ShapeDtypeStruct
+    exp = jax.export.export(jax.jit(lambda x, q, s, z: tpu.qmatmul(x, q, s, z, bits=4, packing="u4x2", n=1024)),
+                            platforms=("tpu",))(S((8, 1024), jnp.bfloat16), S((1024, 512), jnp.uint8),
+                                                S((8, 1024), jnp.float16), S((8, 1024), jnp.float16))
+    assert "tpu_custom_call" in exp.mlir_module()
