@@ -22,7 +22,8 @@ FORMAT_VERSION = 1
 # type name -> (to_tensors(obj) -> (dict[field, array], dict meta), from_tensors(fields, meta) -> obj, sidecar)
 _SERIALIZERS: dict[str, tuple[Callable, Callable, str]] = {}
 # modules that register a packed type's serializer when imported (loaded on demand)
-_PROVIDERS = {"QArray": "flashit_jax.quant"}
+_PROVIDERS = {"QArray": "flashit_jax.quant", "MaskedArray": "flashit_jax.prune", "NMArray": "flashit_jax.prune",
+              "ActSparse": "flashit_jax.prune"}
 
 
 def register_serializer(cls: type, to_tensors: Callable, from_tensors: Callable, sidecar: str) -> None:
