@@ -43,6 +43,7 @@ class Task:
     transforms: list = dataclasses.field(default_factory=list)  # the base model's transforms
     record: dict = dataclasses.field(default_factory=dict)  # appended to transforms in the saved model
     prepare_save: object = None  # params -> params to save (QAT: the quantized grid)
+    masks: dict | None = None  # keep-masks (bool, sub-tree of the params) of pruned weights: kept at 0
 
 
 def init_distributed(cfg: TrainConfig) -> None:
@@ -136,9 +137,10 @@ def evaluate(task: Task, params, docs, cfg: TrainConfig, max_chunks: int | None)
     return {"eval_ppl": rep["ppl"], "eval_nll": rep["mean_nll"], "eval_chunks": rep["n_chunks"]}
 
 
-def build_state(model, params, extra_trainable: dict, optimizer, mesh, seed: int):
+def build_state(model, params, extra_trainable: dict, optimizer, mesh, seed: int, masks=None):
     """The train state with fp32 master weights, placed by the family's sharding rules (extra
-    trainables, e.g. feature projections, replicated). Returns (state, its shardings)."""
+    trainables, e.g. feature projections, replicated; `masks` of pruned weights sharded like
+    them). Returns (state, its shardings)."""
     import optax
 
     trainable = {"model": cast_floats(params, jnp.float32), **extra_trainable}
@@ -151,7 +153,9 @@ def build_state(model, params, extra_trainable: dict, optimizer, mesh, seed: int
                                  transform_non_params=lambda _: replicated,
                                  is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
     state_sh = {"step": replicated, "params": p_sh, "opt_state": o_sh, "rng": replicated}
-    state = jax.jit(lambda t: init_state(t, optimizer, seed), out_shardings=state_sh)(trainable)
+    if masks is not None:
+        state_sh["masks"] = shd.param_shardings(masks, mesh, shd.family_axes(model))
+    state = jax.jit(lambda t, m: init_state(t, optimizer, seed, m), out_shardings=state_sh)(trainable, masks)
     return state, state_sh
 
 
@@ -203,7 +207,7 @@ def run(cfg: TrainConfig, task: Task, *, prog: str = "train") -> dict:
     compute_dtype = parse_dtype(cfg.compute_dtype)
     optimizer = make_optimizer(cfg)
     state, state_sh = build_state(task.student_model, task.student_params, task.extra_trainable, optimizer, mesh,
-                                  cfg.seed)
+                                  cfg.seed, task.masks)
     if _is_main():
         (out / "sharding.txt").write_text(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, "
                                           f"{jax.process_count()} processes\n"
