@@ -93,8 +93,9 @@ def main(argv=None):
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--output", default="auto", choices=["auto", "masked", "dense"],
                     help="unstructured leaves: auto (N:M packed, else masked), masked, dense (zeros in plain arrays)")
-    ap.add_argument("--normalize", default="none", choices=["none", "layer"],
-                    help="structured: rank units by raw output error or relative to their layer")
+    ap.add_argument("--normalize", default="layer", choices=["none", "layer"],
+                    help="structured: rank units model-wide by their output error relative to their layer's "
+                         "mean (layer) or by the raw output error (none)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer source when the model has none")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of the saved weights")
     ap.add_argument("--seed", type=int, default=0)

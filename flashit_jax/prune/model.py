@@ -18,7 +18,7 @@ def _need_tokens(tokens, what: str):
         raise FlashitError(f"{what} needs calibration tokens (CLI: --calib DATA)")
 
 
-def prune_model(model, params, recipe, tokens=None, *, calib=None, normalize: str = "none", progress: bool = False,
+def prune_model(model, params, recipe, tokens=None, *, calib=None, normalize: str = "layer", progress: bool = False,
                 log: list | None = None):
     """(model, params, info) after `recipe`. tokens int32 [S, T]: calibration sequences (Wanda,
     SparseGPT and every structured recipe need them, or a ready `calib` for the unstructured ones)."""

@@ -12,7 +12,10 @@ Scores (activation importance, from one calibration pass over the current model)
                                                      the squared output change if c alone goes
   query head h      tr(W_o[h]^T H_o[h, h] W_o[h])    the same for head h's block of o's input
   layer             1 - mean cos(h_in, h_out)         ShortGPT's block influence (low = redundant)
-Units are ranked model-wide, so per-layer counts differ. Heads go in units that keep grouped-
+Units are ranked model-wide, so per-layer counts differ; by default each score is divided by
+its layer's mean score first (`normalize="layer"`), which lost much less than ranking the raw
+output errors on SmolLM2-135M (6 validation chunks of 512, no fine-tuning: ffn-25 ppl 53.1
+normalized vs 122.8 raw, heads-25 78.6 vs 187.4; dense 27.9). Heads go in units that keep grouped-
 query attention regular: `unit="query"` removes the same number of query heads from every KV
 group of a layer (the least important of each group), `unit="kv"` removes whole KV groups
 (their query heads, key and value heads: the KV cache shrinks too). At least one unit (one
@@ -200,7 +203,7 @@ def _normalize(scores: dict[int, np.ndarray], how: str) -> dict[int, np.ndarray]
     raise FlashitError(f"unknown score normalization {how!r} (none, layer)")
 
 
-def select_ffn(structure: Structure, params, calib, fraction: float, *, normalize: str = "none",
+def select_ffn(structure: Structure, params, calib, fraction: float, *, normalize: str = "layer",
                multiple: int = 1) -> Structure:
     """Remove round(fraction * all channels) channels model-wide, the lowest scores first."""
     fraction = check_sparsity(fraction)
@@ -229,7 +232,7 @@ def select_ffn(structure: Structure, params, calib, fraction: float, *, normaliz
 
 
 def select_heads(structure: Structure, config, params, calib, fraction: float, *, unit: str = "query",
-                 normalize: str = "none") -> Structure:
+                 normalize: str = "layer") -> Structure:
     """Remove about fraction * all query heads model-wide in GQA-regular units (see module doc)."""
     fraction = check_sparsity(fraction)
     if unit not in ("query", "kv"):
