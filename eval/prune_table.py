@@ -28,7 +28,7 @@ from pathlib import Path
 from flashit_jax.errors import FlashitError, user_errors
 
 DEFAULT_ROWS = ["magnitude-50", "wanda-50", "sparsegpt-50", "magnitude-2:4", "wanda-2:4", "sparsegpt-2:4",
-                "ffn-25", "heads-25"]
+                "ffn-25", "heads-25", "kv-25"]
 
 
 def _ft_args(a, model_dir: Path, out: Path, steps: int) -> list[str]:
@@ -148,6 +148,7 @@ def main(argv=None):
         from flashit_jax.data import load_documents
         from flashit_jax.loading import load_model, save_model
         from flashit_jax.prune import is_structured, prune_model, resolve
+        from flashit_jax.quant import calibrate
 
         setup_jax()
         rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -202,7 +203,7 @@ def main(argv=None):
             rep = ppl(m.model, m.params)
             res["dense+ft"] = {"ppl": rep["ppl"], "what": "dense, re-fine-tuned", "ppl_ft": None, **device_info()}
             save()
-        tokens = None
+        tokens, calib_cache = None, None
         for row in rows:
             r = res.get(row, {})
             if "ppl" in r and ("ppl_ft" in r or not args.ft_steps):
@@ -213,8 +214,14 @@ def main(argv=None):
                 t0 = time.perf_counter()
                 if needs_calibration(row) and tokens is None:
                     tokens = calibration_tokens_for(tok, args.calib, "train", args.calib_seqs, args.calib_len, args.seed)
+                calib = None
+                if needs_calibration(row) and not is_structured(row):  # one pass serves every unstructured row
+                    if calib_cache is None:
+                        calib_cache = calibrate(loaded.model, loaded.params, tokens)
+                    calib = calib_cache
                 model, params, info = prune_model(loaded.model, loaded.params, row,
-                                                  tokens if needs_calibration(row) else None, progress=True)
+                                                  tokens if needs_calibration(row) else None, calib=calib,
+                                                  progress=True)
                 prune_s = time.perf_counter() - t0
                 src = None if not needs_calibration(row) else {"data": args.calib, "split": "train",
                                                                "sequences": args.calib_seqs, "seq_len": args.calib_len}
