@@ -42,6 +42,8 @@ def _filled_cache(model, params, context: int, steps: int, dtype, key):
 
 
 def _bytes_per_sequence(cache, context: int) -> int:
+    if hasattr(cache, "nbytes_at"):  # hybrid: KV of the attention layers at `context` + the mixers' state
+        return cache.nbytes_at(context)
     if hasattr(cache, "k"):  # KV cache: what `context` tokens occupy
         per_slot = sum(a[0, 0].size * a.dtype.itemsize for a in (*cache.k, *cache.v))
         return per_slot * context

@@ -40,15 +40,15 @@ def describe_row(row: str) -> str:
     if row == "baseline":
         return "as loaded"
     if row == "kv-int8":
-        return "baseline weights, int8 KV cache (per token & head)"
+        return "baseline weights, int8 KV cache (scale per token and head)"
     from flashit_jax.quant import named_recipe
 
     parts = []
     for pattern, m in named_recipe(row):
-        what = "emb/lm_head" if "embed" in pattern or "lm_head" in pattern else "matrices"
-        if what == "emb/lm_head" and parts and parts[-1].startswith("emb/lm_head"):
-            continue
-        parts.append(f"{what}: {m.describe()}")
+        if "embed" in pattern:
+            parts.append("tied embedding/lm_head: int8, one scale per vocab row")
+        elif "lm_head" not in pattern:
+            parts.insert(0, m.short())
     return "; ".join(parts)
 
 
@@ -73,7 +73,7 @@ def markdown(results: dict, rows: list[str], settings: dict, baseline_note: str)
         size = f"{r['size_bytes'] / 1e6:.1f}"
         if row == "baseline" and r.get("file_bytes"):
             size += f" (GGUF file {r['file_bytes'] / 1e6:.1f})"
-        lines.append(f"| `{row}` | {r['ppl']:.4f} | {delta:+.2f} | {size} | {r['what']} |")
+        lines.append(f"| `{row}` | {r['ppl']:.4f} | {delta:+.2f} | {size} | {describe_row(row)} |")
     head = (f"model `{settings['model']}` ({baseline_note}); data `{settings['data']}:{settings['split']}`, "
             f"protocol {settings['protocol']}, ctx {settings['ctx']}, {results['baseline']['n_chunks']} chunks; "
             f"calibration {settings['calib_seqs']} x {settings['calib_len']} tokens of `{settings['calib']}:"
@@ -91,25 +91,28 @@ def goal_lines(results: dict) -> list[str]:
     return out
 
 
-def plot(results: dict, rows: list[str], path: str) -> None:
+def plot(results: dict, rows: list[str], path: str, title: str = "") -> None:
+    """Horizontal bars: perplexity delta per recipe (symlog axis), size in MB written beside each."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     base = results["baseline"]["ppl"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
-        r = results.get(row)
-        if r is None:
-            continue
-        ax.scatter(r["size_bytes"] / 1e6, 100 * (r["ppl"] / base - 1), s=25)
-        ax.annotate(row, (r["size_bytes"] / 1e6, 100 * (r["ppl"] / base - 1)), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
-    ax.axhline(0, color="gray", lw=0.5)
-    ax.set_xlabel("size (MB, float leaves as bf16)")
-    ax.set_ylabel("perplexity Δ% vs baseline")
-    ax.set_title("Quantization: quality vs size")
+    shown = [r for r in rows if r in results]
+    deltas = [100 * (results[r]["ppl"] / base - 1) for r in shown]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(shown) + 1.2))
+    y = range(len(shown))[::-1]
+    ax.barh(list(y), deltas, color=["#4c72b0" if d <= 3 else "#dd8452" for d in deltas])
+    ax.set_yticks(list(y), shown, fontsize=8)
+    ax.set_xscale("symlog", linthresh=1.0)
+    for yi, r, d in zip(y, shown, deltas):
+        ax.annotate(f"{d:+.2f}%  {results[r]['size_bytes'] / 1e6:.0f} MB", (max(d, 0), yi), fontsize=7,
+                    xytext=(4, -3), textcoords="offset points")
+    ax.axvline(0, color="gray", lw=0.5)
+    ax.set_xlabel("perplexity delta vs baseline, % (symlog)")
+    ax.set_title(title or "Quantization: quality and size", fontsize=9)
+    ax.set_xlim(right=max(deltas) * 8 if max(deltas) > 0 else 1)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
@@ -203,7 +206,8 @@ def main(argv=None):
             Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
             Path(args.markdown).write_text(text)
         if args.plot:
-            plot(results, rows, args.plot)
+            plot(results, rows, args.plot, f"{args.model}, {args.data}:{args.split}, ctx {args.ctx} "
+                 f"({results['baseline']['device']}, {results['baseline']['date']})")
         return results
 
 

@@ -100,7 +100,8 @@ _EXECUTABLES: dict = {}
 def _compiled(fn, *args, **statics):
     """AOT-compiled `fn` for these argument shapes, compiled once per process (repeated
     `generate` calls, benchmarks, speculative decoding reuse it)."""
-    sig = jax.tree.map(lambda a: (a.shape, a.dtype) if hasattr(a, "shape") else a, args)
+    # leaves only: rebuilding a packed weight type around (shape, dtype) tuples (tree.map) breaks its repr
+    sig = [(a.shape, str(a.dtype)) if hasattr(a, "shape") else a for a in jax.tree.leaves(args)]
     key = (fn, jax.tree.structure(args), str(sig), tuple(sorted(statics.items())))
     if key not in _EXECUTABLES:
         _EXECUTABLES[key] = fn.lower(*args, **statics).compile()

@@ -54,9 +54,13 @@ from models import llama, mamba  # noqa: E402
 register_family(llama.LlamaConfig, llama)
 register_family(mamba.MambaConfig, mamba)
 
-from models import configs, mixtral  # noqa: E402
+from models import configs, hybrid, mixtral  # noqa: E402
 
 register_family(mixtral.MixtralConfig, mixtral)
+register_family(hybrid.HybridConfig, hybrid)
 configs.register_shape("mamba-130m", mamba.MAMBA_130M)
+for _pct in (50, 100):  # SmolLM2-135M, half / all attention layers converted (the recipe of docs/hybrid.md: no gate)
+    configs.register_shape(f"smollm2-135m-hybrid{_pct}",
+                           hybrid.hybrid_shape(configs.SHAPES["smollm2-135m"], _pct / 100, gate=False))
 
-__all__ = ["Model", "register_family", "family_of", "llama", "mamba", "mixtral"]
+__all__ = ["Model", "register_family", "family_of", "llama", "mamba", "mixtral", "hybrid"]

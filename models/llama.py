@@ -233,7 +233,7 @@ def _proj(p: dict, x, tap: dict | None, path: str):
 
 
 def _attention(p, x, positions, q_slots, kv_lengths, cache, layer: int, c: LlamaConfig, tap, pre, attn_impl,
-               segment_ids=None):
+               segment_ids=None, attn_mask=None):
     """Self-attention of one layer; with a cache, also returns the layer's new cache entry."""
     b, t, _ = x.shape
     hd = c.head_dim
@@ -253,7 +253,7 @@ def _attention(p, x, positions, q_slots, kv_lengths, cache, layer: int, c: Llama
     else:  # query i at slot i, every key valid: the layout cuDNN / Mosaic GPU kernels serve
         q_slots, kv_lengths = None, None
     o = nn.attention(q, k, v, q_positions=q_slots, kv_lengths=kv_lengths, causal=True, window=c.sliding_window,
-                     segment_ids=segment_ids, softcap=c.attn_softcap, impl=attn_impl)
+                     segment_ids=segment_ids, softcap=c.attn_softcap, mask=attn_mask, impl=attn_impl)
     return _proj(p["o"], o.reshape(b, t, -1), tap, pre + "o"), entry
 
 
@@ -268,7 +268,8 @@ def _mlp(p, x, c: LlamaConfig, tap, pre):
 
 
 def forward(params, tokens, positions=None, cache: nn.KVCache | None = None, *, config: LlamaConfig,
-            collect=(), segment_ids=None, logits_at=None, seq_lengths=None, attn_impl: str = "auto", dtype=None):
+            collect=(), segment_ids=None, logits_at=None, seq_lengths=None, attn_impl: str = "auto", dtype=None,
+            attn_mask=None):
     """Logits for `tokens` [B, T].
 
     positions int32 [B, T]: rotary positions (default: continue from the cache, else 0..T-1).
@@ -279,6 +280,7 @@ def forward(params, tokens, positions=None, cache: nn.KVCache | None = None, *, 
     segment_ids int32 [B, T]: packed sequences attend within their own segment (no cache).
     logits_at int32 [B]: compute logits only at these positions (prefill), shape [B, 1, V].
     dtype: compute dtype, default the embedding's. Logits are fp32.
+    attn_mask: bool [B, 1, T, Tk], ANDed with the causal mask (tree attention over draft candidates).
     Returns (logits, cache, aux).
     """
     def ffn(lp, h, layer, tap, pre):
@@ -286,12 +288,12 @@ def forward(params, tokens, positions=None, cache: nn.KVCache | None = None, *, 
 
     logits, new_cache, aux, _ = decoder_forward(
         params, tokens, positions, cache, config=config, ffn=ffn, collect=collect, segment_ids=segment_ids,
-        logits_at=logits_at, seq_lengths=seq_lengths, attn_impl=attn_impl, dtype=dtype)
+        logits_at=logits_at, seq_lengths=seq_lengths, attn_impl=attn_impl, dtype=dtype, attn_mask=attn_mask)
     return logits, new_cache, aux
 
 
 def decoder_forward(params, tokens, positions, cache, *, config, ffn, collect=(), segment_ids=None,
-                    logits_at=None, seq_lengths=None, attn_impl: str = "auto", dtype=None):
+                    logits_at=None, seq_lengths=None, attn_impl: str = "auto", dtype=None, attn_mask=None):
     """The decoder stack shared by families that differ only in the feed-forward block (Mixtral).
 
     ffn(layer_params, h, layer_index, tap, path_prefix) -> (output, ffn_aux); returns
@@ -321,7 +323,7 @@ def decoder_forward(params, tokens, positions, cache, *, config, ffn, collect=()
         pre = f"layers/{i}/"
         h = nn.rms_norm(x, lp["attn_norm"]["scale"], c.norm_eps, c.norm_offset)
         a, entry = _attention(lp["attn"], h, positions, q_slots, kv_lengths, cache, i, c, tap, pre + "attn/",
-                              attn_impl, segment_ids)
+                              attn_impl, segment_ids, attn_mask)
         entries.append(entry)
         x = x + a
         h = nn.rms_norm(x, lp["mlp_norm"]["scale"], c.norm_eps, c.norm_offset)

@@ -333,12 +333,18 @@ class MultiHeadConfig:
     d_state: int  # N (head_dim of the attention it replaces)
     d_conv: int = 4
     gate: bool = True  # y * silu(z) before out (Mamba); False: no z projection
+    conv_act: str = "silu"  # after the conv (Mamba); "identity" keeps x, B, C linear in the input
+    bias: bool = False  # biases on x, B, C (from an attention with q/k/v biases, Qwen2)
+    norm: bool = False  # Mamba-2's RMSNorm per head of (y * silu(z)) before out (scale-free output)
+    norm_eps: float = 1e-5
 
     def __post_init__(self):
         if self.n_heads % self.n_groups:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_groups ({self.n_groups})")
         if self.d_conv < 1:
             raise ValueError(f"conv width d_conv must be >= 1, got {self.d_conv}")
+        if self.conv_act not in ("silu", "identity"):
+            raise ValueError(f"conv_act must be 'silu' or 'identity', got {self.conv_act!r}")
 
     @property
     def conv_channels(self) -> int:  # conv over [x | B | C] as in Mamba-2
@@ -348,15 +354,17 @@ class MultiHeadConfig:
 class MultiHeadMixer(nnx.Module):
     def __init__(self, c: MultiHeadConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         h, g, p, n = c.n_heads, c.n_groups, c.head_dim, c.d_state
-        self.x = Linear(c.dim, g * p, rngs=rngs, dtype=dtype)
-        self.B = Linear(c.dim, g * n, rngs=rngs, dtype=dtype)
-        self.C = Linear(c.dim, h * n, rngs=rngs, dtype=dtype)
+        self.x = Linear(c.dim, g * p, bias=c.bias, rngs=rngs, dtype=dtype)
+        self.B = Linear(c.dim, g * n, bias=c.bias, rngs=rngs, dtype=dtype)
+        self.C = Linear(c.dim, h * n, bias=c.bias, rngs=rngs, dtype=dtype)
         if c.gate:
             self.z = Linear(c.dim, h * p, rngs=rngs, dtype=dtype)
         self.dt = Linear(c.dim, h, bias=True, rngs=rngs, dtype=dtype)
         self.conv = Conv(c.d_conv, c.conv_channels, bias=True, rngs=rngs, dtype=dtype)
         self.A_log = nnx.Param(jnp.log(jnp.arange(1, h + 1, dtype=jnp.float32)).astype(dtype))
         self.D = nnx.Param(jnp.ones((h,), dtype))
+        if c.norm:
+            self.norm = RMSNorm(h * p, offset=0.0, dtype=dtype)
         self.out = Linear(h * p, c.dim, rngs=rngs, dtype=dtype)
 
 
@@ -372,11 +380,14 @@ def from_attention(attn: dict, c: MultiHeadConfig, key: jax.Array, *, dt: float 
     initial mixer is gated linear attention with a slow exponential decay; z is random (as Mamba's).
     """
     p = init_multihead(c, key, jax.tree.leaves(attn["q"])[0].dtype)
+    if c.bias != ("b" in attn["q"]):
+        raise FlashitError(f"from_attention: the attention {'has' if 'b' in attn['q'] else 'has no'} q/k/v biases "
+                           f"but the mixer config says bias={c.bias}")
     for ours, theirs in (("x", "v"), ("B", "k"), ("C", "q"), ("out", "o")):
         want, got = nn.weight_shape(p[ours]["w"]), nn.weight_shape(attn[theirs]["w"])
         if want != got:
             raise FlashitError(f"from_attention: {theirs}/w is {got} but the mixer's {ours}/w needs {want}")
-        p[ours]["w"] = attn[theirs]["w"]
+        p[ours] = dict(attn[theirs])
     kern = jnp.zeros_like(p["conv"]["kernel"])
     p["conv"] = {"kernel": kern.at[-1].set(1), "bias": jnp.zeros_like(p["conv"]["bias"])}
     p["dt"]["w"] = jnp.zeros_like(p["dt"]["w"])
@@ -396,7 +407,8 @@ def multihead_mixer(p: dict, h, c: MultiHeadConfig, *, conv_prev=None, ssm_prev=
     H, G, P, N = c.n_heads, c.n_groups, c.head_dim, c.d_state
     xbc = jnp.concatenate([_proj(p[k], h, tap, pre + k) for k in ("x", "B", "C")], axis=-1)
     xbc, xp = causal_conv(xbc, p["conv"]["kernel"], p["conv"].get("bias"), conv_prev)
-    xbc = jax.nn.silu(xbc)
+    if c.conv_act == "silu":
+        xbc = jax.nn.silu(xbc)
     xs, Bm, Cm = jnp.split(xbc, [G * P, G * (P + N)], axis=-1)
     rep = H // G
     xs = jnp.repeat(xs.reshape(b, t, G, P), rep, axis=2)
@@ -421,4 +433,6 @@ def multihead_mixer(p: dict, h, c: MultiHeadConfig, *, conv_prev=None, ssm_prev=
     y = y.reshape(b, t, H * P)
     if c.gate:
         y = y * jax.nn.silu(_proj(p["z"], h, tap, pre + "z"))
+    if c.norm:  # per head, as Mamba-2's grouped RMSNorm: each head's output scale is learned, not summed up
+        y = nn.rms_norm(y.reshape(b, t, H, P), p["norm"]["scale"].reshape(H, P), c.norm_eps).reshape(b, t, H * P)
     return _proj(p["out"], y, tap, pre + "out"), new_conv, new_ssm

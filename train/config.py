@@ -34,6 +34,7 @@ class TrainConfig:
     topk_cache: str = ""  # directory of the tensorstore top-k cache (default: OUT/topk)
     feature_weight: float = 1.0  # feature: weight of the hidden-state (FitNets) term
     attention_weight: float = 0.0  # feature: weight of the attention-map (TinyBERT) term
+    trainable: str = ""  # regex over student parameter paths: train only these (""= all); e.g. "layers/\d+/mixer/.*"
     # data
     data: str = "bundled"
     split: str = "train"

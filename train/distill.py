@@ -1,4 +1,4 @@
-"""Distil a teacher into a smaller student.
+r"""Distil a teacher into a smaller student.
 
     python -m train.distill --teacher smollm2-135m --student layers=0,6,12,18,24,29 \\
         --loss mix --kd-loss soft --temperature 2 --data ../shared/data/shakespeare \\
@@ -8,9 +8,12 @@
 
 --student: `layers=0,5,10,...` (those teacher layers, re-indexed), a YAML file under
 train/configs/ (`layers:`, `config:` for a narrower random student, or `model:`), or any model
-spec. --loss: ce (data only), hard (teacher labels), soft (T^2-scaled soft targets), fkl, rkl,
+spec, or `hybrid=50%` (the teacher with half its attention layers turned into Mamba mixers;
+docs/hybrid.md). --loss: ce (data only), hard (teacher labels), soft (T^2-scaled soft targets), fkl, rkl,
 topk (teacher top-k logits cached on disk), feature (soft targets + hidden states [+ attention
-maps] through learned projections), mix (alpha * CE + (1 - alpha) * --kd-loss).
+maps] through learned projections), align (each converted layer alone, fed the teacher's
+hidden states, reproduces the teacher layer's output), mix (alpha * CE + (1 - alpha) * --kd-loss).
+--trainable REGEX trains only the matching parameters (e.g. the mixers: 'layers/\d+/mixer/.*').
 The final student is written to OUT/model (load it with `python -m eval.perplexity --model OUT/model`).
 Every flag is a TrainConfig field (train/config.py); --config FILE loads YAML.
 """
@@ -60,16 +63,27 @@ def build_task(cfg):
     check_vocab(student.model, teacher.model)
     n_s, n_t = student.model.config.n_layers, teacher.model.config.n_layers
     lmap = layer_map(student.teacher_layers, n_s, n_t) if cfg.loss == "feature" else ()
+    mamba_layers = tuple(getattr(student.model.config, "mamba_layers", ()))
+    if mamba_layers and cfg.doc_masking:
+        raise FlashitError(f"the student has Mamba layers {list(mamba_layers)}: a recurrent state cannot be split "
+                           "between packed documents; pass --doc-masking false")
+    align = ()
+    if cfg.loss == "align":
+        if n_s != n_t:
+            raise FlashitError(f"loss 'align' matches student layer i to teacher layer i; the student has {n_s} layers, "
+                               f"the teacher {n_t}")
+        align = mamba_layers
     obj = Objective(loss=cfg.loss, kd_loss=cfg.kd_loss, alpha=cfg.alpha, temperature=cfg.temperature,
                     hard_sample=cfg.hard_sample, feature_weight=cfg.feature_weight,
-                    attention_weight=cfg.attention_weight, layer_map=lmap)
+                    attention_weight=cfg.attention_weight, layer_map=lmap, align_layers=align)
     extra = {}
     if cfg.loss == "feature":
         extra["proj"] = projections(n_s, student.model.config.dim, teacher.model.config.dim, cfg.seed)
     record = {"transform": "distill", "teacher": cfg.teacher, "student": cfg.student,
               "student_desc": student.description, "loss": cfg.loss,
               **({"kd_loss": cfg.kd_loss, "alpha": cfg.alpha} if cfg.loss == "mix" else {}),
-              **({"temperature": cfg.temperature} if obj.kd not in (None, "hard") else {})}
+              **({"temperature": cfg.temperature} if obj.kd not in (None, "hard", "align") else {}),
+              **({"trainable": cfg.trainable} if cfg.trainable else {})}
     return Task(student.model, student.params, teacher.tokenizer, obj, teacher.model, teacher.params,
                 extra_trainable=extra, transforms=list(teacher.transforms), record=record)
 

@@ -301,7 +301,8 @@ def run(cfg: TrainConfig, task: Task, *, prog: str = "train") -> dict:
             metrics.write(last)
         tps = tok_window / max(now - t_window, 1e-9)
         tok_window, t_window, records_pending = 0.0, now, []
-        bar.set_postfix(loss=f"{last['loss']:.4f}", ce=f"{last['ce']:.4f}", tok_s=f"{tps:.0f}")
+        bar.set_postfix(loss=f"{last['loss']:.4f}", **({"ce": f"{last['ce']:.4f}"} if "ce" in last else {}),
+                        tok_s=f"{tps:.0f}")
 
     for step in bar:
         state, mets = jstep(state, teacher_params, batch_for(step))

@@ -15,6 +15,8 @@ predicts at the same positions as the teacher (teacher logits at t predict token
   renormalized, against the student's full softmax gathered at those indices.
 - `mix`: weighted sum, e.g. alpha * data CE + (1 - alpha) * a KD loss.
 - `hidden_mse` / `attention_mse`: feature losses (FitNets, TinyBERT) through learned projections.
+- `token_layer_alignment`: layer-wise hidden-state alignment (MOHAWK stage 2, Bick et al. 2024):
+  each replaced layer, fed the teacher's input, should reproduce the teacher layer's output.
 """
 from __future__ import annotations
 
@@ -157,5 +159,18 @@ def attention_mse(student_probs, teacher_probs, mask):
     return masked_mean(err, mask)
 
 
+def token_layer_alignment(student_out, teacher_out, teacher_in):
+    """Per-token squared error of a layer's output [B, T, d], relative to the teacher layer's update.
+
+    err[b, t] = mean_d (s - t_out)^2 / mean_{b,t,d} (t_out - t_in)^2. Normalizing by the layer's
+    own update (not its output, which carries the whole residual stream) makes 1.0 mean "as far
+    off as skipping the layer" in every layer, so layers of any scale weigh the same.
+    """
+    t_out = jax.lax.stop_gradient(teacher_out).astype(jnp.float32)
+    upd = t_out - jax.lax.stop_gradient(teacher_in).astype(jnp.float32)
+    scale = jnp.maximum(jnp.mean(jnp.square(upd)), jnp.float32(1e-12))
+    return jnp.mean(jnp.square(student_out.astype(jnp.float32) - t_out), axis=-1) / scale
+
+
 KD_LOSSES = ("hard", "soft", "fkl", "rkl", "topk")
-ALL_LOSSES = ("ce", *KD_LOSSES, "feature", "mix")
+ALL_LOSSES = ("ce", *KD_LOSSES, "feature", "mix", "align")

@@ -20,7 +20,7 @@ from flashit_jax.errors import FlashitError
 from train import losses as L
 from train import qat as qat_lib
 
-TEACHER_LOSSES = ("hard", "soft", "fkl", "rkl", "feature")
+TEACHER_LOSSES = ("hard", "soft", "fkl", "rkl", "feature", "align")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +35,7 @@ class Objective:
     feature_weight: float = 1.0
     attention_weight: float = 0.0
     layer_map: tuple[int, ...] = ()  # feature: teacher layer matched by each student layer
+    align_layers: tuple[int, ...] = ()  # align: student layers trained to reproduce the teacher's, one by one
     qat: tuple = ()  # ((regex, FakeQuant), ...)
 
     def __post_init__(self):
@@ -46,6 +47,9 @@ class Objective:
             raise FlashitError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.temperature <= 0:
             raise FlashitError(f"temperature must be positive, got {self.temperature}")
+        if self.loss == "align" and not self.align_layers:
+            raise FlashitError("loss 'align' needs the layers to align (a hybrid student's converted layers); "
+                               "this student has none")
 
     @property
     def kd(self) -> str | None:
@@ -88,6 +92,27 @@ def _attention_maps(model, params, inputs, positions, segment_ids, layers):
     return maps
 
 
+def _layer_alignment(obj: Objective, student, teacher, p, teacher_params, batch, run, compute_dtype):
+    """Layer-wise alignment: the teacher's residual stream enters each aligned student layer alone;
+    its output is compared with the teacher's (no student forward through the whole stack)."""
+    from flashit_jax import nn
+
+    layer_outputs = getattr(student.family, "layer_outputs", None)
+    if layer_outputs is None:
+        raise FlashitError(f"loss 'align' needs a family with layer_outputs (a hybrid); got {type(student.config).__name__}")
+    _, _, t_aux = run(teacher, teacher_params, batch, ("hidden",))
+    hid = t_aux["hidden"]
+    tc = teacher.config
+    x0 = nn.embed(batch["tokens"], teacher_params["embed"]["w"], compute_dtype)
+    if getattr(tc, "embed_scale", False):
+        x0 = x0 * jnp.asarray(tc.dim**0.5, x0.dtype)
+    ins = {i: jax.lax.stop_gradient(x0 if i == 0 else hid[i - 1]).astype(compute_dtype) for i in obj.align_layers}
+    positions = None if "positions" not in batch else batch["positions"]
+    outs = layer_outputs(p, ins, positions, config=student.config, layers=obj.align_layers)
+    err = sum(L.token_layer_alignment(outs[i], hid[i], ins[i]) for i in obj.align_layers)
+    return err / len(obj.align_layers)
+
+
 def make_token_loss(obj: Objective, student, teacher=None, *, compute_dtype=jnp.bfloat16, attn_impl="auto",
                     doc_masking: bool = True):
     """(trainable, teacher_params, batch, key) -> (per-token loss [B, T] fp32, {metric: [B, T]}).
@@ -110,6 +135,13 @@ def make_token_loss(obj: Objective, student, teacher=None, *, compute_dtype=jnp.
         if obj.qat:
             p = qat_lib.apply(p, list(obj.qat))
         p = cast_floats(p, compute_dtype)
+        if obj.loss == "align":
+            if doc_masking:
+                raise FlashitError("loss 'align' runs without document masking (a Mamba state cannot be split by "
+                                   "segment_ids); pass --doc-masking false")
+            b = {k: v for k, v in batch.items() if k != "positions"}
+            err = _layer_alignment(obj, student, teacher, p, teacher_params, b, run, compute_dtype)
+            return err, {"align": err}
         collect = (("hidden",) if want_hidden else ()) + (("inputs",) if want_attn else ())
         s_logits, _, s_aux = run(student, p, batch, collect)
         ce = L.token_cross_entropy(s_logits, batch["targets"])

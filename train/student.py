@@ -7,6 +7,10 @@
     config: {n_layers: 6, dim: 384, ...}  # teacher config with these fields replaced, random init
     model: SPEC                         # any `load_model` spec (e.g. a smaller pretrained model)
   and optionally `init: random` with `layers` (same shape, random weights).
+- `hybrid=50%` / `hybrid=0.5` (a fraction of the layers) or `hybrid=1,3,5` (layer indices): the teacher with those attention
+  layers converted to Mamba mixers (`models.hybrid.from_llama`), or a YAML file with
+    hybrid: {fraction: 0.5, d_conv: 4, gate: true, mixer_norm: true, conv_act: silu,
+             dt_range: [0.001, 0.1], a_range: [1, 16], norm_init: 1.0}   # or layers: [1, 3, 5]
 - any model spec `load_model` accepts (`random:smollm2-135m`, a directory, a .gguf).
 
 The student must share the teacher's vocabulary (distillation compares distributions token by token).
@@ -67,10 +71,58 @@ def check_vocab(student_model, teacher_model, student_tok=None, teacher_tok=None
                            "needs the same tokenizer")
 
 
+HYBRID_KEYS = {"fraction", "layers", "d_conv", "gate", "mixer_norm", "conv_act", "dt_range", "a_range", "norm_init"}
+
+
+def hybrid_student(d: dict, teacher_model, teacher_params, *, seed: int = 0) -> Student:
+    """The teacher with chosen attention layers converted to Mamba mixers (`models.hybrid.from_llama`)."""
+    from models import Model, hybrid
+    from models.llama import LlamaConfig
+
+    if not isinstance(d, dict):
+        raise FlashitError(f"hybrid: expected a mapping with `fraction` or `layers`, got {d!r}")
+    unknown = set(d) - HYBRID_KEYS
+    if unknown:
+        raise FlashitError(f"hybrid: unknown fields {sorted(unknown)} (known: {sorted(HYBRID_KEYS)})")
+    if ("fraction" in d) == ("layers" in d):
+        raise FlashitError("hybrid: give exactly one of `fraction` (0..1) and `layers` (indices)")
+    if type(teacher_model.config) is not LlamaConfig:
+        raise FlashitError(f"a hybrid student converts a Llama-family teacher, not {type(teacher_model.config).__name__}")
+    n = teacher_model.config.n_layers
+    if "fraction" in d:
+        try:
+            fraction = float(d["fraction"])
+        except (TypeError, ValueError):
+            raise FlashitError(f"hybrid: fraction must be a number in [0, 1], got {d['fraction']!r}") from None
+        layers = hybrid.convert_layers(n, fraction)
+    else:
+        layers = parse_layers(d["layers"], n)
+    kw = {k: d[k] for k in ("d_conv", "gate", "mixer_norm", "conv_act", "norm_init") if k in d}
+    for k in ("dt_range", "a_range"):
+        if k in d:
+            try:
+                lo, hi = (float(v) for v in d[k])
+            except (TypeError, ValueError):
+                raise FlashitError(f"hybrid: {k} must be two numbers [low, high], got {d[k]!r}") from None
+            kw[k] = (lo, hi)
+    config, params = hybrid.from_llama(teacher_model.config, teacher_params, layers, key=jax.random.key(seed), **kw)
+    desc = f"hybrid: layers {list(config.mamba_layers)} of {n} converted to Mamba mixers"
+    return Student(Model(config), params, desc, tuple(range(n)))
+
+
 def build_student(spec: str, teacher_model, teacher_params, *, seed: int = 0, teacher_tokenizer=None) -> Student:
     from models import Model
 
     n_teacher = teacher_model.config.n_layers
+    if spec.startswith("hybrid="):  # hybrid=50% or hybrid=0.5: a fraction; hybrid=1,3,5: layer indices
+        arg = spec[len("hybrid="):].strip()
+        if arg.endswith("%") or "." in arg:
+            try:
+                fraction = float(arg[:-1]) / 100 if arg.endswith("%") else float(arg)
+            except ValueError:
+                raise FlashitError(f"--student {spec!r}: expected hybrid=50%, hybrid=0.5 or hybrid=1,3,5") from None
+            return hybrid_student({"fraction": fraction}, teacher_model, teacher_params, seed=seed)
+        return hybrid_student({"layers": arg}, teacher_model, teacher_params, seed=seed)
     if spec.startswith("layers="):
         layers = parse_layers(spec[len("layers="):], n_teacher)
         model, params = from_teacher_layers(teacher_model, teacher_params, layers)
@@ -78,11 +130,13 @@ def build_student(spec: str, teacher_model, teacher_params, *, seed: int = 0, te
     p = Path(spec)
     if p.suffix in (".yaml", ".yml") or (CONFIG_DIR / spec).suffix in (".yaml", ".yml"):
         d = load_yaml(spec)
-        unknown = set(d) - {"layers", "config", "model", "init"}
+        unknown = set(d) - {"layers", "config", "model", "init", "hybrid"}
         if unknown:
-            raise FlashitError(f"{spec}: unknown student fields {sorted(unknown)} (layers, config, model, init)")
-        if sum(k in d for k in ("layers", "config", "model")) != 1:
-            raise FlashitError(f"{spec}: give exactly one of `layers`, `config`, `model`")
+            raise FlashitError(f"{spec}: unknown student fields {sorted(unknown)} (layers, config, model, init, hybrid)")
+        if sum(k in d for k in ("layers", "config", "model", "hybrid")) != 1:
+            raise FlashitError(f"{spec}: give exactly one of `layers`, `config`, `model`, `hybrid`")
+        if "hybrid" in d:
+            return hybrid_student(d["hybrid"], teacher_model, teacher_params, seed=seed)
         init = d.get("init", "teacher" if "layers" in d else "random")
         if init not in ("teacher", "random"):
             raise FlashitError(f"{spec}: init must be `teacher` or `random`, got {init!r}")

@@ -20,6 +20,14 @@ class Method:
         fields = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items())
         return f"{self.name}({fields})"
 
+    def short(self) -> str:
+        """A few words for tables."""
+        return self.describe()
+
+
+def _grid(bits, group_size, symmetric) -> str:
+    return f"{bits}-bit {'sym' if symmetric else 'asym'} {'per channel' if group_size is None else f'g{group_size}'}"
+
 
 @dataclasses.dataclass(frozen=True)
 class RTN(Method):
@@ -31,6 +39,10 @@ class RTN(Method):
     symmetric: bool = True
     per_tensor: bool = False
     scale_dtype: str = "float16"
+
+    def short(self) -> str:
+        return f"RTN {_grid(self.bits, None, True) if self.per_tensor else _grid(self.bits, self.group_size, self.symmetric)}" \
+            + (" per tensor" if self.per_tensor else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +61,10 @@ class GPTQ(Method):
     clip: bool = True
     scale_dtype: str = "float16"
 
+    def short(self) -> str:
+        extra = [x for x, on in (("act-order", self.act_order), ("clip search", self.clip and self.act_order)) if on]
+        return f"GPTQ {_grid(self.bits, self.group_size, self.symmetric)}" + (f" ({', '.join(extra)})" if extra else "")
+
 
 @dataclasses.dataclass(frozen=True)
 class AWQ(Method):
@@ -65,12 +81,18 @@ class AWQ(Method):
     clip: bool = True
     scale_dtype: str = "float16"
 
+    def short(self) -> str:
+        return f"AWQ {_grid(self.bits, self.group_size, self.symmetric)}" + (" (clip search)" if self.clip else "")
+
 
 @dataclasses.dataclass(frozen=True)
 class W8A8(Method):
     """Per-output-channel int8 weights, per-token dynamic int8 activations, int32 accumulation."""
 
     name: ClassVar[str] = "w8a8"
+
+    def short(self) -> str:
+        return "int8 W per channel x int8 X per token"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +104,9 @@ class SmoothQuant(Method):
     smoothing: ClassVar[bool] = True
     alpha: float = 0.5
 
+    def short(self) -> str:
+        return f"SmoothQuant alpha={self.alpha}, then int8 W x int8 X"
+
 
 @dataclasses.dataclass(frozen=True)
 class LLMInt8(Method):
@@ -90,12 +115,18 @@ class LLMInt8(Method):
     name: ClassVar[str] = "llm-int8"
     threshold: float = 6.0
 
+    def short(self) -> str:
+        return f"LLM.int8: int8 W x int8 X, input columns with abs(x) >= {self.threshold:g} in float"
+
 
 @dataclasses.dataclass(frozen=True)
 class FP8(Method):
     """float8 e4m3 weights, one fp32 scale per output channel; activations stay in float."""
 
     name: ClassVar[str] = "fp8"
+
+    def short(self) -> str:
+        return "fp8 e4m3 W, scale per channel"
 
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (RTN, GPTQ, AWQ, W8A8, SmoothQuant, LLMInt8, FP8)}

@@ -7,14 +7,16 @@ impl:
 - "xla": lax.scan over chunks with an associative_scan inside (rematerialized in the backward).
 - "associative": one associative_scan over the whole sequence (memory O(Bt·L·D·N)).
 - "reference": the sequential lax.scan of reference.py.
+- "ssd": the chunked matmul (state space dual) form of ssd.py; multi-head layout only (scalar
+  decay per head). Mostly matmuls, so the fastest XLA path for training that layout.
 """
 from __future__ import annotations
 
 import jax
 
-from kernels.ssm_scan import gpu, reference, tpu
+from kernels.ssm_scan import gpu, reference, ssd, tpu
 
-IMPLS = ("auto", "pallas", "pallas_gpu", "pallas_tpu", "xla", "associative", "reference")
+IMPLS = ("auto", "pallas", "pallas_gpu", "pallas_tpu", "xla", "associative", "reference", "ssd")
 
 
 def _resolve(impl: str, interpret: bool) -> str:
@@ -41,10 +43,17 @@ def selective_scan(x, dt, A, B, C, D=None, *, initial_state=None, return_final_s
     """The selective scan of Mamba in either layout (see reference.py for shapes).
 
     Returns y (x's shape and dtype), or (y, final state fp32) with return_final_state.
-    blocks: `gpu.GpuBlocks` / `tpu.TpuBlocks` for the Pallas kernels; chunk: the "xla" chunk.
+    blocks: `gpu.GpuBlocks` / `tpu.TpuBlocks` for the Pallas kernels; chunk: the "xla" chunk
+    (for "ssd", min(chunk, 64): its [chunk, chunk] decay matrices grow quadratically).
     """
     impl = _resolve(impl, interpret)
     c = reference.canonicalize(x, dt, A, B, C, D, initial_state)
+    if impl == "ssd":
+        if not c.multihead:
+            raise ValueError("selective_scan: impl='ssd' needs the multi-head layout (x [Bt, L, H, P], one decay "
+                             "per head); the Mamba-1 layout has a decay per channel and state")
+        y, h = ssd.ssd_scan(x, dt, A, B, C, D, initial_state, chunk=min(chunk, 64))
+        return (y, h) if return_final_state else y
     args = (c.x, c.dt, c.A, c.B, c.C, c.D, c.h0)
     if impl == "pallas_gpu":
         y, h = gpu.scan_canonical(*args, blocks=blocks or gpu.GpuBlocks(), interpret=interpret)

@@ -1,0 +1,3 @@
+from eval.ablation.cli import main
+
+main()
