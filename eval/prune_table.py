@@ -60,7 +60,9 @@ def markdown(res: dict, settings: dict) -> str:
 
     lines = ["| recipe | what | ppl | Δ% | ppl after re-fine-tune | Δ% vs baseline | Δ% vs dense+ft |",
              "|---|---|---:|---:|---:|---:|---:|"]
-    for row, r in res.items():
+    order = [k for k in ("baseline", "dense+ft") if k in res] + [k for k in res if k not in ("baseline", "dense+ft")]
+    for row in order:
+        r = res[row]
         if row.startswith(("lt:", "imp:")):
             continue
         after = r.get("ppl_ft")
@@ -195,6 +197,38 @@ def main(argv=None):
             res["baseline"] = {"ppl": rep["ppl"], "n_chunks": rep["n_chunks"], "what": "dense", **device_info()}
             save()
         print(f"baseline: ppl {res['baseline']['ppl']:.4f}")
+        tokens, calib_cache = None, None
+        # every one-shot row first, then the re-fine-tunes: a cut-short run still has the whole one-shot column
+        for row in rows:
+            r = res.get(row, {})
+            if "ppl" in r:
+                print(f"{row}: done before (ppl {r['ppl']:.4f})")
+                continue
+            mdir = out / "models" / row.replace(":", "_")
+            t0 = time.perf_counter()
+            if needs_calibration(row) and tokens is None:
+                tokens = calibration_tokens_for(tok, args.calib, "train", args.calib_seqs, args.calib_len, args.seed)
+            calib = None
+            if needs_calibration(row) and not is_structured(row):  # one pass serves every unstructured row
+                if calib_cache is None:
+                    calib_cache = calibrate(loaded.model, loaded.params, tokens)
+                calib = calib_cache
+            model, params, info = prune_model(loaded.model, loaded.params, row,
+                                              tokens if needs_calibration(row) else None, calib=calib,
+                                              progress=True)
+            prune_s = time.perf_counter() - t0
+            src = None if not needs_calibration(row) else {"data": args.calib, "split": "train",
+                                                           "sequences": args.calib_seqs, "seq_len": args.calib_len}
+            save_model(mdir, model.config, params, tokenizer=tok,
+                       transforms=list(loaded.transforms) + [transform_record(row, info, src, params, "auto")])
+            check_reload(mdir, model, params)
+            rep = ppl(model, params)
+            r = {"ppl": rep["ppl"], "what": _describe(info, params, row), "prune_s": prune_s, **device_info()}
+            res[row] = r
+            save()
+            print(f"{row}: ppl {rep['ppl']:.4f} ({r['what']}, pruned in {prune_s:.0f} s)")
+            del params
+        calib_cache = None
         base_dir = out / "models" / "baseline"
         if args.ft_steps and "dense+ft" not in res:
             if not (base_dir / "config.json").exists():
@@ -203,43 +237,16 @@ def main(argv=None):
             rep = ppl(m.model, m.params)
             res["dense+ft"] = {"ppl": rep["ppl"], "what": "dense, re-fine-tuned", "ppl_ft": None, **device_info()}
             save()
-        tokens, calib_cache = None, None
-        for row in rows:
-            r = res.get(row, {})
-            if "ppl" in r and ("ppl_ft" in r or not args.ft_steps):
-                print(f"{row}: done before (ppl {r['ppl']:.4f}, after fine-tune {r.get('ppl_ft')})")
+        for row in rows if args.ft_steps else []:
+            r = res[row]
+            if "ppl_ft" in r:
                 continue
             mdir = out / "models" / row.replace(":", "_")
-            if "ppl" not in r:
-                t0 = time.perf_counter()
-                if needs_calibration(row) and tokens is None:
-                    tokens = calibration_tokens_for(tok, args.calib, "train", args.calib_seqs, args.calib_len, args.seed)
-                calib = None
-                if needs_calibration(row) and not is_structured(row):  # one pass serves every unstructured row
-                    if calib_cache is None:
-                        calib_cache = calibrate(loaded.model, loaded.params, tokens)
-                    calib = calib_cache
-                model, params, info = prune_model(loaded.model, loaded.params, row,
-                                                  tokens if needs_calibration(row) else None, calib=calib,
-                                                  progress=True)
-                prune_s = time.perf_counter() - t0
-                src = None if not needs_calibration(row) else {"data": args.calib, "split": "train",
-                                                               "sequences": args.calib_seqs, "seq_len": args.calib_len}
-                save_model(mdir, model.config, params, tokenizer=tok,
-                           transforms=list(loaded.transforms) + [transform_record(row, info, src, params, "auto")])
-                check_reload(mdir, model, params)
-                rep = ppl(model, params)
-                r = {"ppl": rep["ppl"], "what": _describe(info, params, row), "prune_s": prune_s, **device_info()}
-                res[row] = r
-                save()
-                print(f"{row}: ppl {rep['ppl']:.4f} ({r['what']}, pruned in {prune_s:.0f} s)")
-                del params
-            if args.ft_steps:
-                m = load_model(str(finetune(mdir, out / "ft" / row.replace(":", "_"))), "fp32")
-                rep = ppl(m.model, m.params)
-                r["ppl_ft"] = rep["ppl"]
-                save()
-                print(f"{row}: after re-fine-tune ppl {rep['ppl']:.4f}")
+            m = load_model(str(finetune(mdir, out / "ft" / row.replace(":", "_"))), "fp32")
+            rep = ppl(m.model, m.params)
+            r["ppl_ft"] = rep["ppl"]
+            save()
+            print(f"{row}: after re-fine-tune ppl {rep['ppl']:.4f}")
         if args.lt_rounds:
             from train.config import parse_args
             from train.imp import run_imp
