@@ -46,6 +46,10 @@ class LlamaConfig:
     attn_softcap: float | None = None
     final_softcap: float | None = None
     family: str = "llama"  # llama | mistral | qwen2 | gemma | smollm2: which HF class this mirrors
+    # structured pruning: per-layer (n_heads, n_kv_heads) and FFN widths (None: every layer is uniform);
+    # n_heads / n_kv_heads / ffn_dim then describe the widest layer
+    layer_heads: tuple[tuple[int, int], ...] | None = None
+    layer_ffn_dims: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.head_dim == 0:
@@ -54,11 +58,36 @@ class LlamaConfig:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.act not in ("silu", "gelu_tanh"):
             raise ValueError(f"unsupported activation {self.act!r} (silu, gelu_tanh)")
+        if self.layer_heads is not None:  # JSON gives lists; the config must stay hashable
+            heads = tuple((int(q), int(kv)) for q, kv in self.layer_heads)
+            object.__setattr__(self, "layer_heads", heads)
+            if len(heads) != self.n_layers:
+                raise ValueError(f"layer_heads has {len(heads)} entries for {self.n_layers} layers")
+            for i, (q, kv) in enumerate(heads):
+                if q < 1 or kv < 1 or q % kv:
+                    raise ValueError(f"layer {i}: {q} query heads and {kv} KV heads (need q >= kv >= 1, q % kv == 0)")
+        if self.layer_ffn_dims is not None:
+            ffn = tuple(int(f) for f in self.layer_ffn_dims)
+            object.__setattr__(self, "layer_ffn_dims", ffn)
+            if len(ffn) != self.n_layers or min(ffn, default=1) < 1:
+                raise ValueError(f"layer_ffn_dims {ffn} must hold {self.n_layers} positive widths")
+
+    def heads_at(self, layer: int) -> tuple[int, int]:
+        """(query heads, KV heads) of one layer."""
+        return (self.n_heads, self.n_kv_heads) if self.layer_heads is None else self.layer_heads[layer]
+
+    def ffn_dim_at(self, layer: int) -> int:
+        return self.ffn_dim if self.layer_ffn_dims is None else self.layer_ffn_dims[layer]
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         if self.rope_freq_factors is not None:
             d["rope_freq_factors"] = list(self.rope_freq_factors)
+        for name in ("layer_heads", "layer_ffn_dims"):
+            if d[name] is None:
+                del d[name]  # uniform models keep the config.json older readers know
+            else:
+                d[name] = [list(h) if isinstance(h, tuple) else h for h in d[name]]
         return d
 
     @classmethod
@@ -67,10 +96,12 @@ class LlamaConfig:
 
     @property
     def n_params(self) -> int:
-        qkvo = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
-        per_layer = qkvo + 3 * self.dim * self.ffn_dim + 2 * self.dim
+        layers = 0
+        for i in range(self.n_layers):
+            q, kv = self.heads_at(i)
+            layers += self.dim * self.head_dim * (2 * q + 2 * kv) + 3 * self.dim * self.ffn_dim_at(i) + 2 * self.dim
         head = 0 if self.tie_embeddings else self.dim * self.vocab_size
-        return self.vocab_size * self.dim + self.n_layers * per_layer + self.dim + head
+        return self.vocab_size * self.dim + layers + self.dim + head
 
 
 # Logical axis names of every parameter, matched on '/'-joined paths; `flashit_jax.sharding`
@@ -109,9 +140,15 @@ class RMSNorm(nnx.Module):
         self.scale = nnx.Param(jnp.full((dim,), 1.0 - offset, dtype))
 
 
+def heads_at(c, layer: int) -> tuple[int, int]:
+    """(query heads, KV heads) of a layer, for any config of the decoder stack (Mixtral has no per-layer heads)."""
+    return c.heads_at(layer) if hasattr(c, "heads_at") else (c.n_heads, c.n_kv_heads)
+
+
 class Attention(nnx.Module):
-    def __init__(self, c: LlamaConfig, *, rngs: nnx.Rngs, dtype):
-        qd, kd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    def __init__(self, c: LlamaConfig, layer: int = 0, *, rngs: nnx.Rngs, dtype):
+        q_heads, kv_heads = heads_at(c, layer)
+        qd, kd = q_heads * c.head_dim, kv_heads * c.head_dim
         self.q = Linear(c.dim, qd, bias=c.qkv_bias, rngs=rngs, dtype=dtype)
         self.k = Linear(c.dim, kd, bias=c.qkv_bias, rngs=rngs, dtype=dtype)
         self.v = Linear(c.dim, kd, bias=c.qkv_bias, rngs=rngs, dtype=dtype)
@@ -119,25 +156,26 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, c: LlamaConfig, *, rngs: nnx.Rngs, dtype):
-        self.gate = Linear(c.dim, c.ffn_dim, rngs=rngs, dtype=dtype)
-        self.up = Linear(c.dim, c.ffn_dim, rngs=rngs, dtype=dtype)
-        self.down = Linear(c.ffn_dim, c.dim, rngs=rngs, dtype=dtype)
+    def __init__(self, c: LlamaConfig, layer: int, *, rngs: nnx.Rngs, dtype):
+        f = c.ffn_dim_at(layer)
+        self.gate = Linear(c.dim, f, rngs=rngs, dtype=dtype)
+        self.up = Linear(c.dim, f, rngs=rngs, dtype=dtype)
+        self.down = Linear(f, c.dim, rngs=rngs, dtype=dtype)
 
 
 class Block(nnx.Module):
-    def __init__(self, c: LlamaConfig, *, rngs: nnx.Rngs, dtype):
+    def __init__(self, c: LlamaConfig, layer: int = 0, *, rngs: nnx.Rngs, dtype):
         self.attn_norm = RMSNorm(c.dim, offset=c.norm_offset, dtype=dtype)
-        self.attn = Attention(c, rngs=rngs, dtype=dtype)
+        self.attn = Attention(c, layer, rngs=rngs, dtype=dtype)
         self.mlp_norm = RMSNorm(c.dim, offset=c.norm_offset, dtype=dtype)
-        self.mlp = MLP(c, rngs=rngs, dtype=dtype)
+        self.mlp = MLP(c, layer, rngs=rngs, dtype=dtype)
 
 
 class Llama(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         c = self.config = config
         self.embed = Embed(c.vocab_size, c.dim, rngs=rngs, dtype=dtype)
-        self.layers = layer_list([Block(c, rngs=rngs, dtype=dtype) for _ in range(c.n_layers)])
+        self.layers = layer_list([Block(c, i, rngs=rngs, dtype=dtype) for i in range(c.n_layers)])
         self.final_norm = RMSNorm(c.dim, offset=c.norm_offset, dtype=dtype)
         if not c.tie_embeddings:
             self.lm_head = Linear(c.dim, c.vocab_size, rngs=rngs, dtype=dtype)
@@ -154,7 +192,7 @@ def init_params(config: LlamaConfig, key: jax.Array, dtype=jnp.float32) -> dict:
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16, params=None) -> nn.KVCache:
     """Empty cache; pass `params` when layers differ in KV heads (structured pruning)."""
     if params is None:
-        heads = [config.n_kv_heads] * config.n_layers
+        heads = [heads_at(config, i)[1] for i in range(config.n_layers)]
     else:
         attns = [params["layers"][i]["attn"] for i in range(len(params["layers"]))]
         heads = [_heads(a["k"]["w"], config.head_dim) if "k" in a else config.n_kv_heads for a in attns]
@@ -170,7 +208,8 @@ def fuse_projections(params, config: LlamaConfig) -> dict:
         lp = dict(params["layers"][i])
         attn, mlp = dict(lp["attn"]), dict(lp["mlp"])
         ws = [attn[n]["w"] for n in ("q", "k", "v")]
-        if ws[0].shape[-1] != config.n_heads * config.head_dim or ws[1].shape[-1] != config.n_kv_heads * config.head_dim:
+        q_heads, kv_heads = heads_at(config, i)
+        if ws[0].shape[-1] != q_heads * config.head_dim or ws[1].shape[-1] != kv_heads * config.head_dim:
             raise ValueError(f"layer {i}: head counts differ from the config; fuse_projections needs full layers")
         qkv = {"w": jnp.concatenate(ws, axis=-1)}
         if "b" in attn["q"]:
@@ -204,7 +243,8 @@ def _attention(p, x, positions, q_slots, kv_lengths, cache, layer: int, c: Llama
     b, t, _ = x.shape
     hd = c.head_dim
     if "qkv" in p:  # the fused decode layout of `fuse_projections`
-        nq, nkv = c.n_heads * hd, c.n_kv_heads * hd
+        q_heads, kv_heads = heads_at(c, layer)
+        nq, nkv = q_heads * hd, kv_heads * hd
         q, k, v = jnp.split(_proj(p["qkv"], x, tap, pre + "qkv", norm), [nq, nq + nkv], axis=-1)
     else:
         if norm is not None:  # three projections: normalise once

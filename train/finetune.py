@@ -11,6 +11,9 @@
 --lora-rank R (--lora-alpha, --lora-rules, --lora-base RECIPE): train only low-rank adapters on the
 frozen base, quantized first by RECIPE (QLoRA); the saved model is the merged bf16 model and
 OUT/adapters.safetensors the adapters.
+A pruned model (eval.prune's output: MaskedArray / NMArray weights) is re-fine-tuned with its
+pruned weights held at 0, and saved with the same sparse types.
+
 --qat-bits B: straight-through fake quantization (RTN, per group of --qat-group input rows,
 --qat-symmetric true|false) of the weights matching --qat-rules during training; the saved model
 holds the weights on that quantization grid. Every flag is a TrainConfig field (train/config.py).
@@ -72,9 +75,39 @@ def build_task(cfg):
 
         def prepare(params):
             return qat.apply_quantized(params, list(rules))
+    params, masks = loaded.params, None
+    sparse = sparse_leaves(params)
+    if sparse:
+        # a pruned model (MaskedArray / NMArray leaves): train the dense copy with the pruned
+        # weights held at 0, and save the same sparse types back
+        if cfg.qat_bits:
+            raise FlashitError("QAT of a pruned model is not supported; fine-tune the pruned model first")
+        from flashit_jax import prune as pr
+        from flashit_jax import tree
+
+        like = params
+        params, masks = pr.densify(params), tree.unflatten(pr.masks_of(params))
+        record["sparse"] = {"matrices": len(sparse), "sparsity": round(pr.sparsity(like)["sparsity"], 6)}
+
+        def prepare(p):
+            return pr.resparsify(p, like)
     obj = Objective(loss="ce", qat=rules)
-    return Task(loaded.model, loaded.params, loaded.tokenizer, obj, transforms=list(loaded.transforms),
-                record=record, prepare_save=prepare)
+    return Task(loaded.model, params, loaded.tokenizer, obj, transforms=list(loaded.transforms),
+                record=record, prepare_save=prepare, masks=masks)
+
+
+def sparse_leaves(params) -> list[str]:
+    """Paths of pruned leaves; refuses online-pruned (ActSparse) ones, which are not trained."""
+    from flashit_jax import tree
+
+    out = []
+    for path, x in tree.flatten(params).items():
+        kind = type(x).__name__
+        if kind == "ActSparse":
+            raise FlashitError(f"{path} is online-pruned (ActSparse): fine-tune the dense model, then prune online")
+        if kind in ("MaskedArray", "NMArray"):
+            out.append(path)
+    return out
 
 
 def _lora_task(cfg, loaded):

@@ -47,6 +47,7 @@ class Task:
     # of every step, never differentiated, not checkpointed), combine(trained, frozen) -> model params.
     frozen_params: dict | None = None
     combine: object = None
+    masks: dict | None = None  # keep-masks (bool, sub-tree of the params) of pruned weights: kept at 0
 
 
 def init_distributed(cfg: TrainConfig) -> None:
@@ -152,10 +153,10 @@ def _trained_state(state):
     return {k: v for k, v in state.items() if k != "frozen"}
 
 
-def build_state(model, params, extra_trainable: dict, optimizer, mesh, seed: int, frozen=None):
+def build_state(model, params, extra_trainable: dict, optimizer, mesh, seed: int, masks=None, frozen=None):
     """The train state with fp32 master weights, placed by the family's sharding rules (extra
-    trainables, e.g. feature projections, replicated; `frozen`, a frozen part of the model, as
-    it is). Returns (state, its shardings)."""
+    trainables, e.g. feature projections, replicated; `masks` of pruned weights sharded like
+    them; `frozen`, a frozen part of the model, as it is). Returns (state, its shardings)."""
     import optax
 
     trainable = {"model": cast_floats(params, jnp.float32), **extra_trainable}
@@ -168,7 +169,9 @@ def build_state(model, params, extra_trainable: dict, optimizer, mesh, seed: int
                                  transform_non_params=lambda _: replicated,
                                  is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
     state_sh = {"step": replicated, "params": p_sh, "opt_state": o_sh, "rng": replicated}
-    state = jax.jit(lambda t: init_state(t, optimizer, seed), out_shardings=state_sh)(trainable)
+    if masks is not None:
+        state_sh["masks"] = shd.param_shardings(masks, mesh, shd.family_axes(model))
+    state = jax.jit(lambda t, m: init_state(t, optimizer, seed, m), out_shardings=state_sh)(trainable, masks)
     if frozen is not None:
         f_sh = shd.param_shardings(frozen, mesh, shd.family_axes(model))
         # a copy: the step donates the state, and the caller's arrays must survive that
@@ -225,7 +228,7 @@ def run(cfg: TrainConfig, task: Task, *, prog: str = "train") -> dict:
     compute_dtype = parse_dtype(cfg.compute_dtype)
     optimizer = make_optimizer(cfg)
     state, state_sh = build_state(task.student_model, task.student_params, task.extra_trainable, optimizer, mesh,
-                                  cfg.seed, frozen=task.frozen_params)
+                                  cfg.seed, task.masks, frozen=task.frozen_params)
     if _is_main():
         (out / "sharding.txt").write_text(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, "
                                           f"{jax.process_count()} processes\n"

@@ -247,13 +247,20 @@ def make_train_step(token_loss: Callable, optimizer: optax.GradientTransformatio
             _, m0 = jax.eval_shape(lambda: micro(params, jax.tree.map(lambda x: x[0], mbs), keys[0]))
             zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0)
             (grads, loss, mets), _ = jax.lax.scan(body, (zeros_g, jnp.float32(0.0), zeros_m), (mbs, keys))
+        masks = state.get("masks")
+        if masks is not None:  # pruned weights get no gradient (so no Adam moments either)
+            grads = {**grads, "model": apply_masks(grads["model"], masks)}
         with jax.numpy_dtype_promotion("standard"):  # optax computes b1 ** count (float ** int32)
             updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
+        if masks is not None:  # and stay exactly 0
+            new_params = {**new_params, "model": apply_masks(new_params["model"], masks)}
         metrics = {"loss": loss, **mets, "grad_norm": _global_norm(grads), "tokens": mask_total}
         new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "rng": rng}
         if frozen is not None:
             new_state["frozen"] = frozen
+        if masks is not None:
+            new_state["masks"] = masks
         return new_state, metrics
 
     return step
@@ -263,6 +270,20 @@ def _global_norm(tree):
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-def init_state(trainable, optimizer, seed: int):
-    return {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": optimizer.init(trainable),
-            "rng": jax.random.PRNGKey(seed)}
+def apply_masks(params, masks):
+    """Zero the entries of `params` where `masks` (bool, a sub-tree of params: pruned matrices) is False."""
+    from flashit_jax import tree
+
+    flat = tree.flatten(masks)
+    return tree.map_with_path(lambda p, x: jnp.where(flat[p], x, jnp.zeros((), x.dtype)) if p in flat else x, params)
+
+
+def init_state(trainable, optimizer, seed: int, masks=None):
+    """masks: keep-masks of pruned weights (sparse re-fine-tuning): they stay 0 through training."""
+    if masks is not None:
+        trainable = {**trainable, "model": apply_masks(trainable["model"], masks)}
+    state = {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": optimizer.init(trainable),
+             "rng": jax.random.PRNGKey(seed)}
+    if masks is not None:
+        state["masks"] = masks
+    return state

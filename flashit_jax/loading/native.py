@@ -23,7 +23,8 @@ FORMAT_VERSION = 1
 _SERIALIZERS: dict[str, tuple[Callable, Callable, str]] = {}
 # modules that register a packed type's serializer when imported (loaded on demand)
 _PROVIDERS = {"QArray": "flashit_jax.quant", "TernaryArray": "flashit_jax.quant", "RotatedWeight": "flashit_jax.quant",
-              "AQArray": "flashit_jax.quant"}
+              "AQArray": "flashit_jax.quant", "MaskedArray": "flashit_jax.prune", "NMArray": "flashit_jax.prune",
+              "ActSparse": "flashit_jax.prune"}
 
 
 def register_serializer(cls: type, to_tensors: Callable, from_tensors: Callable, sidecar: str) -> None:

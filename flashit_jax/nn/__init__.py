@@ -7,9 +7,10 @@ from flashit_jax.nn.linear import (
 from flashit_jax.nn.norms import rms_norm
 from flashit_jax.nn.qarray import QArray
 from flashit_jax.nn.rope import RopeScaling, apply_rope, inv_frequencies
+from flashit_jax.nn.sparse import ActSparse, MaskedArray, NMArray, sparse_impl
 
 __all__ = [
     "attention", "Int8KVCache", "KVCache", "QArray", "init_kv_cache", "write_slots", "WeightOps", "embed", "linear",
     "linear_logits", "register_weight_type", "unembed", "weight_shape", "rms_norm",
-    "RopeScaling", "apply_rope", "inv_frequencies",
+    "RopeScaling", "apply_rope", "inv_frequencies", "MaskedArray", "NMArray", "ActSparse", "sparse_impl",
 ]

@@ -1,0 +1,1 @@
+"""Sparse matmuls: N:M packed weights and activation-sparse (online-pruned) inputs."""
