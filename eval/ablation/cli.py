@@ -298,7 +298,7 @@ def run(args) -> dict:
         what = " + ".join(lv.what for lv in stack)
         why = L.unavailable(stack, env)
         if why:
-            status = "skipped" if "skipped on CPU" in why else "unavailable"
+            status = "skipped" if why.startswith("skipped") or "skipped on CPU" in why else "unavailable"
             runner.record(name, {"status": status, "note": why, "what": what}, t0, c0)
             print(f"{name}: {status}: {why}", flush=True)
             continue
@@ -372,6 +372,9 @@ def run(args) -> dict:
         except Exception as e:  # noqa: BLE001
             runner.fail(name, e, t0, c0)
     state["order"] = order
+    from eval.ablation.report import derive
+
+    derive(state["rows"])  # the json holds the table's Δ% and speedup too
     state["total_seconds"] = sum(r.get("seconds", 0) for r in state["rows"].values())
     state["total_cpu_seconds"] = sum(r.get("cpu_seconds", 0) for r in state["rows"].values())
     runner.save()
