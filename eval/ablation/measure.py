@@ -63,12 +63,15 @@ def stored_bytes(params) -> int:
 
 
 def cache_bytes(model, params, cache_dtype) -> tuple[int, int]:
-    """(bytes per cached position, fixed bytes) a decode step reads from one sequence's cache:
-    a KV cache grows with the length; a recurrent state (Mamba) does not."""
-    cache = jax.eval_shape(lambda: model.init_cache(1, 1, cache_dtype, params=params))
-    leaves = [a for a in jax.tree.leaves(cache) if hasattr(a, "shape") and len(a.shape) >= 2]
-    nbytes = int(sum(a.size * jnp.dtype(a.dtype).itemsize for a in leaves))
-    return (nbytes, 0) if hasattr(cache, "k") else (0, nbytes)
+    """(bytes per cached position, fixed bytes) a decode step reads from one sequence's cache: a
+    KV cache grows with the length, a recurrent state (Mamba mixers) does not; a hybrid has both."""
+    def nbytes(max_len):
+        cache = jax.eval_shape(lambda: model.init_cache(1, max_len, cache_dtype, params=params))
+        return int(sum(a.size * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(cache)
+                       if hasattr(a, "shape") and len(a.shape) >= 2))
+
+    one, two = nbytes(1), nbytes(2)
+    return two - one, one - (two - one)
 
 
 def copy_bandwidth(nbytes: int) -> float:
