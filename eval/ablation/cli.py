@@ -296,9 +296,9 @@ def run(args) -> dict:
         t0, c0 = time.perf_counter(), _cpu_s()
         stack = L.parse_stack(name)
         what = " + ".join(lv.what for lv in stack)
-        why = L.unavailable(stack, env)
-        if why:
-            status = "skipped" if why.startswith("skipped") or "skipped on CPU" in why else "unavailable"
+        cannot = L.unavailable(stack, env)
+        if cannot:
+            status, why = cannot
             runner.record(name, {"status": status, "note": why, "what": what}, t0, c0)
             print(f"{name}: {status}: {why}", flush=True)
             continue

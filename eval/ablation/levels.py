@@ -327,18 +327,19 @@ HOW_TO_TRAIN = {  # the levels that need a trained artifact, and how to make one
 }
 
 
-def unavailable(levels: list[Level], env) -> str | None:
-    """Why this stack cannot run here (None: it can)."""
+def unavailable(levels: list[Level], env) -> tuple[str, str] | None:
+    """(status, why) when this stack cannot run here: "skipped" (by design: no trained artifact
+    given, or a level for another device) or "unavailable" (its code is missing); None: it can."""
     for lv in levels:
         if lv.arg and not getattr(env, lv.arg, None):
-            return f"skipped: no trained {lv.arg} given; pass --{lv.arg} DIR ({HOW_TO_TRAIN[lv.arg]})"
+            return "skipped", f"{lv.name}: no trained {lv.arg} given; pass --{lv.arg} DIR ({HOW_TO_TRAIN[lv.arg]})"
         for mod in lv.needs:
             why = _check_module(mod)
             if why:
-                return f"{lv.name} {why}"
+                return "unavailable", f"{lv.name} {why}"
         if not lv.on_cpu and env.platform == "cpu":
-            return (f"{lv.name}: skipped on CPU (the Pallas kernels target GPU/TPU; interpret mode would time the "
-                    "interpreter). Run the accelerator mode on a GPU/TPU")
+            return "skipped", (f"{lv.name}: not measured on CPU (the Pallas kernels target GPU/TPU; interpret mode "
+                               "would time the interpreter): run the accelerator mode on a GPU/TPU")
     return None
 
 
