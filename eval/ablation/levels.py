@@ -173,12 +173,43 @@ def _kv_int8(b: Built, env, level: Level) -> Built:
     return b.replace(cache_dtype="int8")
 
 
+def random_like(spec: str, dtype: str):
+    """Random weights in the shape of `spec`: `random:SHAPE`, a known shape name, or a model
+    directory / its config.json (only the config is read: the accelerator mode ships no weights)."""
+    import json
+    from pathlib import Path
+
+    import jax
+
+    from flashit_jax.loading import Loaded, load_model
+    from flashit_jax.loading.native import config_from_dict
+    from models import Model
+    from models.configs import SHAPES
+
+    if spec.startswith("random:"):
+        return load_model(spec, dtype)
+    if spec in SHAPES:
+        return load_model("random:" + spec, dtype)
+    p = Path(spec)
+    cfg = p / "config.json" if p.is_dir() else p
+    if cfg.suffix == ".json" and cfg.is_file():
+        d = json.loads(cfg.read_text())
+        if "format_version" not in d:
+            raise FlashitError(f"{cfg}: not a flashit_jax model config (no format_version)")
+        model = Model(config_from_dict(d))
+        dt = {"fp32": "float32", "bf16": "bfloat16"}.get(dtype, dtype)
+        return Loaded(model, model.init_params(jax.random.key(0), jax.numpy.dtype(dt)), None, spec,
+                      note=f"random weights in the shape of {cfg}")
+    raise FlashitError(f"random weights need a shape: {spec} is not random:SHAPE, a known shape "
+                       f"({', '.join(sorted(SHAPES))}) or a model directory / config.json")
+
+
 def _source(arg: str):
     def apply(b: Built, env, level: Level) -> Built:
         from flashit_jax.loading import load_model
 
         path = getattr(env, arg)
-        loaded = load_model(path, env.dtype)
+        loaded = random_like(path, env.dtype) if env.random_weights else load_model(path, env.dtype)
         tok = loaded.tokenizer or b.tokenizer
         if b.tokenizer is not None and tok.vocab_size != b.tokenizer.vocab_size:
             raise FlashitError(f"--{arg} {path}: vocabulary {tok.vocab_size} differs from the model's "
