@@ -132,15 +132,9 @@ def _eval_batch(n_chunks: int) -> int:
 
 def _random_base(spec: str, dtype: str):
     """Random weights in the shapes of `spec` (accelerator mode)."""
-    from flashit_jax.loading import load_model
-    from models.configs import SHAPES
+    from eval.ablation.levels import random_like
 
-    if spec.startswith("random:"):
-        return load_model(spec, dtype)
-    if spec in SHAPES:
-        return load_model("random:" + spec, dtype)
-    raise FlashitError(f"--accelerator needs a model shape for random weights: {spec} is not a known shape "
-                       f"({', '.join(sorted(SHAPES))}); pass --model random:SHAPE")
+    return random_like(spec, dtype)
 
 
 class Runner:
@@ -157,7 +151,9 @@ class Runner:
         r = self.rows.get(name)
         if r is None or r.get("status") not in ("ok", "skipped"):
             return False
-        return all(r.get("args", {}).get(k) == getattr(self.args, k) for k in ROW_ARGS)
+        levels = set(name.split("+"))
+        used = [k for k in ROW_ARGS if k in levels or (k.startswith("draft") and "speculative" in levels)]
+        return all(r.get("args", {}).get(k) == getattr(self.args, k) for k in used)
 
     def record(self, name: str, row: dict, t0: float, c0: float) -> None:
         from eval.common import device_info
@@ -241,6 +237,7 @@ def run(args) -> dict:
     for r in (args.redo or "").split(","):
         if r.strip():
             state["rows"].pop(L.canonical(r) if not r.startswith("peer:") else r.strip(), None)
+    state["order"] = order + [f"peer:{p}" for p in peer_names]  # up front: a run cut off still renders
     runner = Runner(args, settings, state, state_path)
 
     quality_src = None
@@ -296,9 +293,9 @@ def run(args) -> dict:
         t0, c0 = time.perf_counter(), _cpu_s()
         stack = L.parse_stack(name)
         what = " + ".join(lv.what for lv in stack)
-        why = L.unavailable(stack, env)
-        if why:
-            status = "skipped" if "skipped on CPU" in why else "unavailable"
+        cannot = L.unavailable(stack, env)
+        if cannot:
+            status, why = cannot
             runner.record(name, {"status": status, "note": why, "what": what}, t0, c0)
             print(f"{name}: {status}: {why}", flush=True)
             continue
@@ -340,7 +337,6 @@ def run(args) -> dict:
     base_row = runner.rows.get("baseline", {})
     for p in peer_names:
         name = f"peer:{p}"
-        order.append(name)
         if runner.done(name):
             print(f"{name}: done before; --redo {name} recomputes", flush=True)
             continue
@@ -371,7 +367,9 @@ def run(args) -> dict:
             print(f"{name}: {st}: {e}", flush=True)
         except Exception as e:  # noqa: BLE001
             runner.fail(name, e, t0, c0)
-    state["order"] = order
+    from eval.ablation.report import derive
+
+    derive(state["rows"])  # the json holds the table's Δ% and speedup too
     state["total_seconds"] = sum(r.get("seconds", 0) for r in state["rows"].values())
     state["total_cpu_seconds"] = sum(r.get("cpu_seconds", 0) for r in state["rows"].values())
     runner.save()

@@ -88,28 +88,64 @@ def _quantize(b: Built, env, level: Level) -> Built:
     from flashit_jax.quant import quantize, resolve
 
     params = b.params
+    pruned = None
     if _has_sparse(params):
         from flashit_jax.prune import densify
 
-        params = densify(params)  # quantize takes plain matrices; the zeros stay in the dense codes
-        b = b.replace()
-        b.notes.append("quantized after pruning: the QArray codes store the zeros densely")
+        params = densify(params)  # quantize takes plain matrices; the zeros go into the dense codes
+        pruned = _zeros(params)
     _, rules = resolve(level.recipe)
     calib = None
     if any(m is not None and m.needs_calibration for _, m in rules):
         calib = env.calibration(b.model, params)
     q = jax.block_until_ready(quantize(params, level.recipe, calib, progress=env.progress))
-    return b.replace(params=q)
+    out = b.replace(params=q)
+    if pruned:
+        kept = _zeros(q, pruned)
+        total = sum(int(z.sum()) for z in pruned.values())
+        # GPTQ's error compensation writes into pruned weights; RTN keeps a zero a zero (symmetric codes)
+        out.notes.append(f"quantized after pruning into dense codes (no sparse x quantized format): "
+                         f"{100.0 * kept / max(total, 1):.0f}% of the pruned weights are still zero")
+    return out
 
 
+def _zeros(params, where: dict | None = None):
+    """Zero count of each 2-D weight (where=None: {path: count}); with `where` (a previous call's
+    result), the number of those positions still zero now, summed."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from flashit_jax import tree
+    from flashit_jax.nn.qarray import QArray
+
+    flat = tree.flatten(params)
+    if where is None:
+        out = {}
+        for path, w in flat.items():
+            if path.startswith("layers/") and hasattr(w, "ndim") and w.ndim == 2 and not isinstance(w, QArray):
+                z = np.asarray(w == 0)
+                if z.any():
+                    out[path] = z
+        return out
+    kept = 0
+    for path, z in where.items():
+        w = flat[path]
+        w = w.dequantize(jnp.float32) if isinstance(w, QArray) else w
+        kept += int(np.sum(np.asarray(w == 0) & z))
+    return kept
 def _prune(b: Built, env, level: Level) -> Built:
     import jax
 
-    from flashit_jax.prune import prune, resolve
+    from flashit_jax.prune import is_structured, prune_model, resolve
 
+    if is_structured(level.recipe):  # a smaller config: heads, FFN channels or layers removed
+        model, params, _ = prune_model(b.model, b.params, level.recipe, env.calibration_tokens(b.model),
+                                       progress=env.progress)
+        return b.replace(model=model, params=params)
     _, rules = resolve(level.recipe)
     calib = env.calibration(b.model, b.params) if any(m is not None and m.needs_calibration for _, m in rules) else None
-    return b.replace(params=jax.block_until_ready(prune(b.params, level.recipe, calib, progress=env.progress)))
+    _, params, _ = prune_model(b.model, b.params, level.recipe, calib=calib, progress=env.progress)
+    return b.replace(params=jax.block_until_ready(params))
 
 
 def _online(b: Built, env, level: Level) -> Built:
@@ -137,12 +173,43 @@ def _kv_int8(b: Built, env, level: Level) -> Built:
     return b.replace(cache_dtype="int8")
 
 
+def random_like(spec: str, dtype: str):
+    """Random weights in the shape of `spec`: `random:SHAPE`, a known shape name, or a model
+    directory / its config.json (only the config is read: the accelerator mode ships no weights)."""
+    import json
+    from pathlib import Path
+
+    import jax
+
+    from flashit_jax.loading import Loaded, load_model
+    from flashit_jax.loading.native import config_from_dict
+    from models import Model
+    from models.configs import SHAPES
+
+    if spec.startswith("random:"):
+        return load_model(spec, dtype)
+    if spec in SHAPES:
+        return load_model("random:" + spec, dtype)
+    p = Path(spec)
+    cfg = p / "config.json" if p.is_dir() else p
+    if cfg.suffix == ".json" and cfg.is_file():
+        d = json.loads(cfg.read_text())
+        if "format_version" not in d:
+            raise FlashitError(f"{cfg}: not a flashit_jax model config (no format_version)")
+        model = Model(config_from_dict(d))
+        dt = {"fp32": "float32", "bf16": "bfloat16"}.get(dtype, dtype)
+        return Loaded(model, model.init_params(jax.random.key(0), jax.numpy.dtype(dt)), None, spec,
+                      note=f"random weights in the shape of {cfg}")
+    raise FlashitError(f"random weights need a shape: {spec} is not random:SHAPE, a known shape "
+                       f"({', '.join(sorted(SHAPES))}) or a model directory / config.json")
+
+
 def _source(arg: str):
     def apply(b: Built, env, level: Level) -> Built:
         from flashit_jax.loading import load_model
 
         path = getattr(env, arg)
-        loaded = load_model(path, env.dtype)
+        loaded = random_like(path, env.dtype) if env.random_weights else load_model(path, env.dtype)
         tok = loaded.tokenizer or b.tokenizer
         if b.tokenizer is not None and tok.vocab_size != b.tokenizer.vocab_size:
             raise FlashitError(f"--{arg} {path}: vocabulary {tok.vocab_size} differs from the model's "
@@ -234,9 +301,12 @@ REGISTRY: dict[str, Level] = {lv.name: lv for lv in [
     Level("hybrid", "source", "Mamba hybrid (attention layers converted)", _source("hybrid"), arg="hybrid"),
 ]}
 
-QUICK = ["baseline", "kernels", "w8", "w4-gptq", "smoothquant", "wanda-50", "2:4", "lookup"]
-FULL = QUICK + ["w4-awq", "online-50", "kv-int8", "speculative", "w4-gptq+lookup", "wanda-50+w8+speculative",
-                "kernels+w4-gptq+lookup"]
+# The default rows: every level that needs no training, one stack, and the trained levels (reported as
+# skipped unless their directories are given).
+QUICK = ["baseline", "kernels", "w8", "w4-gptq", "smoothquant", "wanda-50", "2:4", "online-50", "lookup",
+         "speculative", "wanda-50+w4-gptq+speculative", "student", "hybrid"]
+FULL = QUICK + ["w4", "w4-awq", "w8a8", "fp8", "kv-int8", "sparsegpt-50", "w4-gptq+lookup", "wanda-50+w8+lookup",
+                "kernels+w4-gptq+lookup", "medusa"]
 
 
 def level(name: str) -> Level:
@@ -279,18 +349,28 @@ def canonical(row: str) -> str:
     return "+".join(lv.name for lv in parse_stack(row))
 
 
-def unavailable(levels: list[Level], env) -> str | None:
-    """Why this stack cannot run here (None: it can)."""
+HOW_TO_TRAIN = {  # the levels that need a trained artifact, and how to make one
+    "student": "train one: python -m train.distill --teacher smollm2-135m --student layers=0,6,12,18,24,29 "
+               "--data bundled --steps 300 --out out/kd, then --student out/kd/model; docs/training.md",
+    "hybrid": "convert and distill one: bash train/run_hybrid.sh out/hybrid, then --hybrid out/hybrid/h50/kl/model; "
+              "docs/hybrid.md",
+    "medusa": "train heads: python -m train.medusa --model smollm2-135m --heads 3 --out runs/medusa; docs/decoding.md",
+}
+
+
+def unavailable(levels: list[Level], env) -> tuple[str, str] | None:
+    """(status, why) when this stack cannot run here: "skipped" (by design: no trained artifact
+    given, or a level for another device) or "unavailable" (its code is missing); None: it can."""
     for lv in levels:
         if lv.arg and not getattr(env, lv.arg, None):
-            return f"{lv.name}: pass --{lv.arg} DIR to measure it"
+            return "skipped", f"{lv.name}: no trained {lv.arg} given; pass --{lv.arg} DIR ({HOW_TO_TRAIN[lv.arg]})"
         for mod in lv.needs:
             why = _check_module(mod)
             if why:
-                return f"{lv.name} {why}"
+                return "unavailable", f"{lv.name} {why}"
         if not lv.on_cpu and env.platform == "cpu":
-            return (f"{lv.name}: skipped on CPU (the Pallas kernels target GPU/TPU; interpret mode would time the "
-                    "interpreter). Run the accelerator mode on a GPU/TPU")
+            return "skipped", (f"{lv.name}: not measured on CPU (the Pallas kernels target GPU/TPU; interpret mode "
+                               "would time the interpreter): run the accelerator mode on a GPU/TPU")
     return None
 
 

@@ -139,3 +139,27 @@ def plot(state: dict, order: list[str], path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def main(argv=None):
+    """`python -m eval.ablation.report ablation.json`: the table and plot from a json (e.g. of a run
+    cut off by a time limit: its finished rows)."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m eval.ablation.report", description=main.__doc__)
+    ap.add_argument("json")
+    ap.add_argument("--markdown", default=None, help="default: the json's path with .md")
+    ap.add_argument("--plot", default=None, help="default: the json's path with .png")
+    args = ap.parse_args(argv)
+    path = Path(args.json)
+    state = json.loads(path.read_text())
+    order = state.get("order") or list(state["rows"])
+    table = markdown(state, order)
+    Path(args.markdown or path.with_suffix(".md")).write_text(table)
+    plot(state, order, args.plot or path.with_suffix(".png"))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
