@@ -53,6 +53,25 @@ np.testing.assert_allclose(np.asarray(got_u), np.asarray(want_u), rtol=1e-5, ato
 np.testing.assert_allclose(np.asarray(got_g), np.asarray(want_g), rtol=1e-5, atol=1e-5)
 print("vocab-parallel embed ok")
 
+# cuDNN attention's partitioner takes one spec for q, k, v with sequence and head_dim whole: under
+# an fsdp (+ tensor) mesh the placement before it gives that, also when GQA's KV heads do not split
+from jax.sharding import NamedSharding
+from jax._src.cudnn.fused_attention_stablehlo import _check_qkv_bias_mask_spec
+from kernels.attention.api import _cudnn_placement
+for fsdp, tensor, hkv in [(2, 1, 2), (2, 4, 2), (2, 4, 4)]:
+    mesh = shd.make_mesh(data=1, fsdp=fsdp, tensor=tensor, devices=jax.devices()[: fsdp * tensor])
+    x = jax.device_put(jnp.ones((4, 16, 64)), NamedSharding(mesh, P("fsdp")))
+    wq = jax.device_put(jnp.ones((64, 8 * 16)), NamedSharding(mesh, P("fsdp", "tensor")))
+    wk = jax.device_put(jnp.ones((64, hkv * 16)), NamedSharding(mesh, P("fsdp")))
+    def f(x, wq, wk):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            q, k = (x @ wq).reshape(4, 16, 8, 16), (x @ wk).reshape(4, 16, hkv, 16)
+            return _cudnn_placement(q, k, k)
+    specs = [tuple(o.sharding.spec) + (None,) * (4 - len(o.sharding.spec)) for o in jax.jit(f)(x, wq, wk)]
+    _check_qkv_bias_mask_spec(*specs, None, 0)  # raises as cuDNN's partitioner would
+    assert specs[0][0] == "fsdp" and specs[0][2] == ("tensor" if tensor > 1 and hkv % tensor == 0 else None), specs
+print("cudnn placement ok")
+
 rng = np.random.default_rng(0)
 prompts = [rng.integers(0, 256, 9).tolist(), rng.integers(0, 256, 5).tolist()]
 ref = gen.generate(model, params, prompts, max_new_tokens=12, steps_per_call=4).tokens
