@@ -50,6 +50,9 @@ def _check_decode(rows, counts):
         assert "all-reduce" in coll, coll
         # activations only: the smallest weight matrix is 128 x 128 fp32 = 64 KB
         assert max(v[1] for v in coll.values()) < 16384, coll
+        # the checks the GPU run reports: within bf16-style tolerance of fp32, fp32 tokens equal
+        assert r["collectives_ok"] and r["max_collective_bytes"] <= r["collective_limit_bytes"], r
+        assert r["fp32_tokens_equal"] and r["logits_rel_err_fp32"] <= 1e-5 and r["check_ok"], r
 
 
 def test_moe_and_decode_2_devices(tmp_path):
@@ -72,3 +75,18 @@ def test_all_parts_8_devices(tmp_path):
             assert "all-gather" in r["collectives"], r  # parameters gathered for the layers
     _check_moe(rep["parts"]["moe"]["rows"], [1, 2, 8])
     _check_decode(rep["parts"]["decode"]["rows"], [1, 2, 8])
+
+
+def test_error_text_keeps_the_cause():
+    """A custom_partitioner failure is a long traceback with the cause at its end: results.json keeps
+    the tail and the type, the table cell the type and the last characters."""
+    from eval.bench_scaleout import _cell, error_text
+
+    msg = "custom_partitioner: Traceback (most recent call last):\n" + "  File x.py, line 1\n" * 400
+    msg += "ValueError: Sharding on head dim is not allowed."
+    text = error_text(RuntimeError(msg))
+    assert text.startswith("RuntimeError: custom_partitioner") and text.endswith("head dim is not allowed.")
+    assert len(text) < 2000
+    assert error_text(ValueError("short")) == "ValueError: short"
+    cell = _cell(text)
+    assert cell.startswith("RuntimeError: ...") and cell.endswith("head dim is not allowed.") and len(cell) <= 240

@@ -189,7 +189,14 @@ def place_teacher(model, params, mesh, dtype):
 def compile_step(token_loss, optimizer, mesh, state_sh, teacher_sh, batch_keys, accum_steps: int = 1):
     """The jitted step: state donated, batch split over the mesh's batch axes."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    step_fn = make_train_step(token_loss, optimizer, accum_steps, lambda nd: shd.batch_sharding(mesh, nd))
+    inner = make_train_step(token_loss, optimizer, accum_steps, lambda nd: shd.batch_sharding(mesh, nd))
+
+    def step_fn(*args):
+        # traced under the mesh: `auto` kernel choices take partitionable ops on a split mesh, and
+        # cuDNN attention gets the one q/k/v placement its partitioner accepts (kernels/attention)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return inner(*args)
+
     b_sh = {k: shd.batch_sharding(mesh, 3 if k.startswith("topk") else 2) for k in batch_keys}
     return jax.jit(step_fn, in_shardings=(state_sh, teacher_sh, b_sh), out_shardings=(state_sh, replicated),
                    donate_argnums=(0,))

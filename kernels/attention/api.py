@@ -66,12 +66,41 @@ def _cudnn_supports(q, k, v, *, q_positions, kv_lengths, segment_ids=None, softc
     return None
 
 
+def _cudnn_placement(q, k, v):
+    """Under a split mesh, one sharding for q, k and v: batch over the batch axes, heads over the
+    heads axes (when they divide both Hq and Hkv), sequence and head_dim whole.
+
+    cuDNN's custom_partitioning rule (jax/_src/cudnn/fused_attention_stablehlo.py,
+    _check_qkv_bias_mask_spec) raises unless q, k, v share one spec with T and D unsplit. On an
+    fsdp mesh XLA's propagation can otherwise hand them specs derived from the fsdp-sharded
+    projection weights (q and k/v differ under GQA), and compilation fails with
+    `INTERNAL: custom_partitioner` (2x H200 run of eval.bench_scaleout, 2026-11-23)."""
+    import math
+
+    from flashit_jax import sharding as shd
+    from kernels import under_split_mesh
+
+    if not under_split_mesh():
+        return q, k, v
+    mesh = jax.sharding.get_abstract_mesh()
+    spec = shd.logical_to_spec(("batch", "length", "heads", None), mesh, shd.DEFAULT_RULES, q.shape)
+    spec = tuple(spec) + (None,) * (4 - len(spec))
+    heads = spec[2]
+    if heads is not None:
+        n = math.prod(mesh.shape[a] for a in ((heads,) if isinstance(heads, str) else heads))
+        if k.shape[2] % n:
+            spec = spec[:2] + (None, None)
+    spec = jax.sharding.PartitionSpec(*spec)
+    return tuple(jax.lax.with_sharding_constraint(x, spec) for x in (q, k, v))
+
+
 def _cudnn(q, k, v, *, q_positions=None, kv_lengths=None, causal=True, window=None, segment_ids=None,
            softcap=None, scale=None, mask=None, return_lse=False):
     why = _cudnn_supports(q, k, v, q_positions=q_positions, kv_lengths=kv_lengths, segment_ids=segment_ids,
                           softcap=softcap, mask=mask, return_lse=return_lse)
     if why:
         raise common.Unsupported(why)
+    q, k, v = _cudnn_placement(q, k, v)
     return jax.nn.dot_product_attention(
         q, k, v, scale=scale, is_causal=causal, key_value_seq_lengths=kv_lengths,
         local_window_size=None if window is None else (window - 1, 0), implementation="cudnn",
