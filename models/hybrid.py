@@ -129,19 +129,19 @@ PARAM_AXES: list[tuple[str, tuple[str | None, ...]]] = [
 
 # ----------------------------------------------------------------------------- NNX modules
 class MixerBlock(nnx.Module):
-    def __init__(self, c: HybridConfig, *, rngs: nnx.Rngs, dtype):
+    def __init__(self, c: HybridConfig, layer: int = 0, *, rngs: nnx.Rngs, dtype):
         self.attn_norm = llama.RMSNorm(c.dim, offset=c.norm_offset, dtype=dtype)
         self.mixer = MultiHeadMixer(c.mixer, rngs=rngs, dtype=dtype)
         self.mlp_norm = llama.RMSNorm(c.dim, offset=c.norm_offset, dtype=dtype)
-        self.mlp = llama.MLP(c, rngs=rngs, dtype=dtype)
+        self.mlp = llama.MLP(c, layer, rngs=rngs, dtype=dtype)
 
 
 class Hybrid(nnx.Module):
     def __init__(self, config: HybridConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
         c = self.config = config
         self.embed = llama.Embed(c.vocab_size, c.dim, rngs=rngs, dtype=dtype)
-        self.layers = nnx.List([MixerBlock(c, rngs=rngs, dtype=dtype) if i in c.mamba_layers
-                                else llama.Block(c, rngs=rngs, dtype=dtype) for i in range(c.n_layers)])
+        self.layers = nnx.List([MixerBlock(c, i, rngs=rngs, dtype=dtype) if i in c.mamba_layers
+                                else llama.Block(c, i, rngs=rngs, dtype=dtype) for i in range(c.n_layers)])
         self.final_norm = llama.RMSNorm(c.dim, offset=c.norm_offset, dtype=dtype)
         if not c.tie_embeddings:
             self.lm_head = llama.Linear(c.dim, c.vocab_size, rngs=rngs, dtype=dtype)

@@ -156,7 +156,7 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, c: LlamaConfig, layer: int, *, rngs: nnx.Rngs, dtype):
+    def __init__(self, c: LlamaConfig, layer: int = 0, *, rngs: nnx.Rngs, dtype):
         f = c.ffn_dim_at(layer)
         self.gate = Linear(c.dim, f, rngs=rngs, dtype=dtype)
         self.up = Linear(c.dim, f, rngs=rngs, dtype=dtype)
