@@ -27,8 +27,12 @@ def _device_plane(pd):
 def summarize(trace_dir: str, n_steps: int, top: int = 30) -> dict:
     from jax.profiler import ProfileData
 
-    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))[-1]
-    plane = _device_plane(ProfileData.from_file(path))
+    from flashit_jax.errors import FlashitError
+
+    paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    if not paths:
+        raise FlashitError(f"no profiler trace (*.xplane.pb) under {trace_dir}")
+    plane = _device_plane(ProfileData.from_file(max(paths)))
     lines = list(plane.lines)
     # a GPU plane has one line per stream plus summary lines ("XLA Ops", "XLA Modules"): keep kernels
     kern = [l for l in lines if "stream" in l.name.lower()] or lines

@@ -54,3 +54,35 @@ def first_match(path: str, rules: Iterable[tuple[str, Any]], default=None):
         if re.fullmatch(pattern, path):
             return value
     return default
+
+
+def resolve_rules(recipe, named: Callable[[str], list], method_type: type, from_dict: Callable[[dict], Any],
+                  kind: str) -> tuple[str, list[tuple[str, Any]]]:
+    """(name, rules) for a recipe name (looked up by `named`) or a list of (regex, method | dict |
+    None) rules, each method a `method_type` (dicts go through `from_dict`); `kind` names the
+    method family in errors ("quantization method", "pruning method")."""
+    from flashit_jax.errors import FlashitError
+
+    if isinstance(recipe, str):
+        return recipe, named(recipe)
+    rules = []
+    for item in recipe:
+        try:
+            pattern, method = item
+        except (TypeError, ValueError):
+            raise FlashitError(f"recipe rules are (regex, method) pairs; got {item!r}") from None
+        if isinstance(method, dict):
+            method = from_dict(method)
+        if method is not None and not isinstance(method, method_type):
+            raise FlashitError(f"rule {pattern!r}: {method!r} is not a {kind}")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise FlashitError(f"rule {pattern!r} is not a valid regex: {e}") from None
+        rules.append((pattern, method))
+    return "custom", rules
+
+
+def rules_to_json(rules) -> list:
+    """(regex, method | None) rules as json: [[regex, method.to_dict() | None], ...]."""
+    return [[p, None if m is None else m.to_dict()] for p, m in rules]

@@ -338,17 +338,7 @@ def forward(params, tokens, positions=None, cache: HybridCache | None = None, *,
             kv_entries.append(entry)
         if "hidden" in collect:
             hidden.append(x)
-    x = nn.rms_norm(x, params["final_norm"]["scale"], c.norm_eps, c.norm_offset)
-    if logits_at is not None:
-        x = x[jnp.arange(b), logits_at][:, None]
-    if c.tie_embeddings:
-        logits = nn.unembed(x, params["embed"]["w"])
-    else:
-        if tap is not None:
-            tap["lm_head"] = x
-        logits = nn.linear_logits(x, params["lm_head"]["w"])
-    if c.final_softcap is not None:
-        logits = c.final_softcap * jnp.tanh(logits / c.final_softcap)
+    logits = llama.output_logits(params, x, c, tap, logits_at)
     aux = {}
     if "hidden" in collect:
         aux["hidden"] = hidden

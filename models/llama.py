@@ -303,6 +303,23 @@ def forward(params, tokens, positions=None, cache: nn.KVCache | None = None, *, 
     return logits, new_cache, aux
 
 
+def output_logits(params, x, c, tap: dict | None = None, logits_at=None):
+    """The final norm and the output head (tied embedding or lm_head): fp32 logits [B, T, V], only
+    at `logits_at` [B] when given ([B, 1, V]), soft-capped where the config says."""
+    x = nn.rms_norm(x, params["final_norm"]["scale"], c.norm_eps, c.norm_offset)
+    if logits_at is not None:
+        x = x[jnp.arange(x.shape[0]), logits_at][:, None]
+    if c.tie_embeddings:
+        logits = nn.unembed(x, params["embed"]["w"])
+    else:
+        if tap is not None:
+            tap["lm_head"] = x
+        logits = nn.linear_logits(x, params["lm_head"]["w"])
+    if c.final_softcap is not None:
+        logits = c.final_softcap * jnp.tanh(logits / c.final_softcap)
+    return logits
+
+
 def decoder_forward(params, tokens, positions, cache, *, config, ffn, collect=(), segment_ids=None,
                     logits_at=None, seq_lengths=None, attn_impl: str = "auto", dtype=None, attn_mask=None):
     """The decoder stack shared by families that differ only in the feed-forward block (Mixtral).
@@ -347,17 +364,7 @@ def decoder_forward(params, tokens, positions, cache, *, config, ffn, collect=()
         x = x + y
         if "hidden" in collect:
             hidden.append(x)
-    x = nn.rms_norm(x, params["final_norm"]["scale"], c.norm_eps, c.norm_offset)
-    if logits_at is not None:
-        x = x[jnp.arange(b), logits_at][:, None]
-    if c.tie_embeddings:
-        logits = nn.unembed(x, params["embed"]["w"])
-    else:
-        if tap is not None:
-            tap["lm_head"] = x
-        logits = nn.linear_logits(x, params["lm_head"]["w"])
-    if c.final_softcap is not None:
-        logits = c.final_softcap * jnp.tanh(logits / c.final_softcap)
+    logits = output_logits(params, x, c, tap, logits_at)
     aux = {}
     if "hidden" in collect:
         aux["hidden"] = hidden

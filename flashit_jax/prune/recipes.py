@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 
+from flashit_jax import tree
 from flashit_jax.errors import FlashitError
 from flashit_jax.prune.methods import Magnitude, Method, SparseGPT, Wanda, check_sparsity, method_from_dict
 
@@ -78,25 +79,7 @@ def named_recipe(name: str) -> list[tuple[str, Method]]:
 
 def resolve(recipe) -> tuple[str, list[tuple[str, Method | None]]]:
     """(name, rules) for a recipe name or a list of (regex, Method | dict | None) rules."""
-    if isinstance(recipe, str):
-        return recipe, named_recipe(recipe)
-    rules = []
-    for item in recipe:
-        try:
-            pattern, method = item
-        except (TypeError, ValueError):
-            raise FlashitError(f"recipe rules are (regex, method) pairs; got {item!r}") from None
-        if isinstance(method, dict):
-            method = method_from_dict(method)
-        if method is not None and not isinstance(method, Method):
-            raise FlashitError(f"rule {pattern!r}: {method!r} is not a pruning method")
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise FlashitError(f"rule {pattern!r} is not a valid regex: {e}") from None
-        rules.append((pattern, method))
-    return "custom", rules
+    return tree.resolve_rules(recipe, named_recipe, Method, method_from_dict, "pruning method")
 
 
-def rules_to_json(rules) -> list:
-    return [[p, None if m is None else m.to_dict()] for p, m in rules]
+rules_to_json = tree.rules_to_json

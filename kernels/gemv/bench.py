@@ -94,7 +94,6 @@ def bench_shape(k: int, n: int, tune: bool, reps: int = 10, interpret: bool = Fa
     row.update(current_us=cur_us, best_us=best_us, best=dataclasses.asdict(best),
                current_tbps=nbytes / cur_us / 1e6, best_tbps=nbytes / best_us / 1e6, xla_tbps=nbytes / row["xla_us"] / 1e6,
                kernel_vs_xla=row["xla_us"] / cur_us, tuned_vs_xla=row["xla_us"] / best_us)
-    del ws
     return row
 
 
