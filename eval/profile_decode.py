@@ -71,11 +71,13 @@ def main(argv=None):
     import jax
     import numpy as np
 
+    from flashit_jax.errors import user_errors
     from flashit_jax.generate import generate
     from flashit_jax.loading import load_model
     from models.llama import fuse_projections
 
-    loaded = load_model(args.model, args.dtype)
+    with user_errors("python -m eval.profile_decode"):
+        loaded = load_model(args.model, args.dtype)
     params = loaded.params if args.no_fuse else fuse_projections(loaded.params, loaded.config)
     prompt = np.random.default_rng(0).integers(0, loaded.config.vocab_size, args.prompt_len).tolist()
     kw = dict(max_new_tokens=args.new_tokens, steps_per_call=args.steps_per_call)
@@ -89,7 +91,8 @@ def main(argv=None):
         wall = time.perf_counter() - t0
     print(f"traced: {r.tokens_per_s:.1f} tok/s, generate wall {wall * 1e3:.1f} ms")
     # prefill + decode steps are both in the trace; the decode steps dominate at 64+ tokens
-    summarize(trace_dir, args.new_tokens - 1)
+    with user_errors("python -m eval.profile_decode"):
+        summarize(trace_dir, args.new_tokens - 1)
 
 
 if __name__ == "__main__":

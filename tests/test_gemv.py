@@ -111,3 +111,21 @@ def test_tuned_blocks_are_correct():
         want = reference.matvec(x, w)
         assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-5, (k, n, b)
     assert gpu.blocks_for(3, 5) == gpu.Blocks()
+
+
+def test_bad_input(tmp_path, monkeypatch):
+    x = jnp.ones((1, 8), jnp.float32)
+    with pytest.raises(ValueError, match="w is"):
+        gpu.matvec(x, jnp.ones((9, 4), jnp.float32), interpret=True)
+    with pytest.raises(ValueError, match="norm_scale has shape"):
+        gpu.matvec(x, jnp.ones((8, 4), jnp.float32), norm_scale=jnp.ones(5, jnp.float32), interpret=True)
+    bad = tmp_path / "tuned.json"
+    bad.write_text("{bad")
+    monkeypatch.setattr(gpu, "TUNED_FILE", bad)
+    gpu.tuned.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="tuned.json is corrupt"):
+            gpu.tuned()
+    finally:
+        monkeypatch.undo()
+        gpu.tuned.cache_clear()

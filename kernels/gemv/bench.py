@@ -125,6 +125,9 @@ def main(argv=None):
 
     import jax
 
+    unknown = [m for m in args.models.split(",") if m not in SHAPES]
+    if unknown:
+        ap.error(f"unknown model(s) {unknown}; known: {sorted(SHAPES)}")
     rows = []
     print(f"{'shape':>12} {'MB':>6} {'XLA us':>8} {'kern us':>8} {'TB/s':>6} {'x XLA':>6}"
           + (f" {'tuned us':>9} {'TB/s':>6} {'x XLA':>6}  best blocks" if args.tune else ""), flush=True)

@@ -38,10 +38,14 @@ def tuned() -> dict[tuple[int, int], Blocks]:
     (the file says on which device and date); other shapes use the defaults."""
     if not TUNED_FILE.exists():
         return {}
-    table = json.loads(TUNED_FILE.read_text())["blocks"]
     fields = {f.name for f in dataclasses.fields(Blocks)}
-    return {tuple(int(v) for v in key.split("x")): Blocks(**{f: b[f] for f in fields if f in b})
-            for key, b in table.items()}
+    try:
+        table = json.loads(TUNED_FILE.read_text())["blocks"]
+        return {tuple(int(v) for v in key.split("x")): Blocks(**{f: b[f] for f in fields if f in b})
+                for key, b in table.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{TUNED_FILE} is corrupt ({type(e).__name__}: {e}); rewrite it with "
+                         "python -m kernels.gemv.bench --tune --write, or delete it to use the default blocks") from None
 
 
 def blocks_for(k: int, n: int) -> Blocks:
@@ -117,6 +121,10 @@ def matvec(x: jax.Array, w: jax.Array, *, blocks: Blocks | None = None, interpre
     kernel (a decode step then needs no separate normalisation kernels before its projections)."""
     m, k = x.shape
     n = w.shape[1]
+    if w.shape[0] != k:
+        raise ValueError(f"matvec: x has {k} features but w is {tuple(w.shape)} ([K, N])")
+    if norm_scale is not None and norm_scale.shape != (k,):
+        raise ValueError(f"matvec: norm_scale has shape {tuple(norm_scale.shape)}, expected ({k},) like x's features")
     blocks = blocks or blocks_for(k, n)
     bk = min(blocks.bk, _pow2_at_most(k))
     bn = min(blocks.bn, max(16, _pow2_at_most(n)))
