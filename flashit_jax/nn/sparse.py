@@ -57,11 +57,8 @@ def _nbytes(obj) -> int:
 
 
 # ----------------------------------------------------------------------------- masked dense
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class MaskedArray:
-    w: Any  # [in, out] values; pruned entries are 0 as stored
-    mask: Any  # bool [in, out], True where the weight is kept
+class _DenseBacked:
+    """A sparse weight type holding a dense `w` [in, out]: its shape, dtype and size are w's."""
 
     @property
     def shape(self) -> tuple:
@@ -79,6 +76,16 @@ class MaskedArray:
     def nbytes(self) -> int:
         return _nbytes(self)
 
+    def with_compute_dtype(self, dtype):
+        return dataclasses.replace(self, w=self.w.astype(dtype))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MaskedArray(_DenseBacked):
+    w: Any  # [in, out] values; pruned entries are 0 as stored
+    mask: Any  # bool [in, out], True where the weight is kept
+
     @property
     def sparsity(self) -> float:
         return 1.0 - float(jnp.mean(self.mask.astype(jnp.float32)))
@@ -89,9 +96,6 @@ class MaskedArray:
         if w.ndim != 2 or mask.shape != w.shape:
             raise ValueError(f"MaskedArray needs a matrix and a mask of its shape; got {w.shape} and {mask.shape}")
         return cls(jnp.where(mask, w, jnp.zeros((), w.dtype)), mask)
-
-    def with_compute_dtype(self, dtype) -> "MaskedArray":
-        return dataclasses.replace(self, w=self.w.astype(dtype))
 
     def dense(self, dtype=None):
         w = jnp.where(self.mask, self.w, jnp.zeros((), self.w.dtype))
@@ -176,28 +180,9 @@ def _nm_linear(x, w: NMArray):
 # ----------------------------------------------------------------------------- online (activation) pruning
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class ActSparse:
+class ActSparse(_DenseBacked):
     w: Any  # [in, out] dense weight
     threshold: Any  # fp32 scalar: inputs with |x| <= threshold are dropped
-
-    @property
-    def shape(self) -> tuple:
-        return tuple(self.w.shape)
-
-    @property
-    def dtype(self):
-        return self.w.dtype
-
-    @property
-    def ndim(self) -> int:
-        return 2
-
-    @property
-    def nbytes(self) -> int:
-        return _nbytes(self)
-
-    def with_compute_dtype(self, dtype) -> "ActSparse":
-        return dataclasses.replace(self, w=self.w.astype(dtype))
 
     def dense(self, dtype=None):
         return self.w if dtype is None else self.w.astype(dtype)
