@@ -189,7 +189,7 @@ def part_train(args, rows: Rows, deadline: float):
     from train.bench import batch as make_batch
     from train.bench import fwd_flops_per_token, matmul_params, train_flops_per_token
     from train.config import TrainConfig
-    from train.loop import build_state, compile_step, place_teacher
+    from train.loop import build_state, compile_step, place_teacher, teacher_replicated
     from train.optim import make_optimizer
     from train.step import Objective, make_token_loss
     from train.student import from_teacher_layers
@@ -225,7 +225,7 @@ def part_train(args, rows: Rows, deadline: float):
                               compute_dtype="fp32" if args.tiny else "bf16", attn_impl=impl, doc_masking=False)
             opt = make_optimizer(cfg)
             state, state_sh = build_state(student, s_params, {}, opt, mesh, 0)
-            tp, t_sh = place_teacher(teacher, t_params, mesh, dtype)
+            tp, t_sh = place_teacher(teacher, t_params, mesh, dtype, args.teacher_sharding)
             loss = make_token_loss(obj, student, teacher, compute_dtype=dtype, attn_impl=impl, doc_masking=False)
             step = compile_step(loss, opt, mesh, state_sh, t_sh, keys)
             placed = [shd.shard_batch({k: v[i * b * n:(i + 1) * b * n] for k, v in full.items()}, mesh)
@@ -234,7 +234,9 @@ def part_train(args, rows: Rows, deadline: float):
             compiled = step.lower(state, tp, placed[0]).compile()
             compile_s = time.perf_counter() - tc0
             row = {"part": "train", "config": name, "devices": n, "mesh": {k: int(v) for k, v in mesh.shape.items()},
-                   "per_device_batch": b, "seq": t, "compile_s": compile_s, "attention": impl}
+                   "per_device_batch": b, "seq": t, "compile_s": compile_s, "attention": impl,
+                   "teacher": "replicated" if teacher_replicated(t_params, mesh, dtype, args.teacher_sharding)
+                   else "split by the rules"}
             if n == 1:  # the first-step loss of every row block, each from the initial state
                 for blk in placed[1:]:
                     _, m = compiled(jax.tree.map(jnp.copy, state), tp, blk)
@@ -498,16 +500,16 @@ def markdown(report: dict) -> str:
     if tr:
         out += ["## train.distill step (data / fsdp), same per-device batch", "",
                 "| config | devices | batch/device x seq | ms/step | tokens/s | tokens/s/device | TFLOP/s/device | "
-                "scaling eff. | step-1 loss rel. diff | compile s |",
-                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                "scaling eff. | step-1 loss rel. diff | compile s | teacher |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
         for r in tr:
             if "error" in r:
-                out.append(f"| {r['config']} | {r['devices']} | ERROR: {_cell(r['error'])} | | | | | | | |")
+                out.append(f"| {r['config']} | {r['devices']} | ERROR: {_cell(r['error'])} | | | | | | | | |")
                 continue
             out.append(f"| {r['config']} | {r['devices']} | {r['per_device_batch']} x {r['seq']} | {r['step_ms']:.1f} | "
                        f"{r['tokens_per_s']:.0f} | {r['tokens_per_s_per_device']:.0f} | {r['tflops_per_device']:.1f} | "
                        f"{_fmt(r.get('scaling_efficiency'), '.1%')} | {_fmt(r.get('loss_rel_diff'), '.1e')} | "
-                       f"{r['compile_s']:.1f} |")
+                       f"{r['compile_s']:.1f} | {r.get('teacher', '-')} |")
         out.append("")
     mo = parts.get("moe", {}).get("rows", [])
     if mo:
@@ -567,6 +569,8 @@ def build_parser():
     ap.add_argument("--tiny", action="store_true", help="tiny shapes, fp32: a correctness run on fake CPU devices")
     ap.add_argument("--out", default="out/scaleout")
     ap.add_argument("--budget", type=float, default=400.0, help="seconds for all parts together")
+    ap.add_argument("--teacher-sharding", default="auto", choices=("auto", "fsdp", "replicated"),
+                    help="the frozen teacher's placement (train.distill's teacher_sharding)")
     ap.add_argument("--attn-impl", default="", help="training attention (default: cudnn on GPUs, else xla)")
     ap.add_argument("--train-batch", type=int, default=None, help="sequences per device (default 8; tiny 2)")
     ap.add_argument("--train-seq", type=int, default=None, help="default 1024; tiny 16")

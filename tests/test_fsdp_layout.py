@@ -65,3 +65,21 @@ def test_fsdp_step_gathers_weights_not_logits():
     # activations that do cross (the embedding lookup's all-to-all) are per-device slices at most
     moved = max((s for s in shapes if len(s) >= 3), key=math.prod, default=())
     assert math.prod(moved) <= 4 * 16 * 48, lines
+
+
+def test_teacher_placement_choice():
+    import jax
+    import jax.numpy as jnp
+    import pytest
+
+    from flashit_jax import sharding as shd
+    from flashit_jax.errors import FlashitError
+    from train.loop import teacher_replicated
+
+    mesh = shd.make_mesh(data=1, fsdp=1, devices=jax.devices()[:1])
+    params = {"w": jnp.zeros((4, 4), jnp.float32), "ids": jnp.zeros((3,), jnp.int32)}
+    assert teacher_replicated(params, mesh, jnp.bfloat16, "replicated")
+    assert not teacher_replicated(params, mesh, jnp.bfloat16, "fsdp")
+    assert not teacher_replicated(params, mesh, jnp.bfloat16, "auto")  # nothing split on this mesh
+    with pytest.raises(FlashitError, match="teacher_sharding must be one of"):
+        teacher_replicated(params, mesh, jnp.bfloat16, "zero3")

@@ -57,6 +57,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     compute_dtype: str = "bf16"  # master weights stay fp32
     teacher_dtype: str = ""  # default: compute_dtype
+    # fsdp: by the family's rules (split like the student); replicated: a copy per device (no
+    # all-gathers: a frozen teacher has no gradients or optimizer state for fsdp to split);
+    # auto: replicated when it takes at most 1/16 of a device's memory, else fsdp
+    teacher_sharding: str = "auto"
     seed: int = 0
     attn_impl: str = "auto"
     # QAT (finetune): straight-through fake quantization of the matched weights
@@ -98,7 +102,8 @@ class TrainConfig:
 # Fields that may change when resuming (they do not change what is computed).
 RESUMABLE = {"out", "ckpt_every", "keep_checkpoints", "async_checkpoints", "eval_every", "eval_ctx",
              "eval_max_chunks", "final_eval_max_chunks", "log_every", "progress", "save_model", "distributed",
-             "coordinator", "num_processes", "process_id", "eval_data", "eval_split", "topk_cache", "attn_impl"}
+             "coordinator", "num_processes", "process_id", "eval_data", "eval_split", "topk_cache", "attn_impl",
+             "teacher_sharding"}
 
 
 def _field_types() -> dict[str, type]:
