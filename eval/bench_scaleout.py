@@ -235,7 +235,8 @@ def part_train(args, rows: Rows, deadline: float):
             compile_s = time.perf_counter() - tc0
             row = {"part": "train", "config": name, "devices": n, "mesh": {k: int(v) for k, v in mesh.shape.items()},
                    "per_device_batch": b, "seq": t, "compile_s": compile_s, "attention": impl,
-                   "teacher": "replicated" if teacher_replicated(t_params, mesh, dtype, args.teacher_sharding)
+                   "teacher": "replicated" if (teacher_replicated(t_params, mesh, dtype, args.teacher_sharding)
+                                               or mesh.shape["fsdp"] * mesh.shape["tensor"] == 1)
                    else "split by the rules"}
             if n == 1:  # the first-step loss of every row block, each from the initial state
                 for blk in placed[1:]:
