@@ -29,6 +29,7 @@ from flax import nnx
 from flashit_jax import nn
 from flashit_jax.errors import FlashitError
 from models import llama
+from models.common import init_pure_params
 from models.llama import LlamaConfig
 from models.mamba import MultiHeadConfig, MultiHeadMixer, from_attention, multihead_mixer
 
@@ -148,11 +149,7 @@ class Hybrid(nnx.Module):
 
 
 def init_params(config: HybridConfig, key: jax.Array, dtype=jnp.float32) -> dict:
-    @jax.jit
-    def make(key):
-        return nnx.to_pure_dict(nnx.state(Hybrid(config, rngs=nnx.Rngs(key), dtype=dtype), nnx.Param))
-
-    return make(key)
+    return init_pure_params(Hybrid, config, key, dtype)
 
 
 def hybrid_config(config: LlamaConfig, mamba_layers, **mixer) -> HybridConfig:
