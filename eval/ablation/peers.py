@@ -234,18 +234,23 @@ def llamacpp_row(spec: str, tokenizer, docs, settings, prompt: list[int], prefil
             llm.eval(row_toks.tolist())
         times.append(time.perf_counter() - t0)
     row["prefill_tps"] = prefill_tokens.size / statistics.median(times)
+    def last_logits():
+        # llama-cpp-python >= 0.3 leaves `llm.scores` at zero without logits_all (sampling moved
+        # into its sampler): read the last position's logits from the context itself
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+
     best = None
     for _ in range(2):
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(last_logits()))
         ttft = time.perf_counter() - t0
         toks = [tok]
         t0 = time.perf_counter()
         for _ in range(new_tokens - 1):
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = int(np.argmax(last_logits()))
             toks.append(tok)
         tps = (new_tokens - 1) / (time.perf_counter() - t0)
         if best is None or tps > best[0]:
