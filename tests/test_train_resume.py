@@ -42,6 +42,8 @@ def _train_losses(out):
     return [(r["step"], r["loss"]) for r in recs if "loss" in r]
 
 
+# ~55 s on 2 cores: in CI's slow phase (.ci/run runs it after the default tests)
+@pytest.mark.slow
 def test_sigkill_and_resume_is_bit_identical(teacher, tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "run"
     r = subprocess.run(_cmd(teacher, ref), env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
