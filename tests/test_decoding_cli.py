@@ -25,6 +25,7 @@ def _run(argv):
     return main(argv)
 
 
+@pytest.mark.slow  # 20-30 s on 2 cores: CI's slow phase keeps the default run under 15 min
 def test_speculative_and_lookup_report(tiny_dir, capsys):
     base = ["--model", tiny_dir, "--tokenizer", "smollm2-135m", "--dtype", "fp32", "--max-new-tokens", "12",
             "--no-eos", "--prompt", "To be, or not to be", "--prompt", "ROMEO. But soft"]

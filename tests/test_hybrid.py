@@ -225,6 +225,7 @@ def _metrics(out):
     return [json.loads(ln) for ln in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # 20-30 s on 2 cores: CI's slow phase keeps the default run under 15 min
 def test_staged_distillation_align_then_kl(teacher, tmp_path):
     """Stage 1 trains only the mixers (everything else bit-exact) and its first loss is the definition;
     stage 2 loads the stage-1 model and trains end to end on the KL; both save loadable hybrids."""

@@ -47,6 +47,7 @@ def test_scanned_steps_equal_one_call_per_token():
         np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # 20-30 s on 2 cores: CI's slow phase keeps the default run under 15 min
 def test_hybrid_bench_rows_check_and_table(tmp_path):
     from eval.hybrid_bench import main
 
