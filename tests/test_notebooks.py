@@ -68,3 +68,19 @@ def test_notebook_runs_on_cpu(name, tiny, tmp_path, monkeypatch):
         r = subprocess.run([sys.executable, str(script)], cwd=NOTEBOOKS, env={**os.environ, **env},
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.skipif(not (have("nbclient") and have("ipykernel")), reason="nbclient/ipykernel not installed")
+def test_run_notebooks_records_success_and_the_failing_cells_error(tiny, tmp_path, monkeypatch):
+    """eval.run_notebooks (the accelerator run of the notebooks) saves each executed notebook and a
+    summary; a failure is reported with the failing cell's own exception, not nbclient's wrapper."""
+    from eval.run_notebooks import main
+
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert main(["--names", "quickstart", "--model", str(tiny), "--small", "quickstart", "--out", str(tmp_path / "a")]) == 0
+    ok = json.loads((tmp_path / "a" / "run.json").read_text())["results"]
+    assert [r["ok"] for r in ok] == [True] and "backend: cpu" in ok[0]["runtime"]
+    assert (tmp_path / "a" / "quickstart.ipynb").exists()
+    assert main(["--names", "quickstart", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "b")]) == 1
+    bad = json.loads((tmp_path / "b" / "run.json").read_text())["results"][0]
+    assert not bad["ok"] and bad["error"].startswith("FlashitError") and "missing" in bad["error"]
