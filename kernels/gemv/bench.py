@@ -56,7 +56,7 @@ def _time(compiled, x, ws, reps: int) -> float:
     return best
 
 
-def bench_shape(k: int, n: int, tune: bool, reps: int = 10, interpret: bool = False) -> dict:
+def bench_shape(k: int, n: int, tune: bool, reps: int = 10, interpret: bool = False, rows: int = 1) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -66,9 +66,9 @@ def bench_shape(k: int, n: int, tune: bool, reps: int = 10, interpret: bool = Fa
     copies = 2 if interpret else min(64, max(2, -(-(256 << 20) // nbytes)))
     keys = jax.random.split(jax.random.key(k * 7 + n), copies + 1)
     ws = [jax.random.normal(kk, (k, n), jnp.bfloat16) for kk in keys[1:]]
-    x = jax.random.normal(keys[0], (1, k), jnp.bfloat16)
+    x = jax.random.normal(keys[0], (rows, k), jnp.bfloat16)
     xla = _chain(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)).lower(x, ws).compile()
-    row = {"k": k, "n": n, "mb": nbytes / 1e6, "xla_us": _time(xla, x, ws, reps) * 1e6}
+    row = {"k": k, "n": n, "rows": rows, "mb": nbytes / 1e6, "xla_us": _time(xla, x, ws, reps) * 1e6}
     current = gpu.blocks_for(k, n)
     cands = list(dict.fromkeys([current, gpu.Blocks(), *(_candidates() if tune else [])]))
     if interpret:
@@ -120,7 +120,13 @@ def main(argv=None):
     ap.add_argument("--json", default=None)
     ap.add_argument("--write", action="store_true", help="--tune: keep each shape's best in kernels/gemv/tuned.json")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes in interpret mode (CPU check)")
+    ap.add_argument("--rows", default="1", help="comma-separated M values (e.g. 1,5: a speculative verify pass)")
     args = ap.parse_args(argv)
+    row_counts = [int(r) for r in args.rows.split(",")]
+    if any(not 1 <= r <= 8 for r in row_counts):
+        ap.error(f"--rows must lie in 1..8 (the kernel's range), got {args.rows}")
+    if args.write and row_counts != [1]:
+        ap.error("--write keeps blocks tuned at one row; run --tune --write with --rows 1")
     import datetime
 
     import jax
@@ -129,20 +135,20 @@ def main(argv=None):
     if unknown:
         ap.error(f"unknown model(s) {unknown}; known: {sorted(SHAPES)}")
     rows = []
-    print(f"{'shape':>12} {'MB':>6} {'XLA us':>8} {'kern us':>8} {'TB/s':>6} {'x XLA':>6}"
+    print(f"{'shape':>12} {'M':>2} {'MB':>6} {'XLA us':>8} {'kern us':>8} {'TB/s':>6} {'x XLA':>6}"
           + (f" {'tuned us':>9} {'TB/s':>6} {'x XLA':>6}  best blocks" if args.tune else ""), flush=True)
     for m in args.models.split(","):
-        for k, n in ([(128, 256)] if args.dry_run else SHAPES[m]):
-            r = bench_shape(k, n, args.tune, reps=1 if args.dry_run else 10, interpret=args.dry_run)
+        for (k, n), mr in itertools.product([(128, 256)] if args.dry_run else SHAPES[m], row_counts):
+            r = bench_shape(k, n, args.tune, reps=1 if args.dry_run else 10, interpret=args.dry_run, rows=mr)
             r["model"] = m
             rows.append(r)
-            line = (f"{k:>5}x{n:<6} {r['mb']:6.1f} {r['xla_us']:8.2f} {r['current_us']:8.2f} {r['current_tbps']:6.2f}"
+            line = (f"{k:>5}x{n:<6} {mr:2d} {r['mb']:6.1f} {r['xla_us']:8.2f} {r['current_us']:8.2f} {r['current_tbps']:6.2f}"
                     f" {r['kernel_vs_xla']:6.2f}")
             if args.tune:
                 line += f" {r['best_us']:9.2f} {r['best_tbps']:6.2f} {r['tuned_vs_xla']:6.2f}  {r['best']}"
             print(line, flush=True)
     info = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": datetime.date.today().isoformat()}
-    print(f"{info['device']}, jax {info['jax']}, {info['date']}; us per matvec, batch 1, bf16 weights")
+    print(f"{info['device']}, jax {info['jax']}, {info['date']}; us per matvec, M rows, bf16 weights")
     if args.tune and args.write and not args.dry_run:
         _write_tuned(rows, info)
     if args.json:

@@ -56,6 +56,10 @@ def _pow2_at_most(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
 
 
+def _pow2_at_least(n: int) -> int:
+    return 1 << (max(1, n) - 1).bit_length()
+
+
 def _matvec_kernel(x_ref, w_ref, s_ref, o_ref, *, m: int, k: int, n: int, ks: int, bk: int, bn: int,
                    norm: tuple[float, float] | None):
     col = pl.program_id(0) * bn + jnp.arange(bn)
@@ -126,7 +130,11 @@ def matvec(x: jax.Array, w: jax.Array, *, blocks: Blocks | None = None, interpre
     if norm_scale is not None and norm_scale.shape != (k,):
         raise ValueError(f"matvec: norm_scale has shape {tuple(norm_scale.shape)}, expected ({k},) like x's features")
     blocks = blocks or blocks_for(k, n)
-    bk = min(blocks.bk, _pow2_at_most(k))
+    # each row keeps its own [bk, bn] fp32 accumulator in registers and the tuned tiles fill the
+    # register file at M = 1, so M rows get 1/M of the K tile. Why: with M-row tiles a 5-row verify
+    # pass of the Llama-3.2-1B shape cost 4.6 one-row steps on an H200 (2026-12-04), for the same
+    # bytes; spilled registers are the likely cause (not yet profiled; `kernels.gemv.bench --rows`)
+    bk = min(max(16, blocks.bk // _pow2_at_least(m)), _pow2_at_most(k))
     bn = min(blocks.bn, max(16, _pow2_at_most(n)))
     ncol = pl.cdiv(n, bn)
     splits = max(1, min(pl.cdiv(blocks.target_programs, ncol), pl.cdiv(k, bk)))
@@ -150,7 +158,7 @@ def matvec_t(x: jax.Array, e: jax.Array, *, bv: int = 64, bd: int = 128, num_war
     """x [M, D] @ e [V, D].T -> fp32 [M, V] for small M (<= 8)."""
     m, d = x.shape
     v = e.shape[0]
-    bd = min(bd, _pow2_at_most(d))
+    bd = min(max(16, bd // _pow2_at_least(m)), _pow2_at_most(d))  # per-row accumulators, as in matvec
     kernel = functools.partial(_matvec_t_kernel, m=m, d=d, v=v, bv=bv, bd=bd)
     return pl.pallas_call(
         kernel, grid=(pl.cdiv(v, bv),), out_shape=jax.ShapeDtypeStruct((m, v), jnp.float32),
