@@ -29,7 +29,7 @@ from flashit_jax import nn
 from flashit_jax.errors import FlashitError
 from kernels.ssm_scan import selective_scan, step as ssm_step
 from models.common import config_from_dict, init_pure_params, layer_list
-from models.llama import Embed, Linear, RMSNorm
+from models.llama import Embed, Linear, RMSNorm, output_logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +48,10 @@ class MambaConfig:
     tie_embeddings: bool = True
     residual_in_fp32: bool = True
     family: str = "mamba"
+    # read by llama.output_logits, the output head both families share (not fields: Mamba has no
+    # (1 + w) norm and no logit soft-cap, and config.json stays HF-compatible)
+    norm_offset = 0.0
+    final_softcap = None
 
     def __post_init__(self):
         if self.d_inner == 0:
@@ -295,15 +299,7 @@ def forward(params, tokens, positions=None, cache: MambaCache | None = None, *, 
         convs.append(conv_s), ssms.append(ssm_s)
         if "hidden" in collect:
             hidden.append(resid)
-    if logits_at is not None:
-        resid = resid[jnp.arange(b), logits_at][:, None]
-    x = nn.rms_norm(resid.astype(cdtype), params["final_norm"]["scale"], c.norm_eps)
-    if c.tie_embeddings:
-        logits = nn.unembed(x, params["embed"]["w"])
-    else:
-        if tap is not None:
-            tap["lm_head"] = x
-        logits = nn.linear_logits(x, params["lm_head"]["w"])
+    logits = output_logits(params, resid.astype(cdtype), c, tap, logits_at)
     aux = {}
     if "hidden" in collect:
         aux["hidden"] = hidden

@@ -103,3 +103,22 @@ def test_cli_prints_message_not_traceback(args, message):
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_foreign_kernels_package_first_on_the_path_is_named(tmp_path):
+    """Hugging Face's `kernels` (a transformers >= 5.25 dependency) shadows our `kernels/` when it
+    comes first on sys.path: importing flashit_jax says so instead of failing later."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("")
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", "import flashit_jax"], cwd=tmp_path, capture_output=True, text=True,
+                       env={"PYTHONPATH": f"{tmp_path}:{repo}", "PATH": "/usr/bin:/bin"})
+    assert r.returncode != 0
+    assert "Hugging Face's `kernels`" in r.stderr and str(tmp_path / "kernels") in r.stderr
+    ok = subprocess.run([sys.executable, "-c", "import flashit_jax, kernels; print(kernels.__file__)"], cwd=repo,
+                        capture_output=True, text=True, env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"})
+    assert ok.returncode == 0 and ok.stdout.strip() == str(repo / "kernels" / "__init__.py")
