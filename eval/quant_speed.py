@@ -25,7 +25,8 @@ def weight_bytes(params) -> int:
     return size_bytes(params, float_bytes=None)
 
 
-def decode_row(model, params, variant: str, *, prompt_len: int, new_tokens: int, log, kernel_impl="auto") -> dict:
+def decode_row(model, params, variant: str, *, prompt_len: int, new_tokens: int, log, kernel_impl="auto",
+               steps_per_call: int = 16) -> dict:
     import numpy as np
 
     from flashit_jax.generate import generate
@@ -34,11 +35,12 @@ def decode_row(model, params, variant: str, *, prompt_len: int, new_tokens: int,
     impl = "xla" if variant.endswith("@xla") else kernel_impl
     prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, prompt_len).tolist()
     with matmul_impl(impl):
-        res = generate(model, params, [prompt], max_new_tokens=new_tokens, cache_dtype="bfloat16")
+        res = generate(model, params, [prompt], max_new_tokens=new_tokens, cache_dtype="bfloat16",
+                       steps_per_call=steps_per_call)
     wb = weight_bytes(params)
     row = {"variant": variant, "tokens_per_s": res.tokens_per_s, "ms_per_token": 1e3 / res.tokens_per_s,
            "weights_MB": wb / 1e6, "weight_GBps": wb * res.tokens_per_s / 1e9, "compile_s": res.compile_s,
-           "ttft_ms": res.ttft_s * 1e3, "first_tokens": res.tokens[0, :8].tolist()}
+           "ttft_ms": res.ttft_s * 1e3, "first_tokens": res.tokens[0, :8].tolist(), "steps_per_call": steps_per_call}
     log(f"decode {variant}: {row['tokens_per_s']:.0f} tokens/s ({row['ms_per_token']:.2f} ms/token), weights "
         f"{row['weights_MB']:.0f} MB -> {row['weight_GBps']:.0f} GB/s, compile {row['compile_s']:.0f} s")
     return row
@@ -53,6 +55,9 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--kernels", action="store_true", help="run kernels.qmatmul.bench (check + timings) first")
     ap.add_argument("--smoke", action="store_true", help="CPU: tiny model, kernels in the Pallas interpreter")
+    ap.add_argument("--steps-per-call", type=int, default=16,
+                    help="decode steps per jitted call (as eval.bench_decode's scan16 rows; 1 = one call per token, "
+                         "where host dispatch hides the weights' bytes)")
     ap.add_argument("--budget-s", type=float, default=None, help="skip remaining variants after this many seconds")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -109,7 +114,8 @@ def main(argv=None):
                 params = cache[recipe]
             decode.append(decode_row(model, params, v, prompt_len=args.prompt_len,
                                      new_tokens=8 if args.smoke else args.new_tokens, log=log,
-                                     kernel_impl="interpret" if args.smoke else "auto"))
+                                     kernel_impl="interpret" if args.smoke else "auto",
+                                     steps_per_call=min(args.steps_per_call, 4) if args.smoke else args.steps_per_call))
         report["decode"] = decode
         bf16 = next((r for r in decode if r["variant"] == "bf16"), None)
         log("")
