@@ -55,6 +55,7 @@ def _check_decode(rows, counts):
         assert r["fp32_tokens_equal"] and r["logits_rel_err_fp32"] <= 1e-5 and r["check_ok"], r
 
 
+@pytest.mark.slow  # 20-100 s on 2 cores: CI's slow phase keeps the default run under 15 min
 def test_moe_and_decode_2_devices(tmp_path):
     rep = _run(2, "1,2", "moe,decode", tmp_path)
     _check_moe(rep["parts"]["moe"]["rows"], [1, 2])

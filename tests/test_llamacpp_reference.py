@@ -36,6 +36,7 @@ def test_add_bos_follows_gguf(smollm2, reference_llamacpp):
     assert smollm2.tokenizer.add_bos is reference_llamacpp["protocol"]["add_bos"] is False
 
 
+@pytest.mark.slow  # 20-100 s on 2 cores: CI's slow phase keeps the default run under 15 min
 def test_perplexity_matches_llamacpp(smollm2, reference_llamacpp):
     docs = [Document(t, x) for t, x in _docs().items()]
     order = [d["title"] for d in reference_llamacpp["docs"]]

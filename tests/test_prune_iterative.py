@@ -41,6 +41,7 @@ def test_imp_masks_exact_and_monotone():
         it.imp_masks(params, k2, 0.1)
 
 
+@pytest.mark.slow  # 20-100 s on 2 cores: CI's slow phase keeps the default run under 15 min
 def test_rewinding_restores_the_early_weights_exactly(teacher, tmp_path):
     """θ_k from the dense run's checkpoint equals the weights of a separate k-step run, bit for
     bit; the rewound start point is θ_k with the pruned weights zeroed; re-training keeps them 0."""

@@ -129,6 +129,7 @@ def test_hadamard_spreads_weight_outliers():
         assert err[True] < gain * err[False]
 
 
+@pytest.mark.slow  # 20-100 s on 2 cores: CI's slow phase keeps the default run under 15 min
 def test_hadamard_recipes_on_a_model(tiny):
     model, params, calib, tokens = tiny
     q = quantize(params, "w3g16-hadamard-gptq", calib)
@@ -219,6 +220,7 @@ def test_aqlm_beam_search_matches_exhaustive_on_tiny_codebooks():
     np.testing.assert_allclose(got, d.min(1), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # 20-100 s on 2 cores: CI's slow phase keeps the default run under 15 min
 def test_aqlm_on_a_model_and_save_load(tmp_path, tiny):
     from flashit_jax.loading import load_model, save_model
 

@@ -73,6 +73,7 @@ def test_accumulation_equals_one_big_batch(teacher, tmp_path):
             assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-6)
 
 
+@pytest.mark.slow  # 20-100 s on 2 cores: CI's slow phase keeps the default run under 15 min
 def test_topk_cache_run_matches_its_definition(teacher, tmp_path):
     """First-step top-k loss equals the soft-target loss restricted to the cached top-k logits."""
     import jax.numpy as jnp
