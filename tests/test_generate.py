@@ -20,10 +20,15 @@ def tiny():
 
 
 def _recompute(m, p, prompt, n):
+    """Greedy tokens from a full forward pass over the whole sequence at every step (no cache). The
+    sequence is right-padded to one length so that one compiled forward serves every step: under
+    the causal mask the padding cannot reach the positions read."""
+    total = len(prompt) + n
+    fwd = jax.jit(lambda p, toks: m.forward(p, toks)[0])
     seq = list(prompt)
     for _ in range(n):
-        logits, _, _ = m.forward(p, jnp.asarray([seq], jnp.int32))
-        seq.append(int(jnp.argmax(logits[0, -1])))
+        logits = fwd(p, jnp.asarray([seq + [0] * (total - len(seq))], jnp.int32))
+        seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
     return seq[len(prompt):]
 
 
