@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = r'''
@@ -109,6 +111,7 @@ print("SHARDED GENERATE OK")
 '''
 
 
+@pytest.mark.slow  # ~20 s on 2 cores: CI's slow phase keeps the default run under 15 min
 def test_tensor_parallel_generate_equals_one_device():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -156,6 +156,7 @@ def _cycles(perm, n, length, seed):
     return jnp.asarray(np.stack(out, 1), jnp.int32)
 
 
+@pytest.mark.slow  # ~20 s on 2 cores: CI's slow phase keeps the default run under 15 min
 def test_training_learns_the_base_and_raises_acceptance(tmp_path):
     perm = np.random.default_rng(0).permutation(32)
     m, p = _permutation_base(perm)

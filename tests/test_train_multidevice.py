@@ -86,6 +86,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # ~20 s on 2 cores: CI's slow phase keeps the default run under 15 min
 def test_two_processes_jax_distributed_give_the_one_process_loss(teacher, one_device, tmp_path):
     out = tmp_path / "two"
     port = _free_port()

@@ -130,6 +130,7 @@ def test_feature_distillation_trains_projections(teacher, tmp_path, attn):
         assert r["loss"] == pytest.approx(r["kd"] + extra, rel=1e-5)
 
 
+@pytest.mark.slow  # ~20 s on 2 cores: CI's slow phase keeps the default run under 15 min
 def test_finetune_qat_saves_weights_on_the_grid(teacher, tmp_path):
     from flashit_jax.loading import load_model
     from train import qat
