@@ -10,6 +10,7 @@ Each executed notebook is saved as DIR/NAME.ipynb (outputs included, errors too)
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -56,7 +57,7 @@ def execute(name: str, env: dict[str, str], out: Path, timeout: int) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m eval.run_notebooks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--names", default=",".join(NAMES))
     ap.add_argument("--model", default=None, help="FLASHIT_JAX_NB_MODEL (default: each notebook's, smollm2-135m)")
     ap.add_argument("--small", default="", help="comma-separated notebooks to run with FLASHIT_JAX_NB_SMALL=1")
@@ -67,6 +68,9 @@ def main(argv=None) -> int:
     unknown = sorted(set(names) - set(NAMES))
     if unknown:
         ap.error(f"unknown notebooks {unknown}; known: {NAMES}")
+    missing = [m for m in ("nbclient", "ipykernel") if importlib.util.find_spec(m) is None]
+    if missing:
+        ap.error(f"needs {' and '.join(missing)}: pip install nbclient ipykernel (the `test` extra has them)")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     small = set(s for s in args.small.split(",") if s)

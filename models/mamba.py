@@ -276,7 +276,7 @@ def forward(params, tokens, positions=None, cache: MambaCache | None = None, *, 
     if segment_ids is not None:
         raise FlashitError("Mamba does not support segment_ids (packed sequences would leak state across "
                            "documents); pass one document per row")
-    b, t = tokens.shape
+    t = tokens.shape[1]
     collect = set(collect)
     tap = {} if "inputs" in collect else None
     x = nn.embed(tokens, params["embed"]["w"], dtype)

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from conftest import have
+from eval.run_notebooks import NAMES
 from tiny_lm import make_tiny_model
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-NAMES = ["quickstart", "quantize_and_prune", "distill", "kernels", "ablation"]
 
 
 def _code_cells(nb: dict) -> list[str]:

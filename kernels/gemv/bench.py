@@ -122,7 +122,10 @@ def main(argv=None):
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes in interpret mode (CPU check)")
     ap.add_argument("--rows", default="1", help="comma-separated M values (e.g. 1,5: a speculative verify pass)")
     args = ap.parse_args(argv)
-    row_counts = [int(r) for r in args.rows.split(",")]
+    try:
+        row_counts = [int(r) for r in args.rows.split(",")]
+    except ValueError:
+        ap.error(f"--rows takes comma-separated integers, got {args.rows!r}")
     if any(not 1 <= r <= 8 for r in row_counts):
         ap.error(f"--rows must lie in 1..8 (the kernel's range), got {args.rows}")
     if args.write and row_counts != [1]:
