@@ -9,6 +9,9 @@
 4. our kernel vs ragged_dot on the device (outputs; gradients in bf16)
 5. tokamax / JAX's Mosaic GPU example in the layer, more block sizes, and the grouped matmul
    alone (8 groups of N=ffn; 64 groups of N=ffn/8)
+--sweep (first, after the dense reference): the layer with each of SWEEP_BLOCKS, and batch-1 grouped
+   matmuls (gate/up shape and down shape, 2 rows in 2 groups) with each of SWEEP_DECODE, then the
+   batch-1 layer with the best pair: the block sizes to make the defaults in kernels/grouped_matmul/gpu.py
 A time budget (--budget seconds) skips what is left once spent; the table prints regardless.
 """
 from __future__ import annotations
@@ -25,6 +28,7 @@ from eval.common import device_info, write_json
 from flashit_jax.errors import FlashitError, user_errors
 from kernels.grouped_matmul import bench as gbench
 from kernels.grouped_matmul import gpu
+from kernels.grouped_matmul.common import BlockSizes
 from models import mixtral
 from models.mixtral import MixtralConfig
 
@@ -51,6 +55,7 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--budget", type=float, default=600.0, help="seconds; later sections are skipped past it")
     ap.add_argument("--out", default=None, help="write all results as JSON here")
+    ap.add_argument("--sweep", action="store_true", help="time more block sizes first (see the docstring)")
     args = ap.parse_args(argv)
     with user_errors("eval.bench_moe"):
         run(args)
@@ -98,6 +103,8 @@ def _sections(args, c, dtype, log, left):
          "tflops": dense_rate / 1e12, "frac": 1.0})
     configs = list(gbench.CONFIGS.items())
     layer = functools.partial(_layer, case, c=c, p=p, x=x, flops=flops, dense_rate=dense_rate, log=log, left=left)
+    if args.sweep:
+        _sweep(c, p, x, dtype, layer, log, left)
     layer({f"ours {configs[0][0]}": functools.partial(gpu.gmm, block_sizes=configs[0][1]),
            "xla ragged_dot": lambda a, b, g: jax.lax.ragged_dot(a, b, g)})
 
@@ -146,6 +153,72 @@ def _sections(args, c, dtype, log, left):
                 log(r)
         except Exception as e:
             log({"case": f"gmm M{m} K{k} N{n} G{g}", "error": f"{type(e).__name__}: {e}"[:400]})
+
+
+# Triton on Hopper: tl.dot lowers to wgmma; these are the usual candidates for bf16 (smem per stage
+# = (bm + bn) * bk * 2 bytes; 4 stages of 128x256x64 use 196 KB of the 227 KB)
+SWEEP_BLOCKS = {
+    "128x128x64/w4s3": BlockSizes(128, 128, 64, num_warps=4, num_stages=3),
+    "128x256x64/w8s3": BlockSizes(128, 256, 64, num_warps=8, num_stages=3),
+    "256x128x64/w8s3": BlockSizes(256, 128, 64, num_warps=8, num_stages=3),
+    "128x256x64/w8s4": BlockSizes(128, 256, 64, num_warps=8, num_stages=4),
+    "128x128x64/w8s4": BlockSizes(128, 128, 64, num_warps=8, num_stages=4),
+    "128x128x128/w8s3": BlockSizes(128, 128, 128, num_warps=8, num_stages=3),
+    "128x256x64/w8s3/g16": BlockSizes(128, 256, 64, num_warps=8, num_stages=3, group_m=16),
+}
+# batch 1: memory-bound; more, narrower column tiles give more programs streaming weights
+SWEEP_DECODE = {
+    "16x64x128/w4s4": BlockSizes(16, 64, 128, num_warps=4, num_stages=4),
+    "16x32x128/w4s4": BlockSizes(16, 32, 128, num_warps=4, num_stages=4),
+    "16x32x256/w4s4": BlockSizes(16, 32, 256, num_warps=4, num_stages=4),
+    "16x64x256/w4s3": BlockSizes(16, 64, 256, num_warps=4, num_stages=3),
+    "16x128x128/w4s4": BlockSizes(16, 128, 128, num_warps=4, num_stages=4),
+    "16x32x512/w4s3": BlockSizes(16, 32, 512, num_warps=4, num_stages=3),
+    "16x16x512/w2s4": BlockSizes(16, 16, 512, num_warps=2, num_stages=4),
+    "16x64x128/w2s6": BlockSizes(16, 64, 128, num_warps=2, num_stages=6),
+}
+
+
+def _sweep(c, p, x, dtype, layer, log, left):
+    layer({f"ours {n}": functools.partial(gpu.gmm, block_sizes=bs) for n, bs in SWEEP_BLOCKS.items()})
+    # batch-1 grouped matmuls alone: 2 rows (top-2 of one token) in experts 1 and 5
+    gs = jnp.zeros((c.n_experts,), jnp.int32).at[1].set(1).at[5 % c.n_experts].add(1)
+    a = jax.random.normal(jax.random.key(3), (c.top_k, c.dim), dtype)
+    a2 = jax.random.normal(jax.random.key(4), (c.top_k, c.ffn_dim), dtype)
+    best = {}
+    for which, lhs, w in (("gate", a, p["experts"]["gate"]["w"]), ("down", a2, p["experts"]["down"]["w"])):
+        case = f"batch-1 gmm {which} [{c.top_k}x{w.shape[1]}] @ experts [{w.shape[1]}x{w.shape[2]}]"
+        wbytes = c.top_k * w.shape[1] * w.shape[2] * dtype.itemsize
+        ref = jax.lax.ragged_dot(lhs, w, gs, preferred_element_type=jnp.float32)
+        for name, bs in SWEEP_DECODE.items():
+            if left() < 0:
+                break
+            try:
+                f = jax.jit(functools.partial(gpu.gmm, block_sizes=bs))
+                err = gbench.rel(f(lhs, w, gs), ref)
+                t = gbench.time_fn(f, lhs, w, gs, calls=50)
+                log({"case": case, "impl": f"ours {name}", "ms": t * 1e3, "GB/s": wbytes / t / 1e9, "rel_err": err})
+                if err < 1e-2 and t < best.get(which, (None, 1e9))[1]:
+                    best[which] = (bs, t)
+            except Exception as e:
+                log({"case": case, "impl": f"ours {name}", "error": f"{type(e).__name__}: {e}"[:400]})
+    if len(best) == 2 and left() > 0:
+        bgu, bdn = best["gate"][0], best["down"][0]
+
+        def pick(lhs, rhs, group_sizes):  # down has K > N
+            return gpu.gmm(lhs, rhs, group_sizes, block_sizes=bdn if rhs.shape[1] > rhs.shape[2] else bgu)
+
+        case1 = f"batch-1 MoE layer, best blocks (gate/up {_name(bgu)}, down {_name(bdn)})"
+        x1 = x[:, :1]
+        for name, impl in (("default blocks", "triton"), ("best blocks", pick)):
+            f = jax.jit(lambda p, x, impl=impl: mixtral.moe_layer(p, x, c, impl=impl, dispatch=True)[0])
+            t = gbench.time_fn(f, p, x1, calls=50)
+            log({"case": case1, "impl": f"MoE, ours grouped, {name}", "ms": t * 1e3,
+                 "GB/s": 3 * c.top_k * c.dim * c.ffn_dim * dtype.itemsize / t / 1e9})
+
+
+def _name(bs: BlockSizes) -> str:
+    return f"{bs.block_m}x{bs.block_n}x{bs.block_k}/w{bs.num_warps}s{bs.num_stages}"
 
 
 def _layer(case, impls, *, c, p, x, flops, dense_rate, log, left):

@@ -2,20 +2,25 @@
 associative_scan, sequential lax.scan), forward and forward+backward, against the HBM floor.
 
     python -m kernels.ssm_scan.bench                      # B8 L4096 D1536 N16 fp32 (Mamba-130m's mixer)
-    python -m kernels.ssm_scan.bench --out bench.json --configs 32x8,64x8,32x16
+    python -m kernels.ssm_scan.bench --out bench.json --configs 32x8,32x8p,32x8ps4,64x8b
+
+A config is block_p x chunk, then flags: b (batch_stores), p (prefetch), sN (N segments); see
+kernels.ssm_scan.gpu.GpuBlocks. Every config is timed forward, then the XLA alternatives; the fastest
+config is then timed forward + backward and checked against the reference.
 
 The floor is the bytes a forward must move (read x, Δ, B, C and write y once) over the copy
 bandwidth measured in the same run (x + 1 over a 1 GiB buffer: bytes read + written).
 Timings: `reps` back-to-back calls between two device syncs, median of `groups` such runs.
 On the GPU the run also checks our kernel (y and all gradients) against the lax.scan
 reference at the benchmark shape, and in the multi-head layout at a length that is not a
-multiple of the chunk with N=64 and bf16 inputs. Extra `--configs` are timed forward only.
+multiple of the chunk with N=64 and bf16 inputs.
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import json
+import re
 import statistics
 import time
 
@@ -72,6 +77,16 @@ def fns(impl: str, blocks=None, interpret: bool = False):
     return jax.jit(fwd), jax.jit(fwd_bwd)
 
 
+def parse_config(text: str, n: int) -> GpuBlocks:
+    """'32x8ps4' -> GpuBlocks(block_p=32, chunk=8, prefetch=True, segments=4)."""
+    m = re.fullmatch(r"(\d+)x(\d+)(b?)(p?)(?:s(\d+))?", text)
+    if not m:
+        raise SystemExit(f"bad --configs entry {text!r}: want block_p x chunk [b][p][sN], e.g. 32x8ps4")
+    bp, ch = int(m[1]), int(m[2])
+    return GpuBlocks(block_p=bp, chunk=ch, max_state_regs=max(128, ch * n), batch_stores=bool(m[3]),
+                     prefetch=bool(m[4]), segments=int(m[5] or 1))
+
+
 def rel_err(got, want) -> float:
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     return float(np.abs(got - want).max() / max(1e-30, np.abs(want).max()))
@@ -98,8 +113,8 @@ def main(argv=None):
     ap.add_argument("--dim", type=int, default=1536)
     ap.add_argument("--state", type=int, default=16)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--configs", default="32x8,32x8b,64x8,32x16",
-                    help="Pallas GPU blocks block_p x chunk[b], comma separated (b: batch_stores)")
+    ap.add_argument("--configs", default="32x8,32x8b,32x8p,32x16p,32x8ps2,32x8ps4,32x8ps8,64x8p",
+                    help="Pallas GPU blocks, comma separated: block_p x chunk [b][p][sN] (see the docstring)")
     ap.add_argument("--alternatives", default="xla,associative,reference")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--no-check", action="store_true")
@@ -124,24 +139,19 @@ def main(argv=None):
     configs = []
     if on_gpu:
         for c in args.configs.split(","):
-            batch = c.endswith("b")
-            bp, ch = (int(v) for v in c.rstrip("b").split("x"))
-            configs.append((f"pallas {c}", "pallas_gpu",
-                            GpuBlocks(block_p=bp, chunk=ch, max_state_regs=max(128, ch * n), batch_stores=batch)))
+            configs.append((f"pallas {c}", "pallas_gpu", parse_config(c, n)))
     alternatives = [(impl, impl, None) for impl in args.alternatives.split(",") if impl]
     def save():  # after every row, so a run cut short still leaves its numbers
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(report, f, indent=2)
 
-    # most wanted first (a run cut short keeps them): our first config and its check, XLA, other configs
-    for i, (name, impl, blocks) in enumerate(configs[:1] + alternatives + configs[1:]):
+    # every kernel config forward (cheap compiles), XLA, then the fastest config's backward (a slow compile) and check
+    def run_row(name, impl, blocks, with_bwd):
         row = {"impl": name}
         fwd, fwd_bwd = fns(impl, blocks, args.interpret and impl == "pallas_gpu")
         slow = impl == "reference"
-        timed = [("fwd_ms", fwd, inputs)]
-        if not (impl == "pallas_gpu" and i > 0):  # extra kernel configs: forward only
-            timed.append(("fwd_bwd_ms", fwd_bwd, (ct, *inputs)))
+        timed = [("fwd_ms", fwd, inputs)] + ([("fwd_bwd_ms", fwd_bwd, (ct, *inputs))] if with_bwd else [])
         for key, fn, a in timed:
             try:
                 t0 = time.perf_counter()
@@ -150,14 +160,26 @@ def main(argv=None):
             except Exception as e:  # an OOM of one alternative must not lose the others
                 row[key] = None
                 row[key.replace("ms", "error")] = f"{type(e).__name__}: {str(e)[:200]}"
-        report["rows"].append(row)
         print(json.dumps(row), flush=True)
+        return row
+
+    for name, impl, blocks in configs:
+        report["rows"].append(run_row(name, impl, blocks, with_bwd=False))
         save()
-        if i == 0 and configs and not args.no_check:
+    for name, impl, blocks in alternatives:
+        report["rows"].append(run_row(name, impl, blocks, with_bwd=True))
+        save()
+    timed_ok = [(r, c) for r, c in zip(report["rows"], configs) if r.get("fwd_ms")]
+    if timed_ok:
+        best_row, (name, impl, blocks) = min(timed_ok, key=lambda rc: rc[0]["fwd_ms"])
+        best_row.update(run_row(name, impl, blocks, with_bwd=True))
+        save()
+        if not args.no_check:
             tol = 1e-4 if dtype == jnp.float32 else 2e-2
-            report["checks"].append(check_case(f"bench shape {args.dtype}", inputs, "pallas_gpu", blocks, tol,
-                                               args.interpret))
+            report["checks"].append(check_case(f"bench shape {args.dtype}, {name}", inputs, "pallas_gpu", blocks,
+                                               tol, args.interpret))
             save()
+        configs = [(name, impl, blocks)]  # the multi-head check below uses it
     if configs and not args.no_check:
         # last (a new compile of both kernels): multi-head layout, L not a multiple of the chunk, N=64, bf16
         k = jax.random.split(jax.random.key(2), 6)

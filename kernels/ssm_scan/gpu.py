@@ -37,11 +37,21 @@ class GpuBlocks:
     max_state_regs: int = 128  # chunk is lowered so that chunk * N <= this (backward registers)
     # Store a chunk's y (forward) only after its last step, and load a chunk's dy (backward) with
     # its x: without a store between them the compiler may issue every load of the chunk ahead
-    # of the arithmetic (a store to y could alias the inputs as far as it knows). NOT YET MEASURED
-    # on a GPU (the 2026-11-23 H100 figures in docs/mamba.md are with False).
+    # of the arithmetic (a store to y could alias the inputs as far as it knows).
     batch_stores: bool = False
+    # Forward: issue the next chunk's x/Δ loads (carried to the next iteration) and this chunk's
+    # B/C loads before any arithmetic, so memory latency overlaps a whole chunk of compute.
+    prefetch: bool = False
+    # Forward: split the sequence into this many segments run as separate programs (more warps
+    # to hide latency with): pass 1 computes each segment's end state from zero, a short scan over
+    # segments gives every segment its start state, pass 2 is the ordinary forward per segment.
+    # Costs a second read of x, Δ, B and a second exp per (step, channel, state) for all but the
+    # last segment. 1: one pass.
+    segments: int = 1
 
     def resolve(self, p: int, n: int) -> "GpuBlocks":
+        if self.segments < 1:
+            raise ValueError(f"GpuBlocks.segments must be >= 1, got {self.segments}")
         bp = min(self.block_p, 1 << max(0, p - 1).bit_length())
         chunk = max(1, min(self.chunk, self.max_state_regs // n))
         chunk = 1 << (chunk.bit_length() - 1)
@@ -56,7 +66,7 @@ def _compiler_params(blocks: GpuBlocks):
 
 
 def _fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, hT_ref, *ck, n_state, chunk, block_p,
-                heads_per_group, batch_stores=False):
+                heads_per_group, batch_stores=False, prefetch=False):
     f32 = jnp.float32
     bi, hi, pj = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     gi = hi // heads_per_group
@@ -65,14 +75,14 @@ def _fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, hT_ref
     dd = d_ref[hi, cols]
     n_chunks = x_ref.shape[1] // chunk
 
-    def body(i, h):
-        h = list(h)
-        if ck:
-            for n in range(n_state):
-                ck[0][bi, hi, i, n, cols] = h[n]
-        # the chunk's x and Δ loads first: none depends on the state, so they overlap
-        xs = [x_ref[bi, i * chunk + k, hi, cols].astype(f32) for k in range(chunk)]
-        dts = [dt_ref[bi, i * chunk + k, hi, cols].astype(f32) for k in range(chunk)]
+    def load_xdt(i):
+        return ([x_ref[bi, i * chunk + k, hi, cols].astype(f32) for k in range(chunk)],
+                [dt_ref[bi, i * chunk + k, hi, cols].astype(f32) for k in range(chunk)])
+
+    def step_chunk(i, h, xs, dts):
+        if prefetch:  # every B/C load of the chunk before the first dependent instruction
+            bs = [[b_ref[bi, i * chunk + k, gi, n].astype(f32) for n in range(n_state)] for k in range(chunk)]
+            cs = [[c_ref[bi, i * chunk + k, gi, n].astype(f32) for n in range(n_state)] for k in range(chunk)]
         ys = []
         for k in range(chunk):
             t = i * chunk + k
@@ -80,19 +90,80 @@ def _fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, hT_ref
             u = dtt * xt
             y = dd * xt
             for n in range(n_state):
-                h[n] = jnp.exp2(dtt * a2[n]) * h[n] + u * b_ref[bi, t, gi, n].astype(f32)
-                y = y + h[n] * c_ref[bi, t, gi, n].astype(f32)
-            if batch_stores:
+                b = bs[k][n] if prefetch else b_ref[bi, t, gi, n].astype(f32)
+                c = cs[k][n] if prefetch else c_ref[bi, t, gi, n].astype(f32)
+                h[n] = jnp.exp2(dtt * a2[n]) * h[n] + u * b
+                y = y + h[n] * c
+            if batch_stores or prefetch:
                 ys.append(y)
             else:
                 y_ref[bi, t, hi, cols] = y.astype(y_ref.dtype)
         for k, y in enumerate(ys):
             y_ref[bi, i * chunk + k, hi, cols] = y.astype(y_ref.dtype)
-        return tuple(h)
+        return h
 
-    h = jax.lax.fori_loop(0, n_chunks, body, tuple(h0_ref[bi, hi, n, cols] for n in range(n_state)))
+    def save_ck(i, h):
+        if ck:
+            for n in range(n_state):
+                ck[0][bi, hi, i, n, cols] = h[n]
+
+    h0 = tuple(h0_ref[bi, hi, n, cols] for n in range(n_state))
+    if prefetch:
+        def body(i, carry):
+            h, xs, dts = list(carry[0]), carry[1], carry[2]
+            save_ck(i, h)
+            nxt = load_xdt(jnp.minimum(i + 1, n_chunks - 1))  # issued now, used next iteration
+            h = step_chunk(i, h, xs, dts)
+            return tuple(h), tuple(nxt[0]), tuple(nxt[1])
+
+        xs0, dts0 = load_xdt(0)
+        h = jax.lax.fori_loop(0, n_chunks, body, (h0, tuple(xs0), tuple(dts0)))[0]
+    else:
+        def body(i, h):
+            h = list(h)
+            save_ck(i, h)
+            xs, dts = load_xdt(i)  # the chunk's x and Δ loads first: none depends on the state
+            return tuple(step_chunk(i, h, xs, dts))
+
+        h = jax.lax.fori_loop(0, n_chunks, body, h0)
     for n in range(n_state):
         hT_ref[bi, hi, n, cols] = h[n]
+
+
+def _states_kernel(x_ref, dt_ref, a_ref, b_ref, hT_ref, dts_ref, *, n_state, chunk, block_p, heads_per_group,
+                   segments):
+    """Pass 1 of the segmented forward: a segment's end state from a zero start, and its Δ sum
+    (the segment's decay is exp(A · ΣΔ)). Programs cover segments 0..S-2 of each sequence."""
+    f32 = jnp.float32
+    pid, hi, pj = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bi = (pid // (segments - 1)) * segments + pid % (segments - 1)  # row of the [Bt·S, L/S, ...] view
+    gi = hi // heads_per_group
+    cols = pl.ds(pj * block_p, block_p)
+    a2 = [a_ref[hi, n, cols] for n in range(n_state)]
+    n_chunks = x_ref.shape[1] // chunk
+
+    def load(i):
+        return ([x_ref[bi, i * chunk + k, hi, cols].astype(f32) for k in range(chunk)],
+                [dt_ref[bi, i * chunk + k, hi, cols].astype(f32) for k in range(chunk)])
+
+    def body(i, carry):
+        h, acc, xs, dts = list(carry[0]), carry[1], carry[2], carry[3]
+        nxt = load(jnp.minimum(i + 1, n_chunks - 1))
+        bs = [[b_ref[bi, i * chunk + k, gi, n].astype(f32) for n in range(n_state)] for k in range(chunk)]
+        for k in range(chunk):
+            u = dts[k] * xs[k]
+            acc = acc + dts[k]
+            for n in range(n_state):
+                h[n] = jnp.exp2(dts[k] * a2[n]) * h[n] + u * bs[k][n]
+        return tuple(h), acc, tuple(nxt[0]), tuple(nxt[1])
+
+    zero = jnp.zeros((block_p,), f32)
+    xs0, dts0 = load(0)
+    h, acc, _, _ = jax.lax.fori_loop(0, n_chunks, body, (tuple(zero for _ in range(n_state)), zero,
+                                                         tuple(xs0), tuple(dts0)))
+    for n in range(n_state):
+        hT_ref[pid, hi, n, cols] = h[n]
+    dts_ref[pid, hi, cols] = acc
 
 
 def _bwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, ck_ref, dy_ref, dhT_ref,
@@ -161,16 +232,54 @@ def _statics(x, B, blocks: GpuBlocks):
 
 
 def _forward(x, dt, At, B, C, D, h0T, blocks: GpuBlocks, interpret: bool, save: bool):
+    if blocks.segments > 1:
+        return _forward_segmented(x, dt, At, B, C, D, h0T, blocks, interpret, save)
     bt, l, h, p, g, n, grid = _statics(x, B, blocks)
     f32 = jnp.float32
     outs = [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((bt, h, n, p), f32)]
     if save:
         outs.append(jax.ShapeDtypeStruct((bt, h, l // blocks.chunk, n, p), f32))
     kernel = functools.partial(_fwd_kernel, n_state=n, chunk=blocks.chunk, block_p=blocks.block_p,
-                               heads_per_group=h // g, batch_stores=blocks.batch_stores)
+                               heads_per_group=h // g, batch_stores=blocks.batch_stores, prefetch=blocks.prefetch)
     return pl.pallas_call(kernel, out_shape=tuple(outs), grid=grid, interpret=interpret,
                           compiler_params=_compiler_params(blocks), name="ssm_scan_fwd")(
         x, dt, At * jnp.float32(LOG2E), B, C, D, h0T)
+
+
+def _forward_segmented(x, dt, At, B, C, D, h0T, blocks: GpuBlocks, interpret: bool, save: bool):
+    """The forward with the sequence cut in `blocks.segments` segments (see GpuBlocks); same outputs."""
+    bt, l, h, p, g, n, _ = _statics(x, B, blocks)
+    s = blocks.segments
+    ls = l // s  # the caller pads L to a multiple of segments * chunk
+    f32 = jnp.float32
+    seg = lambda a: a.reshape(bt * s, ls, *a.shape[2:])  # free: contiguous
+    xs, dts, Bs, Cs = seg(x), seg(dt), seg(B), seg(C)
+    kernel = functools.partial(_states_kernel, n_state=n, chunk=blocks.chunk, block_p=blocks.block_p,
+                               heads_per_group=h // g, segments=s)
+    h_loc, dt_sum = pl.pallas_call(
+        kernel, out_shape=(jax.ShapeDtypeStruct((bt * (s - 1), h, n, p), f32),
+                           jax.ShapeDtypeStruct((bt * (s - 1), h, p), f32)),
+        grid=(bt * (s - 1), h, p // blocks.block_p), interpret=interpret,
+        compiler_params=_compiler_params(blocks), name="ssm_scan_segment_states")(
+        xs, dts, At * jnp.float32(LOG2E), Bs)
+    h_loc = h_loc.reshape(bt, s - 1, h, n, p)
+    decay = jnp.exp(At[None, None] * dt_sum.reshape(bt, s - 1, h, 1, p))
+
+    def carry(hc, inp):  # start state of the next segment
+        a, hl = inp
+        nxt = a * hc + hl
+        return nxt, nxt
+
+    _, starts = jax.lax.scan(carry, h0T.astype(f32), (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(h_loc, 1, 0)))
+    h0s = jnp.concatenate([h0T[:, None].astype(f32), jnp.moveaxis(starts, 0, 1)], axis=1).reshape(bt * s, h, n, p)
+    outs = _forward(xs, dts, At, Bs, Cs, D, h0s, dataclasses.replace(blocks, segments=1), interpret, save)
+    y = outs[0].reshape(x.shape)
+    hT = outs[1].reshape(bt, s, h, n, p)[:, -1]
+    if not save:
+        return y, hT
+    lc = ls // blocks.chunk  # checkpoints in the layout of the one-pass forward: [Bt, H, L/chunk, N, P]
+    ck = jnp.moveaxis(outs[2].reshape(bt, s, h, lc, n, p), 1, 2).reshape(bt, h, s * lc, n, p)
+    return y, hT, ck
 
 
 def _backward(x, dt, At, B, C, D, ck, dy, dhT, blocks: GpuBlocks, interpret: bool):
@@ -217,7 +326,7 @@ def scan_canonical(x, dt, A, B, C, D, h0, *, blocks: GpuBlocks = GpuBlocks(), in
     bt, l, h, p = x.shape
     n = A.shape[-1]
     blocks = blocks.resolve(p, n)
-    pad_l, pad_p = (-l) % blocks.chunk, (-p) % blocks.block_p
+    pad_l, pad_p = (-l) % (blocks.chunk * blocks.segments), (-p) % blocks.block_p
     At, h0T = jnp.swapaxes(A, 1, 2), jnp.swapaxes(h0, 2, 3)
     if pad_l:  # Δ = 0 and x = 0 past the end leave the state unchanged
         x, dt, B, C = (jnp.pad(a, [(0, 0), (0, pad_l), (0, 0), (0, 0)]) for a in (x, dt, B, C))

@@ -83,6 +83,17 @@ def test_pallas_matches_reference(impl, blocks, layout, l, n, dtype):
     check(impl, layout, l, n, dtype, blocks)
 
 
+@pytest.mark.parametrize("blocks", [GpuBlocks(block_p=16, chunk=4, prefetch=True),
+                                    GpuBlocks(block_p=16, chunk=4, prefetch=True, segments=3)],
+                         ids=["prefetch", "prefetch-segments3"])
+@pytest.mark.parametrize("layout,l,n,dtype", [("mamba1", 29, 16, jnp.float32), ("multihead", 11, 8, jnp.bfloat16)],
+                         ids=["mamba1-L29-N16-fp32", "multihead-L11-N8-bf16"])
+def test_gpu_pipelined_variants_match_reference(blocks, layout, l, n, dtype):
+    """The forward variants the GPU benchmark sweeps: values, final state and (through the
+    checkpoints they store for the backward) gradients, with the initial state given."""
+    check("pallas_gpu", layout, l, n, dtype, blocks)
+
+
 @pytest.mark.slow
 @pytest.mark.sweep
 @pytest.mark.parametrize("impl,blocks", KERNELS, ids=["gpu", "tpu"])
