@@ -99,10 +99,18 @@ def test_matvec_on_gpu(m, k, n):
 def test_tuned_blocks_are_correct():
     """Every entry of tuned.json is a valid Blocks, and those blocks compute the product (on a
     K and N cut down so interpret mode stays quick: the masking paths are the same)."""
-    table = gpu.tuned()
-    assert table, "kernels/gemv/tuned.json is missing or empty"
-    for (k, n), b in table.items():
-        assert gpu.blocks_for(k, n) == b and b.bk >= 16 and b.bn >= 16
+    import json
+
+    kinds = list(json.loads(gpu.TUNED_FILE.read_text())["devices"])
+    assert kinds, "kernels/gemv/tuned.json has no device table"
+    assert gpu.tuned() == gpu.tuned(kinds[0])  # this CPU has no table: the first one serves
+    entries = {}
+    for kind in kinds:
+        table = gpu.tuned(kind)
+        assert table, f"kernels/gemv/tuned.json: empty table for {kind}"
+        entries.update({(kk, b): None for kk, b in table.items()})
+    for ((k, n), b) in entries:
+        assert b.bk >= 16 and b.bn >= 16
         kk, nn = min(k, 2 * b.bk + 3), min(n, 3 * b.bn + 5)  # ragged edges in both axes
         rng = np.random.default_rng(kk * nn)
         x = jnp.asarray(rng.standard_normal((1, kk)), jnp.bfloat16)
@@ -110,6 +118,8 @@ def test_tuned_blocks_are_correct():
         got = gpu.matvec(x, w, blocks=b, interpret=True)
         want = reference.matvec(x, w)
         assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-5, (k, n, b)
+    k0, n0 = next(iter(gpu.tuned()))
+    assert gpu.blocks_for(k0, n0) == gpu.tuned()[(k0, n0)]
     assert gpu.blocks_for(3, 5) == gpu.Blocks()
 
 

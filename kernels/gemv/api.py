@@ -17,7 +17,11 @@ import jax.numpy as jnp
 from kernels import under_split_mesh
 from kernels.gemv import reference
 
-MAX_ROWS = 8
+MAX_ROWS = 8  # the kernel's range (tests run it in interpret mode up to this)
+# Rows for which `auto` picks the kernel on a GPU. One: on an H200 (2026-12-04, `kernels.gemv.bench
+# --rows 1,5`) the kernel at 5 rows (a speculative verify) ran at 0.30-0.94x XLA's dot on the
+# Llama-3.2-1B matrices, while at 1 row it is 1.1-2.8x faster. FLASHIT_JAX_GEMV_MAX_ROWS overrides.
+AUTO_MAX_ROWS = 1
 
 
 def _mode() -> str:
@@ -27,6 +31,8 @@ def _mode() -> str:
 def use_kernel(rows: int, dtype) -> bool:
     mode = _mode()
     if mode == "0" or rows > MAX_ROWS or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16, jnp.float32):
+        return False
+    if mode != "interpret" and rows > int(os.environ.get("FLASHIT_JAX_GEMV_MAX_ROWS", AUTO_MAX_ROWS)):
         return False
     if under_split_mesh() and mode not in ("interpret", "partitioned"):
         return False

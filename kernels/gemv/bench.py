@@ -22,11 +22,18 @@ SHAPES = {"llama-3.2-1b": [(2048, 3072), (2048, 2048), (2048, 16384), (8192, 204
           "smollm2-135m": [(576, 960), (576, 576), (576, 3072), (1536, 576)]}
 
 
-def _candidates():
+GRIDS = {  # (bk, bn, target_programs, num_warps)
+    "full": ((128, 256, 512), (16, 32, 64), (132, 264, 528), (4, 8)),
+    # 12 candidates a shape (a short device call); more programs in flight for HBM3e's bandwidth
+    "narrow": ((128, 256), (32, 64), (264, 528, 1056), (4,)),
+}
+
+
+def _candidates(grid: str = "full"):
     from kernels.gemv.gpu import Blocks
 
-    for bk, bn, tp, nw, ns in itertools.product((128, 256, 512), (16, 32, 64), (132, 264, 528), (4, 8), (None,)):
-        yield Blocks(bk=bk, bn=bn, target_programs=tp, num_warps=nw, num_stages=ns)
+    for bk, bn, tp, nw in itertools.product(*GRIDS[grid]):
+        yield Blocks(bk=bk, bn=bn, target_programs=tp, num_warps=nw, num_stages=None)
 
 
 def _chain(fn):
@@ -56,7 +63,8 @@ def _time(compiled, x, ws, reps: int) -> float:
     return best
 
 
-def bench_shape(k: int, n: int, tune: bool, reps: int = 10, interpret: bool = False, rows: int = 1) -> dict:
+def bench_shape(k: int, n: int, tune: bool, reps: int = 10, interpret: bool = False, rows: int = 1,
+                grid: str = "full") -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -70,7 +78,7 @@ def bench_shape(k: int, n: int, tune: bool, reps: int = 10, interpret: bool = Fa
     xla = _chain(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)).lower(x, ws).compile()
     row = {"k": k, "n": n, "rows": rows, "mb": nbytes / 1e6, "xla_us": _time(xla, x, ws, reps) * 1e6}
     current = gpu.blocks_for(k, n)
-    cands = list(dict.fromkeys([current, gpu.Blocks(), *(_candidates() if tune else [])]))
+    cands = list(dict.fromkeys([current, gpu.Blocks(), *(_candidates(grid) if tune else [])]))
     if interpret:
         cands = cands[:3]
 
@@ -98,18 +106,19 @@ def bench_shape(k: int, n: int, tune: bool, reps: int = 10, interpret: bool = Fa
 
 
 def _write_tuned(rows, info):
-    """Each shape's best blocks into tuned.json (the sweep re-measured the current entry in the same run)."""
+    """Each shape's best blocks into this device's table in tuned.json (the sweep re-measured the
+    current entry in the same run); other devices' tables stay."""
     from kernels.gemv import gpu
 
-    table = json.loads(gpu.TUNED_FILE.read_text()) if gpu.TUNED_FILE.exists() else {"blocks": {}}
+    table = json.loads(gpu.TUNED_FILE.read_text()) if gpu.TUNED_FILE.exists() else {"devices": {}}
+    entry = table["devices"].setdefault(info["device"], {"blocks": {}})
     for r in rows:
         key = f"{r['k']}x{r['n']}"
-        table["blocks"][key] = {**r["best"], "us": round(r["best_us"], 2)}
-    table.update(device=info["device"], jax=info["jax"], date=info["date"],
-                 command="python -m kernels.gemv.bench --tune --write")
+        entry["blocks"][key] = {**r["best"], "us": round(r["best_us"], 2)}
+    entry.update(jax=info["jax"], date=info["date"], command="python -m kernels.gemv.bench --tune --write")
     gpu.TUNED_FILE.write_text(json.dumps(table, indent=1) + "\n")
     gpu.tuned.cache_clear()
-    print(f"wrote {gpu.TUNED_FILE}")
+    print(f"wrote {gpu.TUNED_FILE} ({info['device']})")
 
 
 def main(argv=None):
@@ -117,6 +126,7 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="llama-3.2-1b,smollm2-135m")
     ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--grid", default="full", choices=sorted(GRIDS), help="--tune: the candidate blocks")
     ap.add_argument("--json", default=None)
     ap.add_argument("--write", action="store_true", help="--tune: keep each shape's best in kernels/gemv/tuned.json")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes in interpret mode (CPU check)")
@@ -142,7 +152,8 @@ def main(argv=None):
           + (f" {'tuned us':>9} {'TB/s':>6} {'x XLA':>6}  best blocks" if args.tune else ""), flush=True)
     for m in args.models.split(","):
         for (k, n), mr in itertools.product([(128, 256)] if args.dry_run else SHAPES[m], row_counts):
-            r = bench_shape(k, n, args.tune, reps=1 if args.dry_run else 10, interpret=args.dry_run, rows=mr)
+            r = bench_shape(k, n, args.tune, reps=1 if args.dry_run else 10, interpret=args.dry_run, rows=mr,
+                            grid=args.grid)
             r["model"] = m
             rows.append(r)
             line = (f"{k:>5}x{n:<6} {mr:2d} {r['mb']:6.1f} {r['xla_us']:8.2f} {r['current_us']:8.2f} {r['current_tbps']:6.2f}"

@@ -32,15 +32,22 @@ class Blocks:
 TUNED_FILE = pathlib.Path(__file__).with_name("tuned.json")
 
 
+def _device_kind() -> str:
+    return jax.devices()[0].device_kind
+
+
 @functools.cache
-def tuned() -> dict[tuple[int, int], Blocks]:
-    """Best blocks per weight shape (K, N), written by `python -m kernels.gemv.bench --tune --write`
-    (the file says on which device and date); other shapes use the defaults."""
+def tuned(device_kind: str | None = None) -> dict[tuple[int, int], Blocks]:
+    """Best blocks per weight shape (K, N) for this device kind, written by
+    `python -m kernels.gemv.bench --tune --write` (each table says its date); shapes missing from
+    this device's table come from the first table, then from the defaults."""
     if not TUNED_FILE.exists():
         return {}
     fields = {f.name for f in dataclasses.fields(Blocks)}
     try:
-        table = json.loads(TUNED_FILE.read_text())["blocks"]
+        devices = json.loads(TUNED_FILE.read_text())["devices"]
+        first = next(iter(devices.values()), {"blocks": {}})["blocks"]
+        table = {**first, **devices.get(device_kind or _device_kind(), {"blocks": {}})["blocks"]}
         return {tuple(int(v) for v in key.split("x")): Blocks(**{f: b[f] for f in fields if f in b})
                 for key, b in table.items()}
     except (ValueError, KeyError, TypeError, AttributeError) as e:

@@ -17,10 +17,10 @@ import numpy as np
 
 from kernels.grouped_matmul import api, common, gpu
 
-CONFIGS = {
-    "128x128x64/w4s3": common.BlockSizes(128, 128, 64, num_warps=4, num_stages=3),
+CONFIGS = {  # the first is gpu.DEFAULT_BLOCKS
     "128x256x64/w8s3": common.BlockSizes(128, 256, 64, num_warps=8, num_stages=3),
-    "128x128x64/w4s4": common.BlockSizes(128, 128, 64, num_warps=4, num_stages=4),
+    "128x128x64/w4s3": common.BlockSizes(128, 128, 64, num_warps=4, num_stages=3),
+    "128x256x64/w8s4": common.BlockSizes(128, 256, 64, num_warps=8, num_stages=4),
 }
 
 

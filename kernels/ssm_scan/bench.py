@@ -4,8 +4,8 @@ associative_scan, sequential lax.scan), forward and forward+backward, against th
     python -m kernels.ssm_scan.bench                      # B8 L4096 D1536 N16 fp32 (Mamba-130m's mixer)
     python -m kernels.ssm_scan.bench --out bench.json --configs 32x8,32x8p,32x8ps4,64x8b
 
-A config is block_p x chunk, then flags: b (batch_stores), p (prefetch), sN (N segments); see
-kernels.ssm_scan.gpu.GpuBlocks. Every config is timed forward, then the XLA alternatives; the fastest
+A config is block_p x chunk, then flags: b (batch_stores), p (prefetch), sN (N segments; none: 1),
+or `auto` (the default GpuBlocks: segments chosen per shape); see kernels.ssm_scan.gpu.GpuBlocks. Every config is timed forward, then the XLA alternatives; the fastest
 config is then timed forward + backward and checked against the reference.
 
 The floor is the bytes a forward must move (read x, Δ, B, C and write y once) over the copy
@@ -79,6 +79,8 @@ def fns(impl: str, blocks=None, interpret: bool = False):
 
 def parse_config(text: str, n: int) -> GpuBlocks:
     """'32x8ps4' -> GpuBlocks(block_p=32, chunk=8, prefetch=True, segments=4)."""
+    if text == "auto":
+        return GpuBlocks()
     m = re.fullmatch(r"(\d+)x(\d+)(b?)(p?)(?:s(\d+))?", text)
     if not m:
         raise SystemExit(f"bad --configs entry {text!r}: want block_p x chunk [b][p][sN], e.g. 32x8ps4")
@@ -113,7 +115,7 @@ def main(argv=None):
     ap.add_argument("--dim", type=int, default=1536)
     ap.add_argument("--state", type=int, default=16)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--configs", default="32x8,32x8b,32x8p,32x16p,32x8ps2,32x8ps4,32x8ps8,64x8p",
+    ap.add_argument("--configs", default="auto,32x8,32x8ps8,32x8s16,32x8ps16,32x8ps32",
                     help="Pallas GPU blocks, comma separated: block_p x chunk [b][p][sN] (see the docstring)")
     ap.add_argument("--alternatives", default="xla,associative,reference")
     ap.add_argument("--reps", type=int, default=10)
