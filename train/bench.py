@@ -154,7 +154,8 @@ def main(argv=None):
     ap.add_argument("--spec-tflops", type=float, default=989.0, help="datasheet dense bf16 peak (H100 SXM: 989)")
     ap.add_argument("--peak-n", type=int, default=8192)
     ap.add_argument("--deadline", type=float, default=1e9, help="skip sections that start after this many seconds")
-    ap.add_argument("--only", default="peak,plain,ours,distill")
+    ap.add_argument("--only", default="peak,plain,ours,distill",
+                    help="sections to run; plain and ours run in this order (peak first, distill last)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -180,9 +181,7 @@ def main(argv=None):
     fpt = train_flops_per_token(c, args.seq)
     log(f"{args.model}: {matmul_params(c) / 1e9:.3f}B matmul params, {fpt / 1e9:.2f} GFLOP/token (train)")
     rows = []
-    for name in ("plain", "ours"):
-        if name not in only:
-            continue
+    for name in [n for n in args.only.split(",") if n in ("plain", "ours")]:  # in --only's order
         if time.perf_counter() - T0 > args.deadline:
             log(f"{name}: skipped (past --deadline)")
             continue

@@ -4,7 +4,14 @@ One program owns `block_p` channels of one (batch, head) and walks the whole seq
 thread holds one channel and its N state values in registers, so the state never leaves the
 chip. Per step it reads x_t, Δ_t (its channel) and B_t, C_t (N scalars shared by the
 program), and writes y_t: HBM sees the inputs and outputs once. The loop body is unrolled
-`chunk` steps so loads of a chunk can be issued ahead of the dependent arithmetic.
+`chunk` steps; the next chunk's x/Δ loads are issued one iteration ahead (`prefetch`).
+
+One program per 32 channels gives too few warps to hide each step's load latency (384 programs
+for Mamba-130m's mixer at batch 8), so the forward cuts long sequences into segments run as
+separate programs (`segments`): pass 1 computes each segment's end state from a zero start and
+its Δ sum, a short lax.scan over segments turns those into every segment's start state, and
+pass 2 is the one-pass kernel per segment. It reads x, Δ, B twice and computes the decays twice,
+and was still 3.1x faster on an H200 (docs/mamba.md).
 
 Backward: the forward pass for training also writes the state at every chunk boundary
 (the only extra HBM traffic, 1/chunk of a [Bt, L, H, P, N] state tensor). The backward
@@ -41,7 +48,7 @@ class GpuBlocks:
     batch_stores: bool = False
     # Forward: issue the next chunk's x/Δ loads (carried to the next iteration) and this chunk's
     # B/C loads before any arithmetic, so memory latency overlaps a whole chunk of compute.
-    prefetch: bool = False
+    prefetch: bool = True
     # Forward: split the sequence into this many segments run as separate programs (more warps
     # to hide latency with): pass 1 computes each segment's end state from zero, a short scan over
     # segments gives every segment its start state, pass 2 is the ordinary forward per segment.
@@ -49,10 +56,12 @@ class GpuBlocks:
     # last segment. 1: one pass; 0: auto (`auto_segments`).
     segments: int = 0
     # auto: the fewest segments (a power of 2, at most 64) that give this many programs, keeping at
-    # least `min_segment_chunks` chunks per segment. On an H200 (2026-12-04, B8 L4096 D1536 N16)
-    # 1/2/4/8 segments took 2.95/2.67/1.49/0.94 ms: one program per 32 channels leaves ~3 warps per
-    # SM, too few to hide the latency of each step's loads.
-    target_programs: int = 4096
+    # least `min_segment_chunks` chunks per segment. On an H200 (2026-12-04, B8 L4096 D1536 N16, 384
+    # programs in one pass, prefetch on) 1/2/4/8 segments took 2.95/2.67/1.49/0.94 ms, and 16/32/64
+    # 1.01/1.12/1.42 ms in a second run: one program per 32 channels leaves ~3 warps per SM, too few to
+    # hide the latency of each step's loads, and past ~3000 programs the second pass costs more than
+    # the extra warps give. The default picks 8 segments at that shape.
+    target_programs: int = 3072
     min_segment_chunks: int = 16
 
     def resolve(self, p: int, n: int) -> "GpuBlocks":
