@@ -287,3 +287,23 @@ def test_quantize_cli(tmp_path, tiny, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--model", str(tmp_path / "base"), "--recipe", "w4g32-gptq", "--out", str(tmp_path / "g")])
     assert e.value.code == 2 and "need calibration data" in capsys.readouterr().err
+
+
+def test_w8_decode_step_through_the_gemv_route(tiny):
+    """`w8+emb8` weights (i8, one scale per column, the tied table too) in a 1-token decode step: the int8
+    decode GEMV route (interpreted) gives the logits of dequantize-then-dot."""
+    from flashit_jax.nn.qarray import matmul_impl
+
+    model, params = tiny[0], tiny[1]
+    q = quantize(params, named_recipe("w8+emb8"))
+    kinds = {(a.packing, a.scales.shape[0], a.zeros is None) for a in jax.tree.leaves(
+        q, is_leaf=lambda a: isinstance(a, QArray)) if isinstance(a, QArray)}
+    assert kinds == {("i8", 1, True)}
+    cache = model.init_cache(1, 8, jnp.float32, params=q)
+    _, cache, _ = model.forward(q, jnp.array([[5, 17, 100]]), cache=cache)
+    with matmul_impl("xla"):
+        want, _, _ = model.forward(q, jnp.array([[42]]), cache=cache)
+    with matmul_impl("interpret-gemv"):
+        got, _, _ = model.forward(q, jnp.array([[42]]), cache=cache)
+    want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5

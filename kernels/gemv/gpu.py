@@ -85,7 +85,7 @@ def _matvec_kernel(x_ref, w_ref, s_ref, o_ref, *, m: int, k: int, n: int, ks: in
         rows = k0 + i * bk + jnp.arange(bk)
         rmask = rows < jnp.minimum(k, k0 + ks)
         w = plgpu.load(w_ref.at[rows[:, None], col[None, :]], mask=rmask[:, None] & cmask[None, :],
-                       other=0.0).astype(jnp.float32)
+                       other=0).astype(jnp.float32)  # bf16/fp16/fp32 weights, or int8 codes (qmatmul's W8)
         if norm is not None:
             scale = plgpu.load(s_ref.at[rows], mask=rmask, other=0.0).astype(jnp.float32) + offset
         out = []
@@ -126,7 +126,8 @@ def _matvec_t_kernel(x_ref, e_ref, o_ref, *, m: int, d: int, v: int, bv: int, bd
 @functools.partial(jax.jit, static_argnames=("blocks", "interpret", "eps", "offset"))
 def matvec(x: jax.Array, w: jax.Array, *, blocks: Blocks | None = None, interpret: bool = False,
            norm_scale: jax.Array | None = None, eps: float = 1e-5, offset: float = 0.0) -> jax.Array:
-    """x [M, K] @ w [K, N] -> fp32 [M, N] for small M (<= 8).
+    """x [M, K] @ w [K, N] -> fp32 [M, N] for small M (<= 8); w may hold int8 codes (converted in
+    registers; kernels.qmatmul scales the result per column).
 
     With `norm_scale` [K]: rms_norm(x, norm_scale, eps, offset) @ w, the norm computed inside the
     kernel (a decode step then needs no separate normalisation kernels before its projections)."""

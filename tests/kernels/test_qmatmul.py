@@ -164,3 +164,44 @@ def test_tpu_kernel_lowers_to_mosaic():
                             platforms=("tpu",))(S((8, 1024), jnp.bfloat16), S((1024, 512), jnp.uint8),
                                                 S((8, 1024), jnp.float16), S((8, 1024), jnp.float16))
     assert "tpu_custom_call" in exp.mlir_module()
+
+
+@pytest.mark.parametrize("m,dtype", [(1, jnp.bfloat16), (3, jnp.float32)])
+def test_int8_gemv_route_interpret(m, dtype):
+    """Per-column symmetric int8 (the w8 recipes, +emb8) through the decode GEMV kernel on int8 codes,
+    ragged K and N: equals dequantize-then-dot up to summation order; gradients flow to x."""
+    rng = np.random.default_rng(11)
+    packing, q, s, _, _ = make(rng, 200, 72, 8, 200, True)
+    x = jnp.asarray(rng.normal(size=(m, 200)), dtype)
+    kw = dict(bits=8, packing=packing, n=72)
+    # exact reference: fp32 dequantized weights (the XLA path would round them to bf16 for bf16 x first)
+    w = ref.dequantize(q, s, None, dtype=jnp.float32, **kw)
+    want = jnp.dot(x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
+    got = api.qmatmul(x, q, s, None, impl="interpret-gemv", out_dtype=jnp.float32, **kw)
+    assert got.shape == (m, 72) and got.dtype == jnp.float32 and rel(got, want) < RTOL
+    f = lambda impl: jax.grad(lambda x: jnp.sum(api.qmatmul(x, q, s, None, impl=impl, out_dtype=jnp.float32,  # noqa: E731
+                                                            **kw) ** 2))(x.astype(jnp.float32))
+    assert rel(f("interpret-gemv"), f("xla")) < 1e-5
+
+
+def test_int8_gemv_route_choice(monkeypatch):
+    """On a GPU the decode route takes one row of i8 per-column weights; groups, zero points, more rows
+    or other packings stay on the qmatmul kernel."""
+    from kernels.gemv import api as gemv_api
+
+    monkeypatch.setattr(api, "_backend", lambda: "gpu")
+    monkeypatch.setattr(gemv_api.jax, "default_backend", lambda: "gpu")
+    assert api.choose(1, 2048, 8192, "i8", 1, jnp.bfloat16) == "gemv"
+    assert api.choose(1, 2048, 8192, "i8", 16, jnp.bfloat16) == "gpu"  # group scales
+    assert api.choose(1, 2048, 8192, "u8", 1, jnp.bfloat16, has_zeros=True) == "gpu"
+    assert api.choose(4, 2048, 8192, "i8", 1, jnp.bfloat16) == "gpu"  # verify-sized: GEMV auto takes 1 row
+    with pytest.raises(ValueError, match="GEMV route takes symmetric int8"):
+        api.choose(1, 128, 64, "u4x2", 2, jnp.float32, impl="interpret-gemv")
+
+
+def test_int8_gemv_lowers_to_triton():
+    S = jax.ShapeDtypeStruct
+    from kernels.gemv import gpu as gemv_gpu
+
+    txt = _lower_cuda(lambda x, q: gemv_gpu.matvec(x, q), S((1, 2048), jnp.bfloat16), S((2048, 8192), jnp.int8))
+    assert "xla.gpu.triton" in txt
