@@ -289,16 +289,17 @@ def test_quantize_cli(tmp_path, tiny, capsys):
     assert e.value.code == 2 and "need calibration data" in capsys.readouterr().err
 
 
-def test_w8_decode_step_through_the_gemv_route(tiny):
-    """`w8+emb8` weights (i8, one scale per column, the tied table too) in a 1-token decode step: the int8
-    decode GEMV route (interpreted) gives the logits of dequantize-then-dot."""
+@pytest.mark.parametrize("recipe,kind", [("w8+emb8", ("i8", True)), ("w4g32-asym", ("u4x2", False))])
+def test_decode_step_through_the_gemv_route(tiny, recipe, kind):
+    """`w8+emb8` (i8, one scale per column, the tied table too) and W4 groups of 32 with zeros in a 1-token
+    decode step: the decode GEMV route (interpreted) gives the logits of dequantize-then-dot."""
     from flashit_jax.nn.qarray import matmul_impl
 
     model, params = tiny[0], tiny[1]
-    q = quantize(params, named_recipe("w8+emb8"))
-    kinds = {(a.packing, a.scales.shape[0], a.zeros is None) for a in jax.tree.leaves(
+    q = quantize(params, named_recipe(recipe))
+    kinds = {(a.packing, a.zeros is None) for a in jax.tree.leaves(
         q, is_leaf=lambda a: isinstance(a, QArray)) if isinstance(a, QArray)}
-    assert kinds == {("i8", 1, True)}
+    assert kinds == {kind}
     cache = model.init_cache(1, 8, jnp.float32, params=q)
     _, cache, _ = model.forward(q, jnp.array([[5, 17, 100]]), cache=cache)
     with matmul_impl("xla"):

@@ -11,7 +11,9 @@ XLA path); quantized weights are frozen.
 
 Decode route ("gemv"): on GPUs, one row against symmetric int8 weights with one scale per column
 (the `w8` recipes and `+emb8`) runs the bf16 decode GEMV kernel (`kernels/gemv/`) on the int8
-codes, converted in registers, and scales its fp32 result per column. That kernel splits K as
+codes, converted in registers, and scales its fp32 result per column; against `u4x2` weights
+(W4, groups of a power of two) its 4-bit twin `kernels/gemv/quant.py` unpacks and dequantizes
+each tile in registers. That kernel splits K as
 well as N so that hundreds of programs stream the weight; the qmatmul kernel's 16-row tensor-core
 tile read int8 at 1.19 TB/s against XLA's 4.39 TB/s for bf16 on an H200 (docs/quantization.md).
 """
@@ -32,10 +34,15 @@ def _backend() -> str:
     return jax.default_backend()
 
 
-def gemv_fits(m: int, packing: str, groups: int, has_zeros: bool, x_dtype) -> bool:
+def gemv_fits(m: int, packing: str, groups: int, has_zeros: bool, x_dtype, k: int = 0, n: int = 0) -> bool:
     """Whether the decode GEMV route can serve this product (see the module doc)."""
-    return (packing == "i8" and groups == 1 and not has_zeros
-            and jnp.dtype(x_dtype) in (jnp.bfloat16, jnp.float16, jnp.float32) and m <= 8)
+    if jnp.dtype(x_dtype) not in (jnp.bfloat16, jnp.float16, jnp.float32) or m > 8:
+        return False
+    if packing == "u4x2":
+        from kernels.gemv.quant import q4_supported
+
+        return not q4_supported(k, n, groups)
+    return packing == "i8" and groups == 1 and not has_zeros
 
 
 def choose(m: int, k: int, n: int, packing: str, groups: int, x_dtype, impl: str = "auto",
@@ -48,16 +55,17 @@ def choose(m: int, k: int, n: int, packing: str, groups: int, x_dtype, impl: str
     if impl in ("interpret", "interpret-tpu"):
         return impl
     if impl == "interpret-gemv":
-        if not gemv_fits(m, packing, groups, has_zeros, x_dtype):
-            raise ValueError(f"qmatmul: the GEMV route takes symmetric int8 ('i8') with one scale per column and "
-                             f"at most 8 rows; got M={m} {packing}, {groups} scale groups, zeros={has_zeros}")
+        if not gemv_fits(m, packing, groups, has_zeros, x_dtype, k, n):
+            raise ValueError(f"qmatmul: the GEMV route takes symmetric int8 ('i8') with one scale per column, or "
+                             f"'u4x2' with power-of-two groups >= 16, and at most 8 rows; got M={m} {packing}, "
+                             f"{groups} scale groups of K={k}, zeros={has_zeros}")
         return impl
     backend = _backend()
     why = "no Pallas kernel for this backend"
     if backend == "gpu":
         from kernels.gemv import api as gemv_api
 
-        if gemv_fits(m, packing, groups, has_zeros, x_dtype) and gemv_api.use_kernel(m, x_dtype):
+        if gemv_fits(m, packing, groups, has_zeros, x_dtype, k, n) and gemv_api.use_kernel(m, x_dtype):
             return "gemv"
         from kernels.qmatmul import gpu
 
@@ -77,9 +85,15 @@ def choose(m: int, k: int, n: int, packing: str, groups: int, x_dtype, impl: str
 
 def _kernel_call(which: str, x2, q, scales, zeros, *, bits, packing, n, out_dtype):
     if which in ("gemv", "interpret-gemv"):
+        interp = which == "interpret-gemv"
+        if packing == "u4x2":
+            from kernels.gemv.quant import matvec_q4
+
+            off = reference.code_offset(packing, bits, zeros is not None)
+            return matvec_q4(x2, q, scales, zeros, n=n, offset=off, interpret=interp).astype(out_dtype)
         from kernels.gemv import gpu as gemv_gpu
 
-        y = gemv_gpu.matvec(x2, q, interpret=which == "interpret-gemv")  # int8 codes, fp32 out
+        y = gemv_gpu.matvec(x2, q, interpret=interp)  # int8 codes, fp32 out
         return (y * scales.astype(jnp.float32)).astype(out_dtype)
     if which in ("gpu", "interpret"):
         from kernels.qmatmul import gpu

@@ -193,15 +193,44 @@ def test_int8_gemv_route_choice(monkeypatch):
     monkeypatch.setattr(gemv_api.jax, "default_backend", lambda: "gpu")
     assert api.choose(1, 2048, 8192, "i8", 1, jnp.bfloat16) == "gemv"
     assert api.choose(1, 2048, 8192, "i8", 16, jnp.bfloat16) == "gpu"  # group scales
+    assert api.choose(1, 2048, 8192, "u4x2", 16, jnp.bfloat16, has_zeros=True) == "gemv"  # W4 g128
+    assert api.choose(1, 576, 1536, "u4x2", 9, jnp.bfloat16, has_zeros=True) == "gemv"  # group 64 ...
+    assert api.choose(1, 576, 1536, "u4x2", 12, jnp.bfloat16, has_zeros=True) == "xla"  # ... not 48 (nor the kernel)
     assert api.choose(1, 2048, 8192, "u8", 1, jnp.bfloat16, has_zeros=True) == "gpu"
     assert api.choose(4, 2048, 8192, "i8", 1, jnp.bfloat16) == "gpu"  # verify-sized: GEMV auto takes 1 row
     with pytest.raises(ValueError, match="GEMV route takes symmetric int8"):
-        api.choose(1, 128, 64, "u4x2", 2, jnp.float32, impl="interpret-gemv")
+        api.choose(1, 128, 64, "u2x4", 2, jnp.float32, impl="interpret-gemv")
 
 
 def test_int8_gemv_lowers_to_triton():
     S = jax.ShapeDtypeStruct
     from kernels.gemv import gpu as gemv_gpu
 
+    from kernels.gemv import quant
+
     txt = _lower_cuda(lambda x, q: gemv_gpu.matvec(x, q), S((1, 2048), jnp.bfloat16), S((2048, 8192), jnp.int8))
     assert "xla.gpu.triton" in txt
+    txt = _lower_cuda(lambda x, q, s, z: quant.matvec_q4(x, q, s, z, n=8192), S((1, 2048), jnp.bfloat16),
+                      S((2048, 4096), jnp.uint8), S((16, 8192), jnp.float16), S((16, 8192), jnp.float16))
+    assert "xla.gpu.triton" in txt
+
+
+@pytest.mark.parametrize("m,k,n,group,symmetric,dtype", [(1, 256, 96, 128, False, jnp.bfloat16),
+                                                         (2, 192, 64, 64, True, jnp.float32),
+                                                         (1, 200, 40, 200, True, jnp.float32)])
+def test_int4_gemv_route_interpret(m, k, n, group, symmetric, dtype):
+    """u4x2 codes (column halves), group scales and zeros, through the 4-bit decode GEMV (interpreted):
+    equals the exact fp32 product of the dequantized weights; K splits and ragged N included."""
+    rng = np.random.default_rng(k + n)
+    packing, q, s, z, _ = make(rng, k, n, 4, group, symmetric)
+    x = jnp.asarray(rng.normal(size=(m, k)), dtype)
+    kw = dict(bits=4, packing=packing, n=n)
+    w = ref.dequantize(q, s, z, dtype=jnp.float32, **kw)
+    want = jnp.dot(x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
+    got = api.qmatmul(x, q, s, z, impl="interpret-gemv", out_dtype=jnp.float32, **kw)
+    assert got.shape == (m, n) and rel(got, want) < RTOL
+    from kernels.gemv import quant
+
+    small = quant.matvec_q4(x, q, s, z, n=n, offset=ref.code_offset(packing, 4, z is not None),
+                            blocks=quant.Blocks(bk=16, bn=16, target_programs=64), interpret=True)
+    assert rel(small, want) < RTOL  # many K splits and column tiles

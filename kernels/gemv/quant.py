@@ -1,0 +1,101 @@
+"""The decode GEMV of `gpu.py` on 4-bit weights: one or a few rows against `u4x2` codes.
+
+`u4x2` stores two 4-bit codes per byte, column j in the low nibble and column j + N/2 in the high
+one (kernels/qmatmul/reference.py), with a scale (and, asymmetric, a zero) per group of rows:
+w = code * s + z, or (code - 8) * s. Each program owns `bn` byte columns, so both halves of the
+output, and a K range; every [bk, bn] byte tile is unpacked and dequantized in registers
+(a tile lies in one group: bk divides the group size) and accumulated elementwise in fp32, one
+reduction at the end, partial sums over K splits added by XLA, as in the bf16 kernel. The
+dequantized matrix never exists; HBM sees the codes, scales and zeros once.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from kernels.gemv.gpu import Blocks, _pow2_at_least, _pow2_at_most
+
+# bf16 blocks halved along K: each row keeps two accumulators (low and high nibble columns)
+DEFAULT_Q4_BLOCKS = Blocks(bk=128, bn=64, target_programs=528, num_warps=4)
+
+
+def q4_supported(k: int, n: int, groups: int) -> str:
+    """'' if matvec_q4 runs this weight, else why not."""
+    if n % 2:
+        return f"u4x2 needs an even column count, got N={n}"
+    group = k // groups
+    if groups > 1 and (group < 16 or group & (group - 1)):
+        return f"group size {group} is not a power of two >= 16"
+    return ""
+
+
+def _q4_kernel(x_ref, q_ref, s_ref, z_ref, o_ref, *, m: int, k: int, half: int, ks: int, bk: int, bn: int,
+               group: int, offset: int, has_zeros: bool):
+    f32 = jnp.float32
+    col = pl.program_id(0) * bn + jnp.arange(bn)  # byte columns: outputs col and col + half
+    cmask = col < half
+    k0 = pl.program_id(1) * ks
+
+    def body(i, accs):
+        start = k0 + i * bk
+        rows = start + jnp.arange(bk)
+        rmask = rows < jnp.minimum(k, k0 + ks)
+        b = plgpu.load(q_ref.at[rows[:, None], col[None, :]], mask=rmask[:, None] & cmask[None, :],
+                       other=0).astype(jnp.int32)
+        g = start // group
+        ws = []
+        for codes, c in (((b & 15), col), ((b >> 4) & 15, col + half)):
+            s = plgpu.load(s_ref.at[g, c], mask=cmask, other=0).astype(f32)
+            if has_zeros:
+                z = plgpu.load(z_ref.at[g, c], mask=cmask, other=0).astype(f32)
+                ws.append(codes.astype(f32) * s[None, :] + z[None, :])  # (code * s) + z, GGUF's order
+            else:
+                ws.append((codes - offset).astype(f32) * s[None, :])
+        out = []
+        for r in range(m):
+            xr = plgpu.load(x_ref.at[r, rows], mask=rmask, other=0).astype(f32)
+            out.append(accs[2 * r] + xr[:, None] * ws[0])
+            out.append(accs[2 * r + 1] + xr[:, None] * ws[1])
+        return tuple(out)
+
+    zero = jnp.zeros((bk, bn), f32)
+    accs = jax.lax.fori_loop(0, pl.cdiv(ks, bk), body, tuple(zero for _ in range(2 * m)))
+    split = pl.program_id(1)
+    for r in range(m):
+        plgpu.store(o_ref.at[split, r, col], jnp.sum(accs[2 * r], axis=0), mask=cmask)
+        plgpu.store(o_ref.at[split, r, col + half], jnp.sum(accs[2 * r + 1], axis=0), mask=cmask)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "offset", "blocks", "interpret"))
+def matvec_q4(x: jax.Array, q: jax.Array, scales: jax.Array, zeros: jax.Array | None = None, *, n: int,
+              offset: int = 8, blocks: Blocks | None = None, interpret: bool = False) -> jax.Array:
+    """x [M, K] @ W [K, N] -> fp32 [M, N] for W stored `u4x2` (q uint8 [K, N/2]) with scales (and zeros)
+    [K / group, N]; `offset` is subtracted from the codes of symmetric weights (zeros None)."""
+    m, k = x.shape
+    groups = scales.shape[0]
+    if q.shape != (k, n // 2) or scales.shape[1] != n or k % groups:
+        raise ValueError(f"matvec_q4: x [M, {k}], q [K, N/2] = {(k, n // 2)}, scales [groups, {n}]; got "
+                         f"{tuple(q.shape)} and {tuple(scales.shape)}")
+    if why := q4_supported(k, n, groups):
+        raise ValueError(f"matvec_q4: {why}")
+    group = k // groups
+    blocks = blocks or DEFAULT_Q4_BLOCKS
+    half = n // 2
+    bk = min(max(16, blocks.bk // _pow2_at_least(m)), _pow2_at_most(group if groups > 1 else k))
+    bn = min(blocks.bn, max(16, _pow2_at_most(half)))
+    ncol = pl.cdiv(half, bn)
+    splits = max(1, min(pl.cdiv(blocks.target_programs, ncol), pl.cdiv(k, bk)))
+    ks = pl.cdiv(pl.cdiv(k, splits), bk) * bk  # rows per split, a multiple of bk (so tiles never straddle groups)
+    splits = pl.cdiv(k, ks)
+    kernel = functools.partial(_q4_kernel, m=m, k=k, half=half, ks=ks, bk=bk, bn=bn, group=group if groups > 1 else k,
+                               offset=int(offset), has_zeros=zeros is not None)
+    partial = pl.pallas_call(
+        kernel, grid=(ncol, splits), out_shape=jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
+        interpret=interpret, name="flashit_matvec_q4",
+    )(x, q, scales, scales if zeros is None else zeros)
+    return partial.sum(axis=0) if splits > 1 else partial[0]
