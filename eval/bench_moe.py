@@ -156,36 +156,32 @@ def _sections(args, c, dtype, log, left):
 
 # Triton on Hopper: tl.dot lowers to wgmma; these are the usual candidates for bf16 (smem per stage
 # = (bm + bn) * bk * 2 bytes; 4 stages of 128x256x64 use 196 KB of the 227 KB)
-SWEEP_BLOCKS = {
-    "128x128x64/w4s3": BlockSizes(128, 128, 64, num_warps=4, num_stages=3),
-    "128x256x64/w8s3": BlockSizes(128, 256, 64, num_warps=8, num_stages=3),
-    "256x128x64/w8s3": BlockSizes(256, 128, 64, num_warps=8, num_stages=3),
-    "128x256x64/w8s4": BlockSizes(128, 256, 64, num_warps=8, num_stages=4),
-    "128x128x64/w8s4": BlockSizes(128, 128, 64, num_warps=8, num_stages=4),
-    "128x128x128/w8s3": BlockSizes(128, 128, 128, num_warps=8, num_stages=3),
-    "128x256x64/w8s3/g16": BlockSizes(128, 256, 64, num_warps=8, num_stages=3, group_m=16),
-}
+SWEEP_BLOCKS = [BlockSizes(128, 128, 64, num_warps=4, num_stages=3), BlockSizes(128, 256, 64, num_warps=8, num_stages=3),
+                BlockSizes(256, 128, 64, num_warps=8, num_stages=3), BlockSizes(128, 256, 64, num_warps=8, num_stages=4),
+                BlockSizes(128, 128, 64, num_warps=8, num_stages=4), BlockSizes(128, 128, 128, num_warps=8, num_stages=3),
+                BlockSizes(128, 256, 64, num_warps=8, num_stages=3, group_m=16)]
 # batch 1: memory-bound; more, narrower column tiles give more programs streaming weights
-SWEEP_DECODE = {
-    "16x64x128/w4s4": BlockSizes(16, 64, 128, num_warps=4, num_stages=4),
-    "16x32x128/w4s4": BlockSizes(16, 32, 128, num_warps=4, num_stages=4),
-    "16x32x256/w4s4": BlockSizes(16, 32, 256, num_warps=4, num_stages=4),
-    "16x64x256/w4s3": BlockSizes(16, 64, 256, num_warps=4, num_stages=3),
-    "16x128x128/w4s4": BlockSizes(16, 128, 128, num_warps=4, num_stages=4),
-    "16x32x512/w4s3": BlockSizes(16, 32, 512, num_warps=4, num_stages=3),
-    "16x16x512/w2s4": BlockSizes(16, 16, 512, num_warps=2, num_stages=4),
-    "16x64x128/w2s6": BlockSizes(16, 64, 128, num_warps=2, num_stages=6),
-}
+SWEEP_DECODE = [BlockSizes(16, 64, 128, num_warps=4, num_stages=4), BlockSizes(16, 32, 128, num_warps=4, num_stages=4),
+                BlockSizes(16, 32, 256, num_warps=4, num_stages=4), BlockSizes(16, 64, 256, num_warps=4, num_stages=3),
+                BlockSizes(16, 128, 128, num_warps=4, num_stages=4), BlockSizes(16, 32, 512, num_warps=4, num_stages=3),
+                BlockSizes(16, 16, 512, num_warps=2, num_stages=4), BlockSizes(16, 64, 128, num_warps=2, num_stages=6)]
+
+
+def _label(bs: BlockSizes) -> str:
+    """'128x256x64/w8s3' (and '/g16' for a swizzle band other than the default 8)."""
+    g = f"/g{bs.group_m}" if bs.group_m != BlockSizes().group_m else ""
+    return f"{bs.block_m}x{bs.block_n}x{bs.block_k}/w{bs.num_warps}s{bs.num_stages}{g}"
 
 
 def _sweep(c, p, x, dtype, layer, log, left):
-    layer({f"ours {n}": functools.partial(gpu.gmm, block_sizes=bs) for n, bs in SWEEP_BLOCKS.items()})
+    layer({f"ours {_label(bs)}": functools.partial(gpu.gmm, block_sizes=bs) for bs in SWEEP_BLOCKS})
     # batch 1: decode blocks timed inside the layer (a lone grouped matmul in its own call is dominated by
     # launch and dispatch: on an H200, 0.14-0.21 ms alone against 0.27 ms for the whole layer)
     x1 = x[:, :1]
     wbytes = 3 * c.top_k * c.dim * c.ffn_dim * dtype.itemsize
     case1 = "batch-1 MoE layer, decode blocks for all three grouped matmuls"
-    for name, bs in SWEEP_DECODE.items():
+    for bs in SWEEP_DECODE:
+        name = _label(bs)
         if left() < 0:
             break
         try:
