@@ -97,6 +97,32 @@ def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
     return front
 
 
+# label positions tried around a point, in points: right-above first, then below, left, further out
+_OFFSETS = [(5, 4, "left"), (5, -11, "left"), (-5, 4, "right"), (-5, -11, "right"), (5, 14, "left"),
+            (5, -21, "left"), (-5, 14, "right"), (-5, -21, "right")]
+
+
+def _place_labels(fig, ax, pts) -> None:
+    """Annotate each point at the first offset whose label box overlaps no label placed before
+    (points from the top of the plot down); where none is free, the first offset."""
+    fig.canvas.draw()  # final limits and a renderer to measure text with
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    for label, x, y in sorted(pts, key=lambda p: (-p[2], p[1])):
+        for i, (dx, dy, ha) in enumerate(_OFFSETS):
+            t = ax.annotate(label, (x, y), fontsize=8, xytext=(dx, dy), textcoords="offset points", ha=ha)
+            box = t.get_window_extent(renderer)
+            if not any(box.overlaps(b) for b in placed) or i == len(_OFFSETS) - 1:
+                if any(box.overlaps(b) for b in placed):  # nowhere free: back to the first offset
+                    t.remove()
+                    dx, dy, ha = _OFFSETS[0]
+                    t = ax.annotate(label, (x, y), fontsize=8, xytext=(dx, dy), textcoords="offset points", ha=ha)
+                    box = t.get_window_extent(renderer)
+                placed.append(box)
+                break
+            t.remove()
+
+
 def plot(state: dict, order: list[str], path: str | Path) -> None:
     """Perplexity vs decode tokens/s, one point per row, the Pareto front joined."""
     import matplotlib
@@ -114,7 +140,6 @@ def plot(state: dict, order: list[str], path: str | Path) -> None:
             peer = n.startswith("peer:")
             ax.scatter([x], [y], s=60 if n in front else 36, marker="s" if peer else "o",
                        color="#888888" if peer else ("#c44e52" if n in front else "#4c72b0"), zorder=3)
-            ax.annotate(n[5:] if peer else n, (x, y), fontsize=8, xytext=(5, 4), textcoords="offset points")
         fp = sorted((p for p in pts if p[0] in front), key=lambda p: p[1])
         ax.plot([p[1] for p in fp], [p[2] for p in fp], color="#c44e52", lw=1, ls="--", zorder=2,
                 label="Pareto front (faster and better: down-right)")
@@ -126,6 +151,7 @@ def plot(state: dict, order: list[str], path: str | Path) -> None:
             ax.set_xscale("log")
         ax.margins(x=0.12, y=0.12)
         ax.legend(fontsize=8, loc="best")
+        _place_labels(fig, ax, [(n[5:] if n.startswith("peer:") else n, x, y) for n, x, y in pts])
     else:
         ax.text(0.5, 0.5, "no row with both perplexity and decode speed", ha="center", transform=ax.transAxes)
     s = state["settings"]
