@@ -4,7 +4,7 @@ associative_scan, sequential lax.scan), forward and forward+backward, against th
     python -m kernels.ssm_scan.bench                      # B8 L4096 D1536 N16 fp32 (Mamba-130m's mixer)
     python -m kernels.ssm_scan.bench --out bench.json --configs 32x8,32x8p,32x8ps4,64x8b
 
-A config is block_p x chunk, then flags: b (batch_stores), p (prefetch), sN (N segments; none: 1),
+A config is block_p x chunk, then flags: b (batch_stores), p (prefetch), t (tile), sN (N segments; none: 1),
 or `auto` (the default GpuBlocks: segments chosen per shape); see kernels.ssm_scan.gpu.GpuBlocks. Every config is timed forward, then the XLA alternatives; the fastest
 config is then timed forward + backward and checked against the reference.
 
@@ -81,12 +81,12 @@ def parse_config(text: str, n: int) -> GpuBlocks:
     """'32x8ps4' -> GpuBlocks(block_p=32, chunk=8, prefetch=True, segments=4)."""
     if text == "auto":
         return GpuBlocks()
-    m = re.fullmatch(r"(\d+)x(\d+)(b?)(p?)(?:s(\d+))?", text)
+    m = re.fullmatch(r"(\d+)x(\d+)(b?)(p?)(t?)(?:s(\d+))?", text)
     if not m:
-        raise SystemExit(f"bad --configs entry {text!r}: want block_p x chunk [b][p][sN], e.g. 32x8ps4")
+        raise SystemExit(f"bad --configs entry {text!r}: want block_p x chunk [b][p][t][sN], e.g. 32x8ps4")
     bp, ch = int(m[1]), int(m[2])
     return GpuBlocks(block_p=bp, chunk=ch, max_state_regs=max(128, ch * n), batch_stores=bool(m[3]),
-                     prefetch=bool(m[4]), segments=int(m[5] or 1))
+                     prefetch=bool(m[4]), tile=bool(m[5]), segments=int(m[6] or 1))
 
 
 def rel_err(got, want) -> float:

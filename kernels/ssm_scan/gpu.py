@@ -63,10 +63,17 @@ class GpuBlocks:
     # the extra warps give. The default picks 8 segments at that shape.
     target_programs: int = 3072
     min_segment_chunks: int = 16
+    # Forward only, experimental (not yet timed on a GPU): the state as one [N, block_p] tile per
+    # program instead of N separate [block_p] vectors, so B_t and C_t are single [N] vector loads
+    # (4 x 16-byte loads for N = 16 instead of 16 scalar ones) and the y reduction over N is a tile
+    # sum. Needs N a power of 2.
+    tile: bool = False
 
     def resolve(self, p: int, n: int) -> "GpuBlocks":
         if self.segments < 0:
             raise ValueError(f"GpuBlocks.segments must be >= 0 (0: auto), got {self.segments}")
+        if self.tile and (n & (n - 1) or n < 2):
+            raise ValueError(f"GpuBlocks(tile=True) needs a power-of-two state size N (Triton tiles), got N={n}")
         bp = min(self.block_p, 1 << max(0, p - 1).bit_length())
         chunk = max(1, min(self.chunk, self.max_state_regs // n))
         chunk = 1 << (chunk.bit_length() - 1)
@@ -189,6 +196,73 @@ def _states_kernel(x_ref, dt_ref, a_ref, b_ref, hT_ref, dts_ref, *, n_state, chu
     dts_ref[pid, hi, cols] = acc
 
 
+def _fwd_kernel_tile(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, hT_ref, *ck, n_state, chunk, block_p,
+                     heads_per_group, batch_stores=False, prefetch=False):
+    """`_fwd_kernel` with the state as one [N, block_p] tile (GpuBlocks.tile)."""
+    del batch_stores, prefetch  # this variant always loads a chunk ahead and stores y after the chunk
+    f32 = jnp.float32
+    bi, hi, pj = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    gi = hi // heads_per_group
+    cols = pl.ds(pj * block_p, block_p)
+    a2 = a_ref[hi, :, cols]  # [N, P]
+    dd = d_ref[hi, cols]
+    n_chunks = x_ref.shape[1] // chunk
+
+    def load(i):
+        ts = [i * chunk + k for k in range(chunk)]
+        return (tuple(x_ref[bi, t, hi, cols].astype(f32) for t in ts), tuple(dt_ref[bi, t, hi, cols].astype(f32) for t in ts))
+
+    def body(i, carry):
+        h, xs, dts = carry
+        if ck:
+            ck[0][bi, hi, i, :, cols] = h
+        nxt = load(jnp.minimum(i + 1, n_chunks - 1))
+        bs = [b_ref[bi, i * chunk + k, gi, :].astype(f32) for k in range(chunk)]
+        cs = [c_ref[bi, i * chunk + k, gi, :].astype(f32) for k in range(chunk)]
+        ys = []
+        for k in range(chunk):
+            h = jnp.exp2(dts[k][None, :] * a2) * h + (dts[k] * xs[k])[None, :] * bs[k][:, None]
+            ys.append(dd * xs[k] + jnp.sum(h * cs[k][:, None], axis=0))
+        for k, y in enumerate(ys):
+            y_ref[bi, i * chunk + k, hi, cols] = y.astype(y_ref.dtype)
+        return h, nxt[0], nxt[1]
+
+    xs0, dts0 = load(0)
+    h = jax.lax.fori_loop(0, n_chunks, body, (h0_ref[bi, hi, :, cols], xs0, dts0))[0]
+    hT_ref[bi, hi, :, cols] = h
+
+
+def _states_kernel_tile(x_ref, dt_ref, a_ref, b_ref, hT_ref, dts_ref, *, n_state, chunk, block_p, heads_per_group,
+                        segments):
+    """`_states_kernel` with the state as one [N, block_p] tile (GpuBlocks.tile)."""
+    f32 = jnp.float32
+    pid, hi, pj = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bi = (pid // (segments - 1)) * segments + pid % (segments - 1)
+    gi = hi // heads_per_group
+    cols = pl.ds(pj * block_p, block_p)
+    a2 = a_ref[hi, :, cols]
+    n_chunks = x_ref.shape[1] // chunk
+
+    def load(i):
+        ts = [i * chunk + k for k in range(chunk)]
+        return (tuple(x_ref[bi, t, hi, cols].astype(f32) for t in ts), tuple(dt_ref[bi, t, hi, cols].astype(f32) for t in ts))
+
+    def body(i, carry):
+        h, acc, xs, dts = carry
+        nxt = load(jnp.minimum(i + 1, n_chunks - 1))
+        bs = [b_ref[bi, i * chunk + k, gi, :].astype(f32) for k in range(chunk)]
+        for k in range(chunk):
+            acc = acc + dts[k]
+            h = jnp.exp2(dts[k][None, :] * a2) * h + (dts[k] * xs[k])[None, :] * bs[k][:, None]
+        return h, acc, nxt[0], nxt[1]
+
+    xs0, dts0 = load(0)
+    h, acc, _, _ = jax.lax.fori_loop(0, n_chunks, body, (jnp.zeros((n_state, block_p), f32),
+                                                         jnp.zeros((block_p,), f32), xs0, dts0))
+    hT_ref[pid, hi, :, cols] = h
+    dts_ref[pid, hi, cols] = acc
+
+
 def _bwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, ck_ref, dy_ref, dhT_ref,
                 dx_ref, ddt_ref, db_ref, dc_ref, da_ref, dd_ref, dh0_ref, *, n_state, chunk, block_p,
                 heads_per_group, batch_stores=False):
@@ -262,8 +336,9 @@ def _forward(x, dt, At, B, C, D, h0T, blocks: GpuBlocks, interpret: bool, save: 
     outs = [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((bt, h, n, p), f32)]
     if save:
         outs.append(jax.ShapeDtypeStruct((bt, h, l // blocks.chunk, n, p), f32))
-    kernel = functools.partial(_fwd_kernel, n_state=n, chunk=blocks.chunk, block_p=blocks.block_p,
-                               heads_per_group=h // g, batch_stores=blocks.batch_stores, prefetch=blocks.prefetch)
+    kernel = functools.partial(_fwd_kernel_tile if blocks.tile else _fwd_kernel, n_state=n, chunk=blocks.chunk,
+                               block_p=blocks.block_p, heads_per_group=h // g, batch_stores=blocks.batch_stores,
+                               prefetch=blocks.prefetch)
     return pl.pallas_call(kernel, out_shape=tuple(outs), grid=grid, interpret=interpret,
                           compiler_params=_compiler_params(blocks), name="ssm_scan_fwd")(
         x, dt, At * jnp.float32(LOG2E), B, C, D, h0T)
@@ -277,8 +352,8 @@ def _forward_segmented(x, dt, At, B, C, D, h0T, blocks: GpuBlocks, interpret: bo
     f32 = jnp.float32
     seg = lambda a: a.reshape(bt * s, ls, *a.shape[2:])  # free: contiguous
     xs, dts, Bs, Cs = seg(x), seg(dt), seg(B), seg(C)
-    kernel = functools.partial(_states_kernel, n_state=n, chunk=blocks.chunk, block_p=blocks.block_p,
-                               heads_per_group=h // g, segments=s)
+    kernel = functools.partial(_states_kernel_tile if blocks.tile else _states_kernel, n_state=n, chunk=blocks.chunk,
+                               block_p=blocks.block_p, heads_per_group=h // g, segments=s)
     h_loc, dt_sum = pl.pallas_call(
         kernel, out_shape=(jax.ShapeDtypeStruct((bt * (s - 1), h, n, p), f32),
                            jax.ShapeDtypeStruct((bt * (s - 1), h, p), f32)),

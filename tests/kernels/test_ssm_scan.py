@@ -6,6 +6,8 @@ L·N terms of eps 6e-8): 1e-4 of the largest reference value. bf16 inputs are up
 implementation, so outputs differ by the last bf16 rounding of y and the gradients (2^-8):
 1e-2 of the largest value.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,9 +85,10 @@ def test_pallas_matches_reference(impl, blocks, layout, l, n, dtype):
     check(impl, layout, l, n, dtype, blocks)
 
 
-@pytest.mark.parametrize("blocks", [GpuBlocks(block_p=16, chunk=4, prefetch=True),
-                                    GpuBlocks(block_p=16, chunk=4, prefetch=True, segments=3)],
-                         ids=["prefetch", "prefetch-segments3"])
+@pytest.mark.parametrize("blocks", [GpuBlocks(block_p=16, chunk=4, prefetch=True, segments=1),
+                                    GpuBlocks(block_p=16, chunk=4, prefetch=True, segments=3),
+                                    GpuBlocks(block_p=16, chunk=4, segments=3, tile=True)],
+                         ids=["prefetch", "prefetch-segments3", "tile-segments3"])
 @pytest.mark.parametrize("layout,l,n,dtype", [("mamba1", 29, 16, jnp.float32), ("multihead", 11, 8, jnp.bfloat16)],
                          ids=["mamba1-L29-N16-fp32", "multihead-L11-N8-bf16"])
 def test_gpu_pipelined_variants_match_reference(blocks, layout, l, n, dtype):
@@ -169,3 +172,20 @@ def test_canonical_layouts_agree():
     want = reference.selective_scan(x, dt1, a1, B, C, jnp.full_like(D, D[0]))
     got = reference.selective_scan(x[:, :, None], dt[:, :, :1], A[:1, 0], B[:, :, None], C[:, :, None], D[:1])
     np.testing.assert_allclose(got[:, :, 0], want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("blocks", [GpuBlocks(), GpuBlocks(segments=1, prefetch=False), GpuBlocks(tile=True)],
+                         ids=["default-segmented", "one-pass", "tile"])
+def test_gpu_forward_lowers_to_triton(blocks):
+    """The Triton lowering runs on CPU (cross-platform export), so ops the GPU backend lacks fail here,
+    not on the device: the forward at Mamba-130m's mixer shape (8 segments by default: two kernels)."""
+    from kernels.ssm_scan import gpu
+
+    S = jax.ShapeDtypeStruct
+    f32 = jnp.float32
+    fwd = functools.partial(gpu.scan_canonical, blocks=blocks)  # canonical layout: one head of 1536 channels
+    exp = jax.export.export(jax.jit(fwd), platforms=("cuda",), disabled_checks=[
+        jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+        S((2, 4096, 1, 1536), f32), S((2, 4096, 1, 1536), f32), S((1, 1536, 16), f32), S((2, 4096, 1, 16), f32),
+        S((2, 4096, 1, 16), f32), S((1, 1536), f32), S((2, 1, 1536, 16), f32))
+    assert exp.mlir_module().count("xla.gpu.triton") == (1 if blocks.segments == 1 else 2)
