@@ -85,9 +85,13 @@ def test_pallas_matches_reference(impl, blocks, layout, l, n, dtype):
     check(impl, layout, l, n, dtype, blocks)
 
 
-@pytest.mark.parametrize("blocks", [GpuBlocks(block_p=16, chunk=4, prefetch=True, segments=1),
+# the default's family (segments + prefetch) in the default run; the one-pass prefetch and the tile
+# layout in the slow run (CI's default run is kept under 15 minutes)
+@pytest.mark.parametrize("blocks", [pytest.param(GpuBlocks(block_p=16, chunk=4, prefetch=True, segments=1),
+                                                 marks=pytest.mark.slow),
                                     GpuBlocks(block_p=16, chunk=4, prefetch=True, segments=3),
-                                    GpuBlocks(block_p=16, chunk=4, segments=3, tile=True)],
+                                    pytest.param(GpuBlocks(block_p=16, chunk=4, segments=3, tile=True),
+                                                 marks=pytest.mark.slow)],
                          ids=["prefetch", "prefetch-segments3", "tile-segments3"])
 @pytest.mark.parametrize("layout,l,n,dtype", [("mamba1", 29, 16, jnp.float32), ("multihead", 11, 8, jnp.bfloat16)],
                          ids=["mamba1-L29-N16-fp32", "multihead-L11-N8-bf16"])
