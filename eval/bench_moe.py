@@ -5,7 +5,8 @@
 2. MoE layer forward (router, sort, 3 grouped matmuls, unsort, combine) at --tokens tokens:
    expert FLOPs / time, as a fraction of a dense bf16 matmul measured in the same run, for our
    Pallas kernel and XLA's ragged_dot (tokamax's kernels in 5, when installed)
-3. batch 1 (decoding): the MoE layer vs a dense SwiGLU of width top_k * ffn (same bytes of weights)
+3. batch 1 (decoding): the MoE layer vs a dense SwiGLU of width top_k * ffn (same bytes of weights);
+   with --profile, its kernels per call under jax.profiler
 4. our kernel vs ragged_dot on the device (outputs; gradients in bf16)
 5. tokamax / JAX's Mosaic GPU example in the layer, more block sizes, and the grouped matmul
    alone (8 groups of N=ffn; 64 groups of N=ffn/8)
@@ -55,6 +56,8 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=600.0, help="seconds; later sections are skipped past it")
     ap.add_argument("--out", default=None, help="write all results as JSON here")
     ap.add_argument("--sweep", action="store_true", help="time more block sizes first (see the docstring)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after section 3: the batch-1 layer's kernels under jax.profiler (eval.profile_decode)")
     args = ap.parse_args(argv)
     with user_errors("eval.bench_moe"):
         run(args)
@@ -128,6 +131,8 @@ def _sections(args, c, dtype, log, left):
                      "vs_dense": t / t_dense})
             except Exception as e:
                 log({"case": case1, "impl": name, "error": f"{type(e).__name__}: {e}"[:400]})
+        if args.profile:
+            _profile_batch1(c, p, x1, log)
 
     # 4. correctness on the device (fp32: exact products, so only the summation order differs)
     for dt, grads in ((jnp.bfloat16, True), (jnp.float32, False)):
@@ -191,6 +196,25 @@ def _sweep(c, p, x, dtype, layer, log, left):
             log({"case": case1, "impl": f"ours {name}", "ms": t * 1e3, "GB/s": wbytes / t / 1e9})
         except Exception as e:
             log({"case": case1, "impl": f"ours {name}", "error": f"{type(e).__name__}: {e}"[:400]})
+
+
+def _profile_batch1(c, p, x1, log, calls: int = 20):
+    """Kernels of the batch-1 MoE layer (ours) per call: where the time beyond the weight reads goes."""
+    import tempfile
+
+    from eval.profile_decode import summarize
+
+    f = jax.jit(lambda p, x: mixtral.moe_layer(p, x, c, impl="triton", dispatch=True)[0])
+    jax.block_until_ready(f(p, x1))
+    trace_dir = tempfile.mkdtemp(prefix="flashit_moe_trace_")
+    with jax.profiler.trace(trace_dir):
+        for _ in range(calls):
+            out = f(p, x1)
+        jax.block_until_ready(out)
+    try:
+        log({"case": "batch-1 MoE layer, profile", **summarize(trace_dir, calls)})
+    except Exception as e:  # a missing plane must not lose the rest of the run
+        log({"case": "batch-1 MoE layer, profile", "error": f"{type(e).__name__}: {e}"[:400]})
 
 
 def _layer(case, impls, *, c, p, x, flops, dense_rate, log, left):
