@@ -108,19 +108,21 @@ def _place_labels(fig, ax, pts) -> None:
     fig.canvas.draw()  # final limits and a renderer to measure text with
     renderer = fig.canvas.get_renderer()
     placed = []
+
+    def put(label, x, y, offset):
+        dx, dy, ha = offset
+        t = ax.annotate(label, (x, y), fontsize=8, xytext=(dx, dy), textcoords="offset points", ha=ha)
+        return t, t.get_window_extent(renderer)
+
     for label, x, y in sorted(pts, key=lambda p: (-p[2], p[1])):
-        for i, (dx, dy, ha) in enumerate(_OFFSETS):
-            t = ax.annotate(label, (x, y), fontsize=8, xytext=(dx, dy), textcoords="offset points", ha=ha)
-            box = t.get_window_extent(renderer)
-            if not any(box.overlaps(b) for b in placed) or i == len(_OFFSETS) - 1:
-                if any(box.overlaps(b) for b in placed):  # nowhere free: back to the first offset
-                    t.remove()
-                    dx, dy, ha = _OFFSETS[0]
-                    t = ax.annotate(label, (x, y), fontsize=8, xytext=(dx, dy), textcoords="offset points", ha=ha)
-                    box = t.get_window_extent(renderer)
-                placed.append(box)
+        for offset in _OFFSETS:
+            t, box = put(label, x, y, offset)
+            if not any(box.overlaps(b) for b in placed):
                 break
             t.remove()
+        else:
+            t, box = put(label, x, y, _OFFSETS[0])
+        placed.append(box)
 
 
 def plot(state: dict, order: list[str], path: str | Path) -> None:

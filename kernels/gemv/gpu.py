@@ -67,6 +67,18 @@ def _pow2_at_least(n: int) -> int:
     return 1 << (max(1, n) - 1).bit_length()
 
 
+def _plan(blocks: Blocks, m: int, k: int, n: int, bk_cap: int):
+    """(bk, bn, column tiles, rows per K split, K splits) for an M-row GEMV over [k, n] tiles: enough
+    programs (`target_programs`) that many stream the weight at once; each split's rows are a
+    multiple of bk (<= bk_cap)."""
+    bk = min(max(16, blocks.bk // _pow2_at_least(m)), bk_cap)
+    bn = min(blocks.bn, max(16, _pow2_at_most(n)))
+    ncol = pl.cdiv(n, bn)
+    splits = max(1, min(pl.cdiv(blocks.target_programs, ncol), pl.cdiv(k, bk)))
+    ks = pl.cdiv(pl.cdiv(k, splits), bk) * bk
+    return bk, bn, ncol, ks, pl.cdiv(k, ks)
+
+
 def _matvec_kernel(x_ref, w_ref, s_ref, o_ref, *, m: int, k: int, n: int, ks: int, bk: int, bn: int,
                    norm: tuple[float, float] | None):
     col = pl.program_id(0) * bn + jnp.arange(bn)
@@ -142,12 +154,7 @@ def matvec(x: jax.Array, w: jax.Array, *, blocks: Blocks | None = None, interpre
     # register file at M = 1, so M rows get 1/M of the K tile. Why: with M-row tiles a 5-row verify
     # pass of the Llama-3.2-1B shape cost 4.6 one-row steps on an H200 (2026-12-04), for the same
     # bytes; spilled registers are the likely cause (not yet profiled; `kernels.gemv.bench --rows`)
-    bk = min(max(16, blocks.bk // _pow2_at_least(m)), _pow2_at_most(k))
-    bn = min(blocks.bn, max(16, _pow2_at_most(n)))
-    ncol = pl.cdiv(n, bn)
-    splits = max(1, min(pl.cdiv(blocks.target_programs, ncol), pl.cdiv(k, bk)))
-    ks = pl.cdiv(pl.cdiv(k, splits), bk) * bk  # rows per split, a multiple of bk
-    splits = pl.cdiv(k, ks)
+    bk, bn, ncol, ks, splits = _plan(blocks, m, k, n, _pow2_at_most(k))
     norm = None if norm_scale is None else (float(eps), float(offset))
     kernel = functools.partial(_matvec_kernel, m=m, k=k, n=n, ks=ks, bk=bk, bn=bn, norm=norm)
     if norm_scale is None:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.gemv.gpu import Blocks, _pow2_at_least, _pow2_at_most
+from kernels.gemv.gpu import Blocks, _plan, _pow2_at_most
 
 # bf16 blocks halved along K: each row keeps two accumulators (low and high nibble columns)
 DEFAULT_Q4_BLOCKS = Blocks(bk=128, bn=64, target_programs=528, num_warps=4)
@@ -85,13 +85,9 @@ def matvec_q4(x: jax.Array, q: jax.Array, scales: jax.Array, zeros: jax.Array | 
     group = k // groups
     blocks = blocks or DEFAULT_Q4_BLOCKS
     half = n // 2
-    bk = min(max(16, blocks.bk // _pow2_at_least(m)), _pow2_at_most(group if groups > 1 else k))
-    bn = min(blocks.bn, max(16, _pow2_at_most(half)))
-    ncol = pl.cdiv(half, bn)
-    splits = max(1, min(pl.cdiv(blocks.target_programs, ncol), pl.cdiv(k, bk)))
-    ks = pl.cdiv(pl.cdiv(k, splits), bk) * bk  # rows per split, a multiple of bk (so tiles never straddle groups)
-    splits = pl.cdiv(k, ks)
-    kernel = functools.partial(_q4_kernel, m=m, k=k, half=half, ks=ks, bk=bk, bn=bn, group=group if groups > 1 else k,
+    # bk divides the (power-of-two) group, and splits hold whole bk tiles: no tile straddles two groups
+    bk, bn, ncol, ks, splits = _plan(blocks, m, k, half, _pow2_at_most(group))
+    kernel = functools.partial(_q4_kernel, m=m, k=k, half=half, ks=ks, bk=bk, bn=bn, group=group,
                                offset=int(offset), has_zeros=zeros is not None)
     partial = pl.pallas_call(
         kernel, grid=(ncol, splits), out_shape=jax.ShapeDtypeStruct((splits, m, n), jnp.float32),

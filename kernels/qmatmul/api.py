@@ -13,9 +13,9 @@ Decode route ("gemv"): on GPUs, one row against symmetric int8 weights with one 
 (the `w8` recipes and `+emb8`) runs the bf16 decode GEMV kernel (`kernels/gemv/`) on the int8
 codes, converted in registers, and scales its fp32 result per column; against `u4x2` weights
 (W4, groups of a power of two) its 4-bit twin `kernels/gemv/quant.py` unpacks and dequantizes
-each tile in registers. That kernel splits K as
-well as N so that hundreds of programs stream the weight; the qmatmul kernel's 16-row tensor-core
-tile read int8 at 1.19 TB/s against XLA's 4.39 TB/s for bf16 on an H200 (docs/quantization.md).
+each tile in registers. Those kernels split K as well as N so that hundreds of programs stream
+the weight; the qmatmul kernel's 16-row tensor-core tile read int8 at 1.19 TB/s against XLA's
+4.39 TB/s for bf16 on an H200 (docs/quantization.md).
 """
 from __future__ import annotations
 

@@ -4,9 +4,10 @@ associative_scan, sequential lax.scan), forward and forward+backward, against th
     python -m kernels.ssm_scan.bench                      # B8 L4096 D1536 N16 fp32 (Mamba-130m's mixer)
     python -m kernels.ssm_scan.bench --out bench.json --configs 32x8,32x8p,32x8ps4,64x8b
 
-A config is block_p x chunk, then flags: b (batch_stores), p (prefetch), t (tile), sN (N segments; none: 1),
-or `auto` (the default GpuBlocks: segments chosen per shape); see kernels.ssm_scan.gpu.GpuBlocks. Every config is timed forward, then the XLA alternatives; the fastest
-config is then timed forward + backward and checked against the reference.
+A config is block_p x chunk, then flags: b (batch_stores), p (prefetch), t (tile), sN (N segments;
+none: 1), or `auto` (the default GpuBlocks: segments and prefetch chosen per shape); see
+kernels.ssm_scan.gpu.GpuBlocks. Every config is timed forward, then the XLA alternatives; the
+fastest config is then timed forward + backward and checked against the reference.
 
 The floor is the bytes a forward must move (read x, Δ, B, C and write y once) over the copy
 bandwidth measured in the same run (x + 1 over a 1 GiB buffer: bytes read + written).
@@ -116,7 +117,7 @@ def main(argv=None):
     ap.add_argument("--state", type=int, default=16)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--configs", default="auto,32x8,32x8ps8,32x8s16,32x8ps16,32x8ps32",
-                    help="Pallas GPU blocks, comma separated: block_p x chunk [b][p][sN] (see the docstring)")
+                    help="Pallas GPU blocks, comma separated: block_p x chunk [b][p][t][sN], or auto (see the docstring)")
     ap.add_argument("--alternatives", default="xla,associative,reference")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--no-check", action="store_true")

@@ -91,6 +91,18 @@ def auto_segments(blocks: GpuBlocks, programs: int, length: int) -> int:
     return s
 
 
+def _load_chunk(x_ref, dt_ref, bi, hi, cols, i, chunk: int):
+    """x and Δ of chunk i in fp32, one [block_p] vector per step (a tuple each: loop carries)."""
+    ts = [i * chunk + k for k in range(chunk)]
+    return (tuple(x_ref[bi, t, hi, cols].astype(jnp.float32) for t in ts),
+            tuple(dt_ref[bi, t, hi, cols].astype(jnp.float32) for t in ts))
+
+
+def _segment_row(pid, segments: int):
+    """Row of the [Bt·S, L/S, ...] view that pass-1 program `pid` reads (it covers segments 0..S-2)."""
+    return (pid // (segments - 1)) * segments + pid % (segments - 1)
+
+
 def _compiler_params(blocks: GpuBlocks):
     from jax.experimental.pallas import triton as plgpu
 
@@ -108,8 +120,7 @@ def _fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, hT_ref
     n_chunks = x_ref.shape[1] // chunk
 
     def load_xdt(i):
-        return ([x_ref[bi, i * chunk + k, hi, cols].astype(f32) for k in range(chunk)],
-                [dt_ref[bi, i * chunk + k, hi, cols].astype(f32) for k in range(chunk)])
+        return _load_chunk(x_ref, dt_ref, bi, hi, cols, i, chunk)
 
     def step_chunk(i, h, xs, dts):
         if prefetch:  # every B/C load of the chunk before the first dependent instruction
@@ -146,10 +157,9 @@ def _fwd_kernel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, hT_ref
             save_ck(i, h)
             nxt = load_xdt(jnp.minimum(i + 1, n_chunks - 1))  # issued now, used next iteration
             h = step_chunk(i, h, xs, dts)
-            return tuple(h), tuple(nxt[0]), tuple(nxt[1])
+            return (tuple(h), *nxt)
 
-        xs0, dts0 = load_xdt(0)
-        h = jax.lax.fori_loop(0, n_chunks, body, (h0, tuple(xs0), tuple(dts0)))[0]
+        h = jax.lax.fori_loop(0, n_chunks, body, (h0, *load_xdt(0)))[0]
     else:
         def body(i, h):
             h = list(h)
@@ -168,31 +178,26 @@ def _states_kernel(x_ref, dt_ref, a_ref, b_ref, hT_ref, dts_ref, *, n_state, chu
     (the segment's decay is exp(A · ΣΔ)). Programs cover segments 0..S-2 of each sequence."""
     f32 = jnp.float32
     pid, hi, pj = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    bi = (pid // (segments - 1)) * segments + pid % (segments - 1)  # row of the [Bt·S, L/S, ...] view
+    bi = _segment_row(pid, segments)
     gi = hi // heads_per_group
     cols = pl.ds(pj * block_p, block_p)
     a2 = [a_ref[hi, n, cols] for n in range(n_state)]
     n_chunks = x_ref.shape[1] // chunk
 
-    def load(i):
-        return ([x_ref[bi, i * chunk + k, hi, cols].astype(f32) for k in range(chunk)],
-                [dt_ref[bi, i * chunk + k, hi, cols].astype(f32) for k in range(chunk)])
-
     def body(i, carry):
         h, acc, xs, dts = list(carry[0]), carry[1], carry[2], carry[3]
-        nxt = load(jnp.minimum(i + 1, n_chunks - 1))
+        nxt = _load_chunk(x_ref, dt_ref, bi, hi, cols, jnp.minimum(i + 1, n_chunks - 1), chunk)
         bs = [[b_ref[bi, i * chunk + k, gi, n].astype(f32) for n in range(n_state)] for k in range(chunk)]
         for k in range(chunk):
             u = dts[k] * xs[k]
             acc = acc + dts[k]
             for n in range(n_state):
                 h[n] = jnp.exp2(dts[k] * a2[n]) * h[n] + u * bs[k][n]
-        return tuple(h), acc, tuple(nxt[0]), tuple(nxt[1])
+        return (tuple(h), acc, *nxt)
 
     zero = jnp.zeros((block_p,), f32)
-    xs0, dts0 = load(0)
     h, acc, _, _ = jax.lax.fori_loop(0, n_chunks, body, (tuple(zero for _ in range(n_state)), zero,
-                                                         tuple(xs0), tuple(dts0)))
+                                                         *_load_chunk(x_ref, dt_ref, bi, hi, cols, 0, chunk)))
     for n in range(n_state):
         hT_ref[pid, hi, n, cols] = h[n]
     dts_ref[pid, hi, cols] = acc
@@ -210,15 +215,11 @@ def _fwd_kernel_tile(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, h
     dd = d_ref[hi, cols]
     n_chunks = x_ref.shape[1] // chunk
 
-    def load(i):
-        ts = [i * chunk + k for k in range(chunk)]
-        return (tuple(x_ref[bi, t, hi, cols].astype(f32) for t in ts), tuple(dt_ref[bi, t, hi, cols].astype(f32) for t in ts))
-
     def body(i, carry):
         h, xs, dts = carry
         if ck:
             ck[0][bi, hi, i, :, cols] = h
-        nxt = load(jnp.minimum(i + 1, n_chunks - 1))
+        nxt = _load_chunk(x_ref, dt_ref, bi, hi, cols, jnp.minimum(i + 1, n_chunks - 1), chunk)
         bs = [b_ref[bi, i * chunk + k, gi, :].astype(f32) for k in range(chunk)]
         cs = [c_ref[bi, i * chunk + k, gi, :].astype(f32) for k in range(chunk)]
         ys = []
@@ -229,8 +230,8 @@ def _fwd_kernel_tile(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, h
             y_ref[bi, i * chunk + k, hi, cols] = y.astype(y_ref.dtype)
         return h, nxt[0], nxt[1]
 
-    xs0, dts0 = load(0)
-    h = jax.lax.fori_loop(0, n_chunks, body, (h0_ref[bi, hi, :, cols], xs0, dts0))[0]
+    h = jax.lax.fori_loop(0, n_chunks, body,
+                          (h0_ref[bi, hi, :, cols], *_load_chunk(x_ref, dt_ref, bi, hi, cols, 0, chunk)))[0]
     hT_ref[bi, hi, :, cols] = h
 
 
@@ -239,28 +240,23 @@ def _states_kernel_tile(x_ref, dt_ref, a_ref, b_ref, hT_ref, dts_ref, *, n_state
     """`_states_kernel` with the state as one [N, block_p] tile (GpuBlocks.tile)."""
     f32 = jnp.float32
     pid, hi, pj = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    bi = (pid // (segments - 1)) * segments + pid % (segments - 1)
+    bi = _segment_row(pid, segments)
     gi = hi // heads_per_group
     cols = pl.ds(pj * block_p, block_p)
     a2 = a_ref[hi, :, cols]
     n_chunks = x_ref.shape[1] // chunk
 
-    def load(i):
-        ts = [i * chunk + k for k in range(chunk)]
-        return (tuple(x_ref[bi, t, hi, cols].astype(f32) for t in ts), tuple(dt_ref[bi, t, hi, cols].astype(f32) for t in ts))
-
     def body(i, carry):
         h, acc, xs, dts = carry
-        nxt = load(jnp.minimum(i + 1, n_chunks - 1))
+        nxt = _load_chunk(x_ref, dt_ref, bi, hi, cols, jnp.minimum(i + 1, n_chunks - 1), chunk)
         bs = [b_ref[bi, i * chunk + k, gi, :].astype(f32) for k in range(chunk)]
         for k in range(chunk):
             acc = acc + dts[k]
             h = jnp.exp2(dts[k][None, :] * a2) * h + (dts[k] * xs[k])[None, :] * bs[k][:, None]
         return h, acc, nxt[0], nxt[1]
 
-    xs0, dts0 = load(0)
-    h, acc, _, _ = jax.lax.fori_loop(0, n_chunks, body, (jnp.zeros((n_state, block_p), f32),
-                                                         jnp.zeros((block_p,), f32), xs0, dts0))
+    h, acc, _, _ = jax.lax.fori_loop(0, n_chunks, body, (jnp.zeros((n_state, block_p), f32), jnp.zeros((block_p,), f32),
+                                                         *_load_chunk(x_ref, dt_ref, bi, hi, cols, 0, chunk)))
     hT_ref[pid, hi, :, cols] = h
     dts_ref[pid, hi, cols] = acc
 
