@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements docs/DEVELOPING.md lists as owed, one part after another, each under its own
-# time limit (seconds in brackets: what it needs on an H200, compiles included), results under $OUT.
+# time limit (seconds in brackets: the limit each part gets, compiles included), results under $OUT.
 # A device call allows ~560 s, so pick the parts that fit with PARTS:
 #   OUT=$OUT PARTS=spec1,train,mamba bash eval/run_owed_gpu.sh     # one call
 #   OUT=$OUT PARTS=scan,quant,moe bash eval/run_owed_gpu.sh        # the next, on the warm machine
