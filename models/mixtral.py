@@ -188,6 +188,19 @@ def _pallas(impl, dim: int, ffn: int, dtype, interpret: bool) -> bool:
     return impl in ("triton", "tpu")
 
 
+# Rows (tokens x top_k) up to which a Pallas-Triton MoE layer runs the expert GEMV (kernels/gemv/experts.py:
+# each row streams its expert's weights straight from the stack) instead of sort + grouped matmul.
+GEMV_MAX_ROWS = 4
+
+
+def _use_gemv(gemv, impl, rows: int, dtype, dim: int, ffn: int, interpret: bool) -> bool:
+    if gemv is not None:
+        return gemv is not False
+    if callable(impl) or rows > GEMV_MAX_ROWS or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16, jnp.float32):
+        return False
+    return (impl == "triton" or (impl == "auto" and (interpret or default_impl(dim, ffn, dtype) == "triton")))
+
+
 def expert_axis_size(n_experts: int) -> int:
     """Devices on the `expert` axis of the current mesh (1 without one); checks divisibility."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -221,9 +234,12 @@ def _expert_parallel(x, group_sizes, gate, up, down, ep: int, impl: str, interpr
 
 
 def moe_layer(p: dict, x: jax.Array, config: MixtralConfig, *, impl: str = "auto", interpret: bool = False,
-              tap: dict | None = None, pre: str = "", dispatch: bool | None = None):
+              tap: dict | None = None, pre: str = "", dispatch: bool | None = None, gemv=None):
     """Mixture-of-experts SwiGLU on x [B, T, D] -> (y [B, T, D], router logits [B*T, E]).
 
+    gemv: run each row against its expert's weights with the expert GEMV kernel (default for up to
+    GEMV_MAX_ROWS rows when the grouped matmul would be the Triton one, without an expert mesh axis);
+    a kernels.gemv.Blocks runs it with those blocks (benchmarks).
     dispatch: sort rows by expert and use the grouped matmul (default when B*T*k > E or when the
     grouped matmul is a Pallas kernel), else gather the chosen experts' matrices per row."""
     c = config
@@ -241,7 +257,15 @@ def moe_layer(p: dict, x: jax.Array, config: MixtralConfig, *, impl: str = "auto
     if dispatch is None:
         dispatch = rows > c.n_experts or _pallas(impl, d, c.ffn_dim, x.dtype, interpret)
     flat = experts.reshape(-1)  # row r = token r // k, slot r % k
-    if dispatch:
+    if _use_gemv(gemv, impl, rows, x.dtype, d, c.ffn_dim, interpret) and expert_axis_size(c.n_experts) == 1:
+        from kernels.gemv.experts import swiglu_experts
+
+        xr = jnp.repeat(xs, c.top_k, axis=0)
+        if tap is not None:
+            tap[pre + "experts/gate"] = tap[pre + "experts/up"] = xr
+        y = swiglu_experts(xr, gate, up, down, flat, blocks=None if isinstance(gemv, bool) else gemv,
+                           interpret=interpret or jax.default_backend() == "cpu")
+    elif dispatch:
         order = jnp.argsort(flat, stable=True)
         group_sizes = jnp.bincount(flat, length=c.n_experts).astype(jnp.int32)
         x_sorted = xs[order // c.top_k]

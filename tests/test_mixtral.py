@@ -113,8 +113,9 @@ def test_moe_layer_pallas_kernel_interpret():
     assert _rel(y, dense_moe_reference(p, x, TINY)) < 1e-5
 
 
-@pytest.mark.parametrize("impl", ["xla", "triton"], ids=["gather", "pallas-kernel"])
-def test_decode_step_reads_only_chosen_experts(impl):
+@pytest.mark.parametrize("impl,gemv", [("xla", None), ("triton", None), ("triton", False)],
+                         ids=["gather", "pallas-expert-gemv", "pallas-grouped"])
+def test_decode_step_reads_only_chosen_experts(impl, gemv):
     """Poison every expert a single token does not choose: a step that touched them would be NaN."""
     p = _params()["layers"][0]["moe"]
     x = jnp.asarray(np.random.default_rng(3).standard_normal((1, 1, TINY.dim)), jnp.float32)
@@ -126,9 +127,22 @@ def test_decode_step_reads_only_chosen_experts(impl):
         w = np.array(poisoned["experts"][name]["w"])
         w[[e for e in range(TINY.n_experts) if e not in chosen]] = np.nan
         poisoned["experts"][name]["w"] = jnp.asarray(w)
-    y, _ = mixtral.moe_layer(poisoned, x, TINY, impl=impl, interpret=impl == "triton")
+    y, _ = mixtral.moe_layer(poisoned, x, TINY, impl=impl, interpret=impl == "triton", gemv=gemv)
     assert np.all(np.isfinite(np.asarray(y)))
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_expert_gemv_path_equals_dense_one_hot(batch):
+    """Up to GEMV_MAX_ROWS rows take the expert GEMV under `auto` (interpret mode here); two tokens
+    choosing the same expert each read it."""
+    p = _params()["layers"][0]["moe"]
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((batch, 1, TINY.dim)), jnp.float32)
+    assert mixtral._use_gemv(None, "auto", batch * TINY.top_k, x.dtype, TINY.dim, TINY.ffn_dim, True)
+    y, _ = mixtral.moe_layer(p, x, TINY, interpret=True)
+    assert _rel(y, dense_moe_reference(p, x, TINY)) < 1e-5
+    # past GEMV_MAX_ROWS `auto` sorts and runs the grouped matmul
+    assert not mixtral._use_gemv(None, "auto", mixtral.GEMV_MAX_ROWS + 1, x.dtype, TINY.dim, TINY.ffn_dim, True)
 
 
 def test_gradients_through_pallas_kernel_match_xla():
