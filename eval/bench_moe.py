@@ -6,7 +6,7 @@
    expert FLOPs / time, as a fraction of a dense bf16 matmul measured in the same run, for our
    Pallas kernel and XLA's ragged_dot (tokamax's kernels in 5, when installed)
 3. batch 1 (decoding): the MoE layer vs a dense SwiGLU of width top_k * ffn (same bytes of weights),
-   through the expert GEMV (the default there; more block sizes with --sweep), the grouped matmul,
+   through the expert GEMV (the default there, then other block sizes), the grouped matmul,
    XLA's ragged_dot and gathered experts; with --profile, the default's kernels per call under jax.profiler
 4. our kernel vs ragged_dot on the device (outputs; gradients in bf16)
 5. tokamax / JAX's Mosaic GPU example in the layer, more block sizes, and the grouped matmul
@@ -124,9 +124,8 @@ def _sections(args, c, dtype, log, left):
         t_dense = gbench.time_fn(swiglu, dw, x1, calls=50)
         weight_bytes = 3 * c.dim * wide * dtype.itemsize
         log({"case": case1, "impl": "dense SwiGLU", "ms": t_dense * 1e3, "GB/s": weight_bytes / t_dense / 1e9})
-        gemv_rows = [(f"MoE, ours expert GEMV {_gemv_label(b)}", dict(impl="triton", gemv=b)) for b in
-                     (EXPERT_GEMV_BLOCKS if args.sweep else EXPERT_GEMV_BLOCKS[:1])]
-        for name, kw in (*gemv_rows, ("MoE, gathered experts", dict(dispatch=False)),
+        gemv_rows = [(f"MoE, ours expert GEMV {_gemv_label(b)}", dict(impl="triton", gemv=b)) for b in EXPERT_GEMV_BLOCKS]
+        for name, kw in (*gemv_rows, ("MoE, gathered experts", dict(dispatch=False, gemv=False)),
                          ("MoE, ours grouped", dict(dispatch=True, impl="triton", gemv=False)),
                          ("MoE, xla ragged_dot", dict(dispatch=True, impl="xla"))):
             try:
@@ -177,7 +176,7 @@ SWEEP_DECODE = [BlockSizes(16, 64, 128, num_warps=4, num_stages=4), BlockSizes(1
                 BlockSizes(16, 16, 512, num_warps=2, num_stages=4), BlockSizes(16, 64, 128, num_warps=2, num_stages=6)]
 
 
-# batch 1 through the expert GEMV (kernels/gemv/experts.py): the default first, then what --sweep adds
+# batch 1 through the expert GEMV (kernels/gemv/experts.py): the default first
 EXPERT_GEMV_BLOCKS = [gemv_experts.DEFAULT_BLOCKS, GemvBlocks(bk=128, bn=64, target_programs=528),
                       GemvBlocks(bk=128, bn=128, target_programs=1056), GemvBlocks(bk=256, bn=64, target_programs=1056),
                       GemvBlocks(bk=128, bn=64, target_programs=2112), GemvBlocks(bk=64, bn=128, target_programs=1056, num_warps=8)]

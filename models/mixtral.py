@@ -28,6 +28,7 @@ from flax import nnx
 from flashit_jax import nn
 from flashit_jax.errors import FlashitError
 from flashit_jax.nn.rope import RopeScaling
+from kernels import under_split_mesh
 from kernels.grouped_matmul.api import default_impl, grouped_matmul
 from models import llama
 from models.common import config_from_dict, init_pure_params, layer_list
@@ -197,6 +198,8 @@ def _use_gemv(gemv, impl, rows: int, dtype, dim: int, ffn: int, interpret: bool)
     if gemv is not None:
         return gemv is not False
     if callable(impl) or rows > GEMV_MAX_ROWS or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16, jnp.float32):
+        return False
+    if under_split_mesh():  # the kernel has no partitioning rule: a split mesh keeps the grouped path
         return False
     return (impl == "triton" or (impl == "auto" and (interpret or default_impl(dim, ffn, dtype) == "triton")))
 
