@@ -7,7 +7,9 @@
 Variants: `bf16` (all weights bf16), `RECIPE` (quantized with the Pallas kernels), `RECIPE@xla`
 (the same weights, dequantized before each dot by XLA). Speed recipes quantize the tied
 embedding / lm_head to int8 (`+emb8`); norms and the KV cache stay bf16. Quantization here is
-RTN: speed does not depend on how the codes were chosen.
+RTN: speed does not depend on how the codes were chosen. Every variant runs the decode layout
+(`--layout fused`, as eval.bench_decode: q|k|v and gate|up concatenated before quantizing, two
+input projections per layer instead of five); `--layout plain` keeps the separate matrices.
 """
 from __future__ import annotations
 
@@ -58,6 +60,8 @@ def main(argv=None):
     ap.add_argument("--steps-per-call", type=int, default=16,
                     help="decode steps per jitted call (as eval.bench_decode's scan16 rows; 1 = one call per token, "
                          "where host dispatch hides the weights' bytes)")
+    ap.add_argument("--layout", choices=("fused", "plain"), default="fused",
+                    help="fused: q|k|v and gate|up concatenated (the decode layout, as eval.bench_decode)")
     ap.add_argument("--budget-s", type=float, default=None, help="skip remaining variants after this many seconds")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -98,6 +102,11 @@ def main(argv=None):
             loaded = load_model(args.model, "bf16")
             model, base = loaded.model, loaded.params
             variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        fuse = getattr(model.family, "fuse_projections", None)
+        if args.layout == "fused" and fuse is not None:
+            base = fuse(base, model.config)
+        report["layout"] = args.layout if fuse is not None else "plain"
+        log(f"layout: {report['layout']}")
         decode = []
         cache: dict[str, object] = {}
         for v in variants:
