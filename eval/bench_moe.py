@@ -59,6 +59,8 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=600.0, help="seconds; later sections are skipped past it")
     ap.add_argument("--out", default=None, help="write all results as JSON here")
     ap.add_argument("--sweep", action="store_true", help="time more block sizes first (see the docstring)")
+    ap.add_argument("--sections", default="2,3,4,5", help="comma-separated sections of the list above to run")
+    ap.add_argument("--gemv-sweep", action="store_true", help="section 3: more expert-GEMV block sizes")
     ap.add_argument("--profile", action="store_true",
                     help="after section 3: the batch-1 layer's kernels under jax.profiler (eval.profile_decode)")
     args = ap.parse_args(argv)
@@ -101,6 +103,7 @@ def _sections(args, c, dtype, log, left):
     rows_k = args.tokens * c.top_k
     flops = 2 * rows_k * 3 * c.dim * c.ffn_dim
     a = jax.random.normal(key, (rows_k, c.dim), dtype)
+    sections = set(args.sections.split(","))
     dense = gbench.time_fn(jax.jit(lambda a, w: a @ w), a, p["experts"]["gate"]["w"][0])
     dense_rate = 2 * rows_k * c.dim * c.ffn_dim / dense
     case = f"MoE layer T{args.tokens} d{c.dim} ffn{c.ffn_dim} E{c.n_experts} top{c.top_k}"
@@ -110,11 +113,12 @@ def _sections(args, c, dtype, log, left):
     layer = functools.partial(_layer, case, c=c, p=p, x=x, flops=flops, dense_rate=dense_rate, log=log, left=left)
     if args.sweep:
         _sweep(c, p, x, dtype, layer, log, left)
-    layer({f"ours {configs[0][0]}": functools.partial(gpu.gmm, block_sizes=configs[0][1]),
-           "xla ragged_dot": lambda a, b, g: jax.lax.ragged_dot(a, b, g)})
+    if "2" in sections:
+        layer({f"ours {configs[0][0]}": functools.partial(gpu.gmm, block_sizes=configs[0][1]),
+               "xla ragged_dot": lambda a, b, g: jax.lax.ragged_dot(a, b, g)})
 
     # 3. batch 1: the chosen experts only, against a dense SwiGLU of width top_k * ffn
-    if left() > 0:
+    if left() > 0 and "3" in sections:
         case1 = f"batch-1 MoE layer vs dense SwiGLU of width {c.top_k}x{c.ffn_dim}"
         x1 = x[:, :1]
         wide = c.top_k * c.ffn_dim
@@ -124,7 +128,8 @@ def _sections(args, c, dtype, log, left):
         t_dense = gbench.time_fn(swiglu, dw, x1, calls=50)
         weight_bytes = 3 * c.dim * wide * dtype.itemsize
         log({"case": case1, "impl": "dense SwiGLU", "ms": t_dense * 1e3, "GB/s": weight_bytes / t_dense / 1e9})
-        gemv_rows = [(f"MoE, ours expert GEMV {_gemv_label(b)}", dict(impl="triton", gemv=b)) for b in EXPERT_GEMV_BLOCKS]
+        gemv_rows = [(f"MoE, ours expert GEMV {_gemv_label(b)}", dict(impl="triton", gemv=b))
+                     for b in EXPERT_GEMV_BLOCKS + (EXPERT_GEMV_SWEEP if args.gemv_sweep else [])]
         for name, kw in (*gemv_rows, ("MoE, gathered experts", dict(dispatch=False, gemv=False)),
                          ("MoE, ours grouped", dict(dispatch=True, impl="triton", gemv=False)),
                          ("MoE, xla ragged_dot", dict(dispatch=True, impl="xla"))):
@@ -139,7 +144,7 @@ def _sections(args, c, dtype, log, left):
             _profile_batch1(c, p, x1, log)
 
     # 4. correctness on the device (fp32: exact products, so only the summation order differs)
-    for dt, grads in ((jnp.bfloat16, True), (jnp.float32, False)):
+    for dt, grads in ((jnp.bfloat16, True), (jnp.float32, False)) if "4" in sections else ():
         if left() < 0:
             break
         try:
@@ -148,6 +153,8 @@ def _sections(args, c, dtype, log, left):
             log({"case": "check vs ragged_dot", "dtype": jnp.dtype(dt).name, "error": f"{type(e).__name__}: {e}"[:400]})
 
     # 5. the alternatives (tokamax, JAX's Mosaic GPU example), more block sizes, the grouped matmul alone
+    if "5" not in sections:
+        return
     others = {k: v for k, v in gbench.alternatives().items() if k != "xla ragged_dot"} if left() > 0 else {}
     if left() > 0:
         layer({**others, **{f"ours {n}": functools.partial(gpu.gmm, block_sizes=bs) for n, bs in configs[1:]}})
@@ -182,8 +189,16 @@ EXPERT_GEMV_BLOCKS = [gemv_experts.DEFAULT_BLOCKS, GemvBlocks(bk=128, bn=64, tar
                       GemvBlocks(bk=128, bn=64, target_programs=2112), GemvBlocks(bk=64, bn=128, target_programs=1056, num_warps=8)]
 
 
+# wider column tiles and 8 warps led on an H200 (2026-12-04: 64x128/p1056w8 0.250 ms, 128x64/p1056w4 0.341)
+EXPERT_GEMV_SWEEP = [GemvBlocks(bk=bk, bn=bn, target_programs=tp, num_warps=nw, num_stages=st)
+                     for bk, bn, tp, nw, st in ((64, 128, 2112, 8, None), (64, 256, 1056, 8, None), (32, 256, 1056, 8, None),
+                                                (64, 256, 2112, 8, None), (128, 128, 1056, 8, None), (128, 256, 1056, 8, None),
+                                                (64, 128, 1056, 8, 4), (64, 128, 4224, 8, None), (32, 128, 2112, 4, None),
+                                                (64, 512, 1056, 8, None), (128, 128, 2112, 8, None), (64, 128, 1056, 16, None))]
+
+
 def _gemv_label(b: GemvBlocks) -> str:
-    return f"{b.bk}x{b.bn}/p{b.target_programs}w{b.num_warps}"
+    return f"{b.bk}x{b.bn}/p{b.target_programs}w{b.num_warps}" + (f"s{b.num_stages}" if b.num_stages else "")
 
 
 def _label(bs: BlockSizes) -> str:

@@ -47,7 +47,7 @@ def summarize(trace_dir: str, n_steps: int, top: int = 30) -> dict:
     span = (events[-1].start_ns + events[-1].duration_ns - events[0].start_ns) if events else 0
     rows = sorted(by.items(), key=lambda kv: -kv[1][1])
     print(f"plane {plane.name}: lines {[l.name for l in lines]}")
-    print(f"{len(events)} kernels for {n_steps} decode steps = {len(events) / n_steps:.1f} per step; "
+    print(f"{len(events)} kernels for {n_steps} steps = {len(events) / n_steps:.1f} per step; "
           f"kernel time {busy / n_steps / 1e3:.1f} us/step, span {span / n_steps / 1e3:.1f} us/step, "
           f"busy {busy / max(span, 1):.1%}")
     print(f"{'kernel':70} {'per step':>9} {'mean us':>9} {'us/step':>9}")

@@ -109,18 +109,22 @@ def test_tuned_blocks_are_correct():
         table = gpu.tuned(kind)
         assert table, f"kernels/gemv/tuned.json: empty table for {kind}"
         entries.update({(kk, b): None for kk, b in table.items()})
-    for ((k, n), b) in entries:
+    for ((fmt, k, n), b) in entries:
         assert b.bk >= 16 and b.bn >= 16
+        assert fmt == "bf16" or fmt == "i8" or fmt.startswith("u4g"), fmt
         kk, nn = min(k, 2 * b.bk + 3), min(n, 3 * b.bn + 5)  # ragged edges in both axes
         rng = np.random.default_rng(kk * nn)
         x = jnp.asarray(rng.standard_normal((1, kk)), jnp.bfloat16)
-        w = jnp.asarray(rng.standard_normal((kk, nn)), jnp.bfloat16)
+        # u4 blocks run the 4-bit kernel, tested with its packing in tests/test_quant.py and tests/kernels; here their tile
+        # shapes compute a plain product (same plan and masks)
+        w = jnp.asarray(rng.standard_normal((kk, nn)) * (40 if fmt == "i8" else 1), jnp.int8 if fmt == "i8" else jnp.bfloat16)
         got = gpu.matvec(x, w, blocks=b, interpret=True)
-        want = reference.matvec(x, w)
-        assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-5, (k, n, b)
-    k0, n0 = next(iter(gpu.tuned()))
-    assert gpu.blocks_for(k0, n0) == gpu.tuned()[(k0, n0)]
+        want = reference.matvec(x, w.astype(jnp.bfloat16))
+        assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-5, (fmt, k, n, b)
+    fmt0, k0, n0 = next(iter(gpu.tuned()))
+    assert gpu.blocks_for(k0, n0, fmt0) == gpu.tuned()[(fmt0, k0, n0)]
     assert gpu.blocks_for(3, 5) == gpu.Blocks()
+    assert gpu.blocks_for(3, 5, "i8", gpu.Blocks(bk=32)) == gpu.Blocks(bk=32)
 
 
 def test_bad_input(tmp_path, monkeypatch):

@@ -108,7 +108,27 @@ def bench_ours(model, params, args, objective=None, teacher=None, label="ours"):
     log(f"{label}: compiled in {time.perf_counter() - t:.1f}s")
     dt, state, m = time_steps(compiled, state, lambda: (t_params, placed), args.steps)
     log(f"{label}: loss {float(m['loss']):.4f}, {dt * 1e3:.1f} ms/step")
+    if getattr(args, "profile", False) and label == "ours":
+        profile_steps(compiled, state, lambda: (t_params, placed), label)
     return dt
+
+
+def profile_steps(step, state, args_fn, label: str, n: int = 2):
+    """The step's kernels under jax.profiler: where the time beyond the matmul peak goes."""
+    import tempfile
+
+    from eval.profile_decode import summarize
+
+    trace_dir = tempfile.mkdtemp(prefix="flashit_train_trace_")
+    with jax.profiler.trace(trace_dir):
+        for _ in range(n):
+            state, m = step(state, *args_fn())
+        jax.block_until_ready((state, m))
+    try:
+        summary = summarize(trace_dir, n, top=25)
+        log(f"{label} profile: {summary}")
+    except Exception as e:  # a missing plane must not lose the timings
+        log(f"{label} profile failed: {type(e).__name__}: {e}")
 
 
 def bench_plain(model, params, args):
@@ -156,6 +176,7 @@ def main(argv=None):
     ap.add_argument("--deadline", type=float, default=1e9, help="skip sections that start after this many seconds")
     ap.add_argument("--only", default="peak,plain,ours,distill",
                     help="sections to run; plain and ours run in this order (peak first, distill last)")
+    ap.add_argument("--profile", action="store_true", help="after timing ours: its kernels over 2 steps (top 25)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 

@@ -20,13 +20,18 @@ import time
 # fused decode layouts (q|k|v, o, gate|up, down) of the two benchmark models
 SHAPES = {"llama-3.2-1b": [(2048, 3072), (2048, 2048), (2048, 16384), (8192, 2048)],
           "smollm2-135m": [(576, 960), (576, 576), (576, 3072), (1536, 576)]}
+VOCAB = {"llama-3.2-1b": 128256, "smollm2-135m": 49152}
 
 
 GRIDS = {  # (bk, bn, target_programs, num_warps)
     "full": ((128, 256, 512), (16, 32, 64), (132, 264, 528), (4, 8)),
     # 12 candidates a shape (a short device call); more programs in flight for HBM3e's bandwidth
     "narrow": ((128, 256), (32, 64), (264, 528, 1056), (4,)),
+    # quantized weights: byte tiles are narrower than bf16 ones, so wider columns and more programs
+    "quant": ((64, 128), (128, 256), (1056,), (4, 8)),
 }
+# --weights: the format's table key and the decode shapes it serves (+ the tied lm_head for i8: emb8)
+WEIGHT_FORMATS = ("bf16", "i8", "u4g128")
 
 
 def _candidates(grid: str = "full"):
@@ -63,28 +68,56 @@ def _time(compiled, x, ws, reps: int) -> float:
     return best
 
 
-def bench_shape(k: int, n: int, tune: bool, reps: int = 10, interpret: bool = False, rows: int = 1,
-                grid: str = "full") -> dict:
+def _weights(fmt: str, k: int, n: int, key):
+    """(the kernel's operands for one weight copy, bytes it reads, fn(x, w, blocks, interpret) -> fp32)."""
     import jax
     import jax.numpy as jnp
 
-    from kernels.gemv import gpu
+    from kernels.gemv import gpu, quant
 
-    nbytes = k * n * 2
+    if fmt == "bf16":
+        return (jax.random.normal(key, (k, n), jnp.bfloat16), k * n * 2,
+                lambda x, w, b, i: gpu.matvec(x, w, blocks=b, interpret=i))
+    if fmt == "i8":  # codes and a scale per column, as qmatmul's gemv route runs them
+        w = (jax.random.randint(key, (k, n), -127, 128, jnp.int32).astype(jnp.int8), jnp.ones((n,), jnp.bfloat16))
+        return w, k * n + n * 2, lambda x, w, b, i: gpu.matvec(x, w[0], blocks=b, interpret=i) * w[1].astype(jnp.float32)
+    group = int(fmt[len("u4g"):])  # asymmetric groups of `group` rows: the w4g128 recipes
+    w = (jax.random.randint(key, (k, n // 2), 0, 256, jnp.int32).astype(jnp.uint8),
+         jnp.ones((k // group, n), jnp.bfloat16), jnp.zeros((k // group, n), jnp.bfloat16))
+    return w, k * n // 2 + 2 * (k // group) * n * 2, \
+        lambda x, w, b, i: quant.matvec_q4(x, w[0], w[1], w[2], n=n, blocks=b, interpret=i)
+
+
+def bench_shape(k: int, n: int, tune: bool, reps: int = 10, interpret: bool = False, rows: int = 1,
+                grid: str = "full", fmt: str = "bf16") -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from kernels.gemv import gpu, quant
+
+    keys = jax.random.split(jax.random.key(k * 7 + n), 66)
+    _, nbytes, fn = _weights(fmt, k, n, keys[1])
     copies = 2 if interpret else min(64, max(2, -(-(256 << 20) // nbytes)))
-    keys = jax.random.split(jax.random.key(k * 7 + n), copies + 1)
-    ws = [jax.random.normal(kk, (k, n), jnp.bfloat16) for kk in keys[1:]]
+    ws = [_weights(fmt, k, n, kk)[0] for kk in keys[1:copies + 1]]
     x = jax.random.normal(keys[0], (rows, k), jnp.bfloat16)
-    xla = _chain(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)).lower(x, ws).compile()
-    row = {"k": k, "n": n, "rows": rows, "mb": nbytes / 1e6, "xla_us": _time(xla, x, ws, reps) * 1e6}
-    current = gpu.blocks_for(k, n)
+    # the baseline is XLA's bf16 dot on a bf16 weight of the same shape: "x XLA" is the speed-up over bf16
+    wb = [jax.random.normal(kk, (k, n), jnp.bfloat16) for kk in keys[1:max(2, min(64, -(-(256 << 20) // (k * n * 2)))) + 1]]
+    xla = _chain(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)).lower(x, wb).compile()
+    row = {"k": k, "n": n, "rows": rows, "weights": fmt, "mb": nbytes / 1e6, "xla_us": _time(xla, x, wb, reps) * 1e6}
+    del wb
+    if fmt == "bf16":
+        current = gpu.blocks_for(k, n)
+    elif fmt == "i8":
+        current = gpu.blocks_for(k, n, "i8", gpu.blocks_for(k, n))
+    else:
+        current = gpu.blocks_for(k, n, fmt, quant.DEFAULT_Q4_BLOCKS)
     cands = list(dict.fromkeys([current, gpu.Blocks(), *(_candidates(grid) if tune else [])]))
     if interpret:
         cands = cands[:3]
 
     def compile_one(b):
         try:
-            return b, _chain(lambda x, w: gpu.matvec(x, w, blocks=b, interpret=interpret)).lower(x, ws).compile()
+            return b, _chain(lambda x, w: fn(x, w, b, interpret)).lower(x, ws).compile()
         except Exception as e:  # a block shape Triton rejects: skip it, say so
             return b, e
 
@@ -100,7 +133,7 @@ def bench_shape(k: int, n: int, tune: bool, reps: int = 10, interpret: bool = Fa
     cur_us = next(us for us, b in results if b == current)
     best_us, best = results[0]
     row.update(current_us=cur_us, best_us=best_us, best=dataclasses.asdict(best),
-               current_tbps=nbytes / cur_us / 1e6, best_tbps=nbytes / best_us / 1e6, xla_tbps=nbytes / row["xla_us"] / 1e6,
+               current_tbps=nbytes / cur_us / 1e6, best_tbps=nbytes / best_us / 1e6, xla_tbps=k * n * 2 / row["xla_us"] / 1e6,
                kernel_vs_xla=row["xla_us"] / cur_us, tuned_vs_xla=row["xla_us"] / best_us)
     return row
 
@@ -113,12 +146,20 @@ def _write_tuned(rows, info):
     table = json.loads(gpu.TUNED_FILE.read_text()) if gpu.TUNED_FILE.exists() else {"devices": {}}
     entry = table["devices"].setdefault(info["device"], {"blocks": {}})
     for r in rows:
-        key = f"{r['k']}x{r['n']}"
+        key = f"{r['k']}x{r['n']}" if r.get("weights", "bf16") == "bf16" else f"{r['weights']}:{r['k']}x{r['n']}"
         entry["blocks"][key] = {**r["best"], "us": round(r["best_us"], 2)}
     entry.update(jax=info["jax"], date=info["date"], command="python -m kernels.gemv.bench --tune --write")
     gpu.TUNED_FILE.write_text(json.dumps(table, indent=1) + "\n")
     gpu.tuned.cache_clear()
     print(f"wrote {gpu.TUNED_FILE} ({info['device']})")
+
+
+def _info() -> dict:
+    import datetime
+
+    import jax
+
+    return {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": datetime.date.today().isoformat()}
 
 
 def main(argv=None):
@@ -131,7 +172,12 @@ def main(argv=None):
     ap.add_argument("--write", action="store_true", help="--tune: keep each shape's best in kernels/gemv/tuned.json")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes in interpret mode (CPU check)")
     ap.add_argument("--rows", default="1", help="comma-separated M values (e.g. 1,5: a speculative verify pass)")
+    ap.add_argument("--weights", default="bf16", help=f"comma-separated weight formats, of {WEIGHT_FORMATS}: "
+                    "i8 = int8 codes with a scale per column (w8 recipes, +emb8), u4g128 = the 4-bit kernel, groups of 128")
     args = ap.parse_args(argv)
+    fmts = [f for f in args.weights.split(",") if f]
+    if any(f not in WEIGHT_FORMATS for f in fmts):
+        ap.error(f"--weights: unknown format in {args.weights!r}; known: {WEIGHT_FORMATS}")
     try:
         row_counts = [int(r) for r in args.rows.split(",")]
     except ValueError:
@@ -140,31 +186,31 @@ def main(argv=None):
         ap.error(f"--rows must lie in 1..8 (the kernel's range), got {args.rows}")
     if args.write and row_counts != [1]:
         ap.error("--write keeps blocks tuned at one row; run --tune --write with --rows 1")
-    import datetime
-
     import jax
 
     unknown = [m for m in args.models.split(",") if m not in SHAPES]
     if unknown:
         ap.error(f"unknown model(s) {unknown}; known: {sorted(SHAPES)}")
     rows = []
-    print(f"{'shape':>12} {'M':>2} {'MB':>6} {'XLA us':>8} {'kern us':>8} {'TB/s':>6} {'x XLA':>6}"
+    print(f"{'shape':>12} {'fmt':>6} {'M':>2} {'MB':>6} {'XLA us':>8} {'kern us':>8} {'TB/s':>6} {'x XLA':>6}"
           + (f" {'tuned us':>9} {'TB/s':>6} {'x XLA':>6}  best blocks" if args.tune else ""), flush=True)
-    for m in args.models.split(","):
-        for (k, n), mr in itertools.product([(128, 256)] if args.dry_run else SHAPES[m], row_counts):
+    for m, fmt in itertools.product(args.models.split(","), fmts):
+        shapes = SHAPES[m] + ([(SHAPES[m][0][0], VOCAB[m])] if fmt == "i8" else [])  # emb8: the int8 lm_head
+        for (k, n), mr in itertools.product([(128, 256)] if args.dry_run else shapes, row_counts):
             r = bench_shape(k, n, args.tune, reps=1 if args.dry_run else 10, interpret=args.dry_run, rows=mr,
-                            grid=args.grid)
+                            grid=args.grid, fmt=fmt)
             r["model"] = m
             rows.append(r)
-            line = (f"{k:>5}x{n:<6} {mr:2d} {r['mb']:6.1f} {r['xla_us']:8.2f} {r['current_us']:8.2f} {r['current_tbps']:6.2f}"
+            line = (f"{k:>5}x{n:<6} {fmt:>6} {mr:2d} {r['mb']:6.1f} {r['xla_us']:8.2f} {r['current_us']:8.2f} {r['current_tbps']:6.2f}"
                     f" {r['kernel_vs_xla']:6.2f}")
             if args.tune:
                 line += f" {r['best_us']:9.2f} {r['best_tbps']:6.2f} {r['tuned_vs_xla']:6.2f}  {r['best']}"
             print(line, flush=True)
-    info = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": datetime.date.today().isoformat()}
-    print(f"{info['device']}, jax {info['jax']}, {info['date']}; us per matvec, M rows, bf16 weights")
-    if args.tune and args.write and not args.dry_run:
-        _write_tuned(rows, info)
+            if args.tune and args.write and not args.dry_run:  # after every shape: a timeout loses one shape only
+                _write_tuned([r], _info())
+    info = _info()
+    print(f"{info['device']}, jax {info['jax']}, {info['date']}; us per matvec, M rows, {args.weights} weights "
+          "(x XLA: against XLA's dot on bf16 weights of the same shape)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({**info, "rows": rows}, f, indent=1)

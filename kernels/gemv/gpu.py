@@ -37,10 +37,11 @@ def _device_kind() -> str:
 
 
 @functools.cache
-def tuned(device_kind: str | None = None) -> dict[tuple[int, int], Blocks]:
-    """Best blocks per weight shape (K, N) for this device kind, written by
-    `python -m kernels.gemv.bench --tune --write` (each table says its date); shapes missing from
-    this device's table come from the first table, then from the defaults."""
+def tuned(device_kind: str | None = None) -> dict[tuple[str, int, int], Blocks]:
+    """Best blocks per (weight format, K, N) for this device kind, written by
+    `python -m kernels.gemv.bench --tune --write [--weights FMT]` (each table says its date); keys
+    are "KxN" for bf16 weights and "FMT:KxN" for quantized ones ("i8", "u4g128", ...). Shapes missing
+    from this device's table come from the first table, then from the defaults."""
     if not TUNED_FILE.exists():
         return {}
     fields = {f.name for f in dataclasses.fields(Blocks)}
@@ -48,15 +49,20 @@ def tuned(device_kind: str | None = None) -> dict[tuple[int, int], Blocks]:
         devices = json.loads(TUNED_FILE.read_text())["devices"]
         first = next(iter(devices.values()), {"blocks": {}})["blocks"]
         table = {**first, **devices.get(device_kind or _device_kind(), {"blocks": {}})["blocks"]}
-        return {tuple(int(v) for v in key.split("x")): Blocks(**{f: b[f] for f in fields if f in b})
-                for key, b in table.items()}
+        out = {}
+        for key, b in table.items():
+            fmt, _, shape = key.rpartition(":")
+            k, n = (int(v) for v in shape.split("x"))
+            out[(fmt or "bf16", k, n)] = Blocks(**{f: b[f] for f in fields if f in b})
+        return out
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{TUNED_FILE} is corrupt ({type(e).__name__}: {e}); rewrite it with "
                          "python -m kernels.gemv.bench --tune --write, or delete it to use the default blocks") from None
 
 
-def blocks_for(k: int, n: int) -> Blocks:
-    return tuned().get((k, n), Blocks())
+def blocks_for(k: int, n: int, fmt: str = "bf16", default: Blocks | None = None) -> Blocks:
+    """Tuned blocks for a [K, N] weight in format `fmt` ("bf16" for any float weight, "i8", "u4g<group>")."""
+    return tuned().get((fmt, k, n), default or Blocks())
 
 
 def _pow2_at_most(n: int) -> int:
@@ -149,7 +155,7 @@ def matvec(x: jax.Array, w: jax.Array, *, blocks: Blocks | None = None, interpre
         raise ValueError(f"matvec: x has {k} features but w is {tuple(w.shape)} ([K, N])")
     if norm_scale is not None and norm_scale.shape != (k,):
         raise ValueError(f"matvec: norm_scale has shape {tuple(norm_scale.shape)}, expected ({k},) like x's features")
-    blocks = blocks or blocks_for(k, n)
+    blocks = blocks or (blocks_for(k, n, "i8", blocks_for(k, n)) if w.dtype == jnp.int8 else blocks_for(k, n))
     # each row keeps its own [bk, bn] fp32 accumulator in registers and the tuned tiles fill the
     # register file at M = 1, so M rows get 1/M of the K tile. Why: with M-row tiles a 5-row verify
     # pass of the Llama-3.2-1B shape cost 4.6 one-row steps on an H200 (2026-12-04), for the same
