@@ -128,6 +128,9 @@ def _sections(args, c, dtype, log, left):
         t_dense = gbench.time_fn(swiglu, dw, x1, calls=50)
         weight_bytes = 3 * c.dim * wide * dtype.itemsize
         log({"case": case1, "impl": "dense SwiGLU", "ms": t_dense * 1e3, "GB/s": weight_bytes / t_dense / 1e9})
+        # the fp32 layer through XLA's gathered experts: what every batch-1 path must compute
+        p32 = jax.tree.map(lambda a: a.astype(jnp.float32), p)
+        y1_ref = mixtral.moe_layer(p32, x1.astype(jnp.float32), c, impl="xla", dispatch=False, gemv=False)[0]
         gemv_rows = [(f"MoE, ours expert GEMV {_gemv_label(b)}", dict(impl="triton", gemv=b))
                      for b in EXPERT_GEMV_BLOCKS + (EXPERT_GEMV_SWEEP if args.gemv_sweep else [])]
         for name, kw in (*gemv_rows, ("MoE, gathered experts", dict(dispatch=False, gemv=False)),
@@ -137,7 +140,7 @@ def _sections(args, c, dtype, log, left):
                 f = jax.jit(lambda p, x, kw=kw: mixtral.moe_layer(p, x, c, **kw)[0])
                 t = gbench.time_fn(f, p, x1, calls=50)
                 log({"case": case1, "impl": name, "ms": t * 1e3, "GB/s": weight_bytes / t / 1e9,
-                     "vs_dense": t / t_dense})
+                     "vs_dense": t / t_dense, "rel_err_vs_fp32": gbench.rel(f(p, x1), y1_ref)})
             except Exception as e:
                 log({"case": case1, "impl": name, "error": f"{type(e).__name__}: {e}"[:400]})
         if args.profile:
@@ -277,7 +280,8 @@ def print_table(report):
             continue
         note = ""
         if "vs_dense" in r:
-            note = f"{r['vs_dense']:.2f}x dense time, {r['GB/s']:.0f} GB/s"
+            note = f"{r['vs_dense']:.2f}x dense time, {r['GB/s']:.0f} GB/s" + (
+                f", rel err {r['rel_err_vs_fp32']:.1e}" if "rel_err_vs_fp32" in r else "")
         elif "GB/s" in r:
             note = f"{r['GB/s']:.0f} GB/s of weights"
         elif "rel_err" in r or "rel_err_vs_xla" in r:

@@ -21,7 +21,7 @@ from kernels.gemv.gpu import Blocks, _plan, _pow2_at_most
 
 MAX_ROWS = 8
 # the tuned bf16 GEMV tile of a large Llama-3.2-1B matrix on an H200 (kernels/gemv/tuned.json)
-DEFAULT_BLOCKS = Blocks(bk=128, bn=64, target_programs=1056, num_warps=4)
+DEFAULT_BLOCKS = Blocks(bk=64, bn=128, target_programs=1056, num_warps=16)
 
 
 def _kernel(ids_ref, x_ref, *refs, k: int, n: int, ks: int, bk: int, bn: int, nw: int):
