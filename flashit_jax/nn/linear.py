@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+import functools
 import math
 
 import jax
@@ -48,11 +49,48 @@ def _rows(x) -> int:
     return math.prod(x.shape[:-1])
 
 
+# fp32 products of low-precision operands. Autodiff of einsum(..., preferred_element_type=fp32) hands the
+# transposed products an fp32 cotangent against a bf16 operand, which XLA runs as fp32 (TF32) GEMMs: on an
+# H200 (2026-12-04, train.bench --profile) they took 60% of a Llama-3.2-1B training step. The backward here
+# rounds the cotangent to the operands' dtype first, so all three products of a layer are bf16 GEMMs with
+# fp32 accumulation (the usual mixed-precision rule); fp32 operands keep plain autodiff.
+_DX_DW = {"...i,io->...o": ("...o,io->...i", "...i,...o->io"),  # linear: w [in, out]
+          "...d,vd->...v": ("...v,vd->...d", "...d,...v->vd")}  # unembed: w [vocab, dim]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lowp_einsum(eq: str, x, w):
+    return jnp.einsum(eq, x, w, preferred_element_type=jnp.float32)
+
+
+def _lowp_fwd(eq, x, w):
+    return _lowp_einsum(eq, x, w), (x, w)
+
+
+def _lowp_bwd(eq, res, g):
+    x, w = res
+    eq_dx, eq_dw = _DX_DW[eq]
+    g = g.astype(x.dtype)
+    dx = jnp.einsum(eq_dx, g, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    dw = jnp.einsum(eq_dw, x, g, preferred_element_type=jnp.float32).astype(w.dtype)
+    return dx, dw
+
+
+_lowp_einsum.defvjp(_lowp_fwd, _lowp_bwd)
+
+
+def fp32_einsum(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """einsum(eq, x, w) accumulated and returned in fp32 (eq: one of `_DX_DW`); see `_lowp_einsum`."""
+    if x.dtype == w.dtype and x.dtype in (jnp.bfloat16, jnp.float16):
+        return _lowp_einsum(eq, x, w)
+    return jnp.einsum(eq, x, w, preferred_element_type=jnp.float32)
+
+
 def _dense_matmul(x, w):
     """fp32 x @ w; decode-sized inputs go through the GEMV kernel on GPUs."""
     if gemv.use_kernel(_rows(x), x.dtype):
         return gemv.matvec(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[1])
-    return jnp.einsum("...i,io->...o", x, _dense(w, x.dtype), preferred_element_type=jnp.float32)
+    return fp32_einsum("...i,io->...o", x, _dense(w, x.dtype))
 
 
 def linear(x: jax.Array, w, b: jax.Array | None = None, *, norm: tuple | None = None) -> jax.Array:
@@ -135,7 +173,7 @@ def _vocab_parallel_logits(x, w, axes):
     lead = _row_spec(mesh, x.shape, axes)
 
     def local(x, w):
-        return jnp.einsum("...d,vd->...v", x, _dense(w, x.dtype), preferred_element_type=jnp.float32)
+        return fp32_einsum("...d,vd->...v", x, _dense(w, x.dtype))
 
     out = P(lead, *((None,) * (x.ndim - 2)), axes)
     return jax.shard_map(local, in_specs=(P(lead), P(axes)), out_specs=out, check_vma=False)(x, w)
@@ -163,7 +201,7 @@ def unembed(x: jax.Array, w) -> jax.Array:
         return gemv.matvec_t(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[0])
     if axes := _vocab_axes(w.shape[0]):
         return _vocab_parallel_logits(x, w, axes)
-    return jnp.einsum("...d,vd->...v", x, _dense(w, x.dtype), preferred_element_type=jnp.float32)
+    return fp32_einsum("...d,vd->...v", x, _dense(w, x.dtype))
 
 
 def linear_logits(x: jax.Array, w) -> jax.Array:
