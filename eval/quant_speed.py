@@ -4,8 +4,9 @@
     python -m eval.quant_speed --kernels --model random:llama-3.2-1b     # + kernel check & bench first
     python -m eval.quant_speed --smoke                                   # CPU, tiny model (tests the script)
 
-Variants: `bf16` (all weights bf16), `RECIPE` (quantized with the Pallas kernels), `RECIPE@xla`
-(the same weights, dequantized before each dot by XLA). Speed recipes quantize the tied
+Variants: `bf16` (all weights bf16), `RECIPE` (quantized, each product on what `auto` picks:
+kernels/qmatmul/api.py), `RECIPE@xla` (the same weights, dequantized before each dot by XLA),
+`RECIPE@pallas` (our kernels for every quantized product). Speed recipes quantize the tied
 embedding / lm_head to int8 (`+emb8`); norms and the KV cache stay bf16. Quantization here is
 RTN: speed does not depend on how the codes were chosen. Every variant runs the decode layout
 (`--layout fused`, as eval.bench_decode: q|k|v and gate|up concatenated before quantizing, two
@@ -18,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-DEFAULT_VARIANTS = "bf16,w8+emb8,w8+emb8@xla,w4g128+emb8,w4g128+emb8@xla"
+DEFAULT_VARIANTS = "bf16,w8+emb8,w8+emb8@xla,w4g128+emb8,w4g128+emb8@pallas"
 
 
 def weight_bytes(params) -> int:
@@ -34,7 +35,7 @@ def decode_row(model, params, variant: str, *, prompt_len: int, new_tokens: int,
     from flashit_jax.generate import generate
     from flashit_jax.nn.qarray import matmul_impl
 
-    impl = "xla" if variant.endswith("@xla") else kernel_impl
+    impl = {"xla": "xla", "pallas": "pallas"}.get(variant.rpartition("@")[2], kernel_impl) if "@" in variant else kernel_impl
     prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, prompt_len).tolist()
     with matmul_impl(impl):
         res = generate(model, params, [prompt], max_new_tokens=new_tokens, cache_dtype="bfloat16",

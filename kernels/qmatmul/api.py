@@ -3,7 +3,7 @@
     qmatmul(x, q, scales, zeros, bits=, packing=, n=)   weight-only (W8A16, W4A16, ...)
     int8_matmul(xq, sx, wq, sw)                          W8A8: int8 x int8 -> int32
 
-`impl`: "auto" (kernel on GPU/TPU when supported), "xla" (dequantize, then one dot),
+`impl`: "auto" (the fastest measured: see below), "xla" (dequantize, then one dot),
 "pallas" (the kernel of the current backend, error if unsupported), "interpret" (the GPU
 kernel in Pallas' interpreter, for CPU tests), "interpret-tpu", "interpret-gemv" (the decode
 GEMV route below, interpreted). Gradients flow to x only (custom_vjp: dx = dy @ W^T through the
@@ -16,6 +16,13 @@ codes, converted in registers, and scales its fp32 result per column; against `u
 each tile in registers. Those kernels split K as well as N so that hundreds of programs stream
 the weight; the qmatmul kernel's 16-row tensor-core tile read int8 at 1.19 TB/s against XLA's
 4.39 TB/s for bf16 on an H200 (docs/quantization.md).
+
+What `auto` picks on a GPU, from the H200 measurements of 2026-12-04 (`eval.quant_speed`, Llama-3.2-1B
+shape, fused layout, tuned blocks): int8 rows go to the GEMV route (w8+emb8 decode 937 tokens/s against
+888 for bf16); 4-bit rows go to XLA's dequantize + dot (829 tokens/s through `matvec_q4`, 949 through
+XLA), as do M > 8 rows (the qmatmul kernel ran at 0.17-0.45x bf16 at M = 16-256, XLA's dequantize + dot
+at 0.42-0.85x). impl="pallas" runs our kernels anyway; FLASHIT_JAX_GEMV_Q4=1 puts 4-bit rows on the
+GEMV route under auto.
 """
 from __future__ import annotations
 
@@ -63,14 +70,17 @@ def choose(m: int, k: int, n: int, packing: str, groups: int, x_dtype, impl: str
     backend = _backend()
     why = "no Pallas kernel for this backend"
     if backend == "gpu":
+        import os
+
         from kernels.gemv import api as gemv_api
 
-        if gemv_fits(m, packing, groups, has_zeros, x_dtype, k, n) and gemv_api.use_kernel(m, x_dtype):
+        wanted = packing == "i8" or impl == "pallas" or os.environ.get("FLASHIT_JAX_GEMV_Q4") == "1"
+        if wanted and gemv_fits(m, packing, groups, has_zeros, x_dtype, k, n) and gemv_api.use_kernel(m, x_dtype):
             return "gemv"
         from kernels.qmatmul import gpu
 
         why = gpu.supported(m, k, n, packing, groups, x_dtype)
-        if not why:
+        if not why and impl == "pallas":
             return "gpu"
     elif backend == "tpu":
         from kernels.qmatmul import tpu
