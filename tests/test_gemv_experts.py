@@ -46,6 +46,30 @@ def test_swiglu_experts_default_blocks():
     assert _rel(got, _want(a, down, ids)) < 1e-5
 
 
+def test_swiglu_experts_gradients():
+    """Differentiable (decoding rarely needs it, a tiny training batch might): the XLA backward's gradients."""
+    rng = np.random.default_rng(3)
+    e, d, f = 3, 32, 48
+    x = jnp.asarray(rng.standard_normal((2, d)), jnp.float32)
+    ws = [jnp.asarray(rng.standard_normal(s) / 6, jnp.float32) for s in ((e, d, f), (e, d, f), (e, f, d))]
+    ids = jnp.asarray([1, 1], jnp.int32)  # one expert twice: its gradient sums both rows; the others get zero
+
+    def loss(x, g, u, dn, fn):
+        return jnp.sum(jnp.sin(fn(x, g, u, dn)))
+
+    def ref(x, g, u, dn):
+        ga, ua = experts.reference(x, (g, u), ids)
+        (y,) = experts.reference(jax.nn.silu(ga) * ua, (dn,), ids)
+        return y
+
+    got = jax.grad(loss, argnums=(0, 1, 2, 3))(x, *ws, lambda x, g, u, dn: experts.swiglu_experts(
+        x, g, u, dn, ids, blocks=SMALL, interpret=True))
+    want = jax.grad(loss, argnums=(0, 1, 2, 3))(x, *ws, ref)
+    for a, b in zip(got, want):
+        assert _rel(a, b) < 1e-5
+    assert float(jnp.max(jnp.abs(got[1][0]))) == 0.0 and float(jnp.max(jnp.abs(got[1][1]))) > 0
+
+
 def test_bad_input_names_the_problem():
     w = jnp.zeros((2, 8, 4), jnp.float32)
     with pytest.raises(ValueError, match="x has 6 features"):

@@ -77,11 +77,39 @@ def expert_matvec(x: jax.Array, ws: tuple[jax.Array, ...], ids: jax.Array, *, bl
     return tuple(o.sum(axis=0) if splits > 1 else o[0] for o in outs)
 
 
+def reference(x, ws, ids):
+    """What expert_matvec computes, in XLA: the chosen experts' matrices gathered per row."""
+    return tuple(jnp.einsum("rk,rkn->rn", x, jnp.take(w, ids, axis=0), preferred_element_type=jnp.float32)
+                 for w in ws)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _expert_matvec_vjp(x, ws, ids, blocks, interpret):
+    return expert_matvec(x, ws, ids, blocks=blocks, interpret=interpret)
+
+
+def _fwd(x, ws, ids, blocks, interpret):
+    return _expert_matvec_vjp(x, ws, ids, blocks, interpret), (x, ws, ids)
+
+
+def _bwd(blocks, interpret, res, cts):
+    # decoding rarely differentiates; the gather's transpose (a scatter-add into the stack) serves it
+    x, ws, ids = res
+    _, vjp = jax.vjp(lambda x, ws: reference(x, ws, ids), x, ws)
+    dx, dws = vjp(cts)
+    return dx, dws, None
+
+
+_expert_matvec_vjp.defvjp(_fwd, _bwd)
+
+
 def swiglu_experts(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, ids: jax.Array, *,
                    blocks: Blocks | None = None, interpret: bool = False) -> jax.Array:
     """Row r of x [R, D] through expert ids[r]'s SwiGLU MLP (gate, up [E, D, F], down [E, F, D]) -> [R, D]
-    in x's dtype (the hidden activation rounded to it, as the grouped-matmul path does)."""
-    g, u = expert_matvec(x, (gate, up), ids, blocks=blocks, interpret=interpret)
+    in x's dtype (the hidden activation rounded to it, as the grouped-matmul path does); differentiable
+    (the backward runs in XLA)."""
+    ids = ids.astype(jnp.int32)
+    g, u = _expert_matvec_vjp(x, (gate, up), ids, blocks, interpret)
     a = (jax.nn.silu(g.astype(x.dtype)) * u.astype(x.dtype)).astype(x.dtype)
-    (y,) = expert_matvec(a, (down,), ids, blocks=blocks, interpret=interpret)
+    (y,) = _expert_matvec_vjp(a, (down,), ids, blocks, interpret)
     return y.astype(x.dtype)
