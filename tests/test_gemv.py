@@ -111,7 +111,7 @@ def test_tuned_blocks_are_correct():
         entries.update({(kk, b): None for kk, b in table.items()})
     for ((fmt, k, n), b) in entries:
         assert b.bk >= 16 and b.bn >= 16
-        assert fmt == "bf16" or fmt == "i8" or fmt.startswith("u4g"), fmt
+        assert fmt in ("bf16", "i8", "t") or fmt.startswith("u4g"), fmt
         kk, nn = min(k, 2 * b.bk + 3), min(n, 3 * b.bn + 5)  # ragged edges in both axes
         rng = np.random.default_rng(kk * nn)
         x = jnp.asarray(rng.standard_normal((1, kk)), jnp.bfloat16)

@@ -29,9 +29,12 @@ GRIDS = {  # (bk, bn, target_programs, num_warps)
     "narrow": ((128, 256), (32, 64), (264, 528, 1056), (4,)),
     # quantized weights: byte tiles are narrower than bf16 ones, so wider columns and more programs
     "quant": ((64, 128), (128, 256), (1056,), (4, 8)),
+    # wide tiles, many warps: what won the MoE expert GEMV sweep on an H200 (64x128, 16 warps: 1.7x the
+    # 128x64 / 4-warp tile the bf16 table holds; docs/moe.md), never tried for the dense GEMV
+    "wide": ((32, 64, 128), (128, 256), (1056, 2112), (8, 16)),
 }
 # --weights: the format's table key and the decode shapes it serves (+ the tied lm_head for i8: emb8)
-WEIGHT_FORMATS = ("bf16", "i8", "u4g128")
+WEIGHT_FORMATS = ("bf16", "i8", "u4g128", "t")
 
 
 def _candidates(grid: str = "full"):
@@ -78,6 +81,9 @@ def _weights(fmt: str, k: int, n: int, key):
     if fmt == "bf16":
         return (jax.random.normal(key, (k, n), jnp.bfloat16), k * n * 2,
                 lambda x, w, b, i: gpu.matvec(x, w, blocks=b, interpret=i))
+    if fmt == "t":  # a tied head [V, D] read transposed: bn vocab rows per program, bk features per step
+        return (jax.random.normal(key, (n, k), jnp.bfloat16), k * n * 2,
+                lambda x, w, b, i: gpu.matvec_t(x, w, bv=b.bn, bd=b.bk, num_warps=b.num_warps, interpret=i))
     if fmt == "i8":  # codes and a scale per column, as qmatmul's gemv route runs them
         w = (jax.random.randint(key, (k, n), -127, 128, jnp.int32).astype(jnp.int8), jnp.ones((n,), jnp.bfloat16))
         return w, k * n + n * 2, lambda x, w, b, i: gpu.matvec(x, w[0], blocks=b, interpret=i) * w[1].astype(jnp.float32)
@@ -107,11 +113,16 @@ def bench_shape(k: int, n: int, tune: bool, reps: int = 10, interpret: bool = Fa
     del wb
     if fmt == "bf16":
         current = gpu.blocks_for(k, n)
+    elif fmt == "t":
+        current = gpu.blocks_for(k, n, "t", gpu.DEFAULT_T_BLOCKS)
     elif fmt == "i8":
         current = gpu.blocks_for(k, n, "i8", gpu.blocks_for(k, n))
     else:
         current = gpu.blocks_for(k, n, fmt, quant.DEFAULT_Q4_BLOCKS)
     cands = list(dict.fromkeys([current, gpu.Blocks(), *(_candidates(grid) if tune else [])]))
+    if fmt == "t":  # matvec_t has one program per bn vocab rows: target_programs does not apply
+        cands = list(dict.fromkeys(dataclasses.replace(b, target_programs=gpu.Blocks().target_programs) for b in cands))
+        current = dataclasses.replace(current, target_programs=gpu.Blocks().target_programs)
     if interpret:
         cands = cands[:3]
 
@@ -173,7 +184,8 @@ def main(argv=None):
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes in interpret mode (CPU check)")
     ap.add_argument("--rows", default="1", help="comma-separated M values (e.g. 1,5: a speculative verify pass)")
     ap.add_argument("--weights", default="bf16", help=f"comma-separated weight formats, of {WEIGHT_FORMATS}: "
-                    "i8 = int8 codes with a scale per column (w8 recipes, +emb8), u4g128 = the 4-bit kernel, groups of 128")
+                    "i8 = int8 codes with a scale per column (w8 recipes, +emb8), u4g128 = the 4-bit kernel, groups of 128, "
+                    "t = the tied bf16 head read transposed (matvec_t; tiles: bn vocab rows, bk features)")
     args = ap.parse_args(argv)
     fmts = [f for f in args.weights.split(",") if f]
     if any(f not in WEIGHT_FORMATS for f in fmts):
@@ -195,7 +207,9 @@ def main(argv=None):
     print(f"{'shape':>12} {'fmt':>6} {'M':>2} {'MB':>6} {'XLA us':>8} {'kern us':>8} {'TB/s':>6} {'x XLA':>6}"
           + (f" {'tuned us':>9} {'TB/s':>6} {'x XLA':>6}  best blocks" if args.tune else ""), flush=True)
     for m, fmt in itertools.product(args.models.split(","), fmts):
-        shapes = SHAPES[m] + ([(SHAPES[m][0][0], VOCAB[m])] if fmt == "i8" else [])  # emb8: the int8 lm_head
+        # i8: + the int8 head of +emb8; t: only the tied head (bf16, read transposed)
+        shapes = [(SHAPES[m][0][0], VOCAB[m])] if fmt == "t" else SHAPES[m] + (
+            [(SHAPES[m][0][0], VOCAB[m])] if fmt == "i8" else [])
         for (k, n), mr in itertools.product([(128, 256)] if args.dry_run else shapes, row_counts):
             r = bench_shape(k, n, args.tune, reps=1 if args.dry_run else 10, interpret=args.dry_run, rows=mr,
                             grid=args.grid, fmt=fmt)

@@ -40,7 +40,8 @@ def _device_kind() -> str:
 def tuned(device_kind: str | None = None) -> dict[tuple[str, int, int], Blocks]:
     """Best blocks per (weight format, K, N) for this device kind, written by
     `python -m kernels.gemv.bench --tune --write [--weights FMT]` (each table says its date); keys
-    are "KxN" for bf16 weights and "FMT:KxN" for quantized ones ("i8", "u4g128", ...). Shapes missing
+    are "KxN" for bf16 weights and "FMT:KxN" for others ("i8", "u4g128", ...; "t": the transposed GEMV
+    `matvec_t` of a tied head, K = dim, N = vocab). Shapes missing
     from this device's table come from the first table, then from the defaults."""
     if not TUNED_FILE.exists():
         return {}
@@ -173,12 +174,19 @@ def matvec(x: jax.Array, w: jax.Array, *, blocks: Blocks | None = None, interpre
     return partial.sum(axis=0) if splits > 1 else partial[0]
 
 
+# the tied head's tile before any tuning: bn = vocab rows per program, bk = features per step
+DEFAULT_T_BLOCKS = Blocks(bk=128, bn=64, num_warps=4)
+
+
 @functools.partial(jax.jit, static_argnames=("bv", "bd", "num_warps", "interpret"))
-def matvec_t(x: jax.Array, e: jax.Array, *, bv: int = 64, bd: int = 128, num_warps: int = 4,
+def matvec_t(x: jax.Array, e: jax.Array, *, bv: int | None = None, bd: int | None = None, num_warps: int | None = None,
              interpret: bool = False) -> jax.Array:
-    """x [M, D] @ e [V, D].T -> fp32 [M, V] for small M (<= 8)."""
+    """x [M, D] @ e [V, D].T -> fp32 [M, V] for small M (<= 8). Unset tiles come from the tuned table
+    (format "t": K = D, N = V; `kernels.gemv.bench --weights t`), else DEFAULT_T_BLOCKS."""
     m, d = x.shape
     v = e.shape[0]
+    tb = blocks_for(d, v, "t", DEFAULT_T_BLOCKS)
+    bv, bd, num_warps = bv or tb.bn, bd or tb.bk, num_warps or tb.num_warps
     bd = min(max(16, bd // _pow2_at_least(m)), _pow2_at_most(d))  # per-row accumulators, as in matvec
     kernel = functools.partial(_matvec_t_kernel, m=m, d=d, v=v, bv=bv, bd=bd)
     return pl.pallas_call(
