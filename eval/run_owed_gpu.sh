@@ -3,9 +3,11 @@
 # time limit (seconds in brackets: the limit each part gets, compiles included), results under $OUT.
 # A device call allows ~560 s, so pick the parts that fit with PARTS:
 #   OUT=$OUT PARTS=gemvwide,decode,quant bash eval/run_owed_gpu.sh   # one call
-#   OUT=$OUT PARTS=train,attndec,mamba bash eval/run_owed_gpu.sh      # the next, on the warm machine
+#   OUT=$OUT PARTS=moe,train,attndec bash eval/run_owed_gpu.sh        # the next, on the warm machine
+#   OUT=$OUT PARTS=mamba bash eval/run_owed_gpu.sh                    # (carry out/whl_tk for moe)
 # Parts:
 #   gemvwide [170] issues 3, 7: GEMV tiles over the wide grid (bf16, tied head, int8), written to tuned.json
+#   moe     [170] issue 6: eval.bench_moe in one run with tokamax beside ours (its wheels in out/whl_tk, carried)
 #   train   [170] issue 8: train.bench peak, ours, plain, and ours under the profiler (bf16 backward GEMMs)
 #   quant   [160] issue 7: quantized decode, int8 GEMV vs XLA, 4-bit XLA (auto) vs our 4-bit GEMV (@pallas)
 #   attndec [200] issue 4: decode attention timed back to back, with the flash-decoding tile sweep
@@ -14,10 +16,16 @@
 #   spec1   [100] (issue 10, closed) speculative part 1 with the 5-row verify on XLA's dot
 set -u
 OUT=${OUT:-out/owed_gpu}
-PARTS=${PARTS:-gemvwide,decode,quant,train,attndec,mamba}
+PARTS=${PARTS:-gemvwide,decode,quant,moe,train,attndec,mamba}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>/dev/null
 start=$SECONDS
+if ls out/whl_tk/*.whl >/dev/null 2>&1; then  # tokamax and what it lacks there (docs/DEVELOPING.md), plus an xprof stub
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site out/whl_tk/*.whl > "$OUT/pip_tk.log" 2>&1
+    mkdir -p /tmp/xstub/xprof/cli/tools && touch /tmp/xstub/xprof/__init__.py /tmp/xstub/xprof/cli/__init__.py
+    printf 'def get_kernel_stats_tool(*a, **k):\n    raise NotImplementedError("xprof stub")\n' > /tmp/xstub/xprof/cli/tools/__init__.py
+    export PYTHONPATH=$PWD:/tmp/site:/tmp/xstub${PYTHONPATH:+:$PYTHONPATH}
+fi
 run() {  # name, limit, command...
     local name=$1 limit=$2
     shift 2
@@ -31,6 +39,8 @@ for part in ${PARTS//,/ }; do
         gemvwide) run gemvwide 170 python -m kernels.gemv.bench --tune --grid wide --weights bf16,t,i8 \
                       --models llama-3.2-1b --write --json /tmp/owed_gemvwide.json
                   cp /tmp/owed_gemvwide.json kernels/gemv/tuned.json "$OUT/" 2>/dev/null ;;
+        moe) run moe 170 python -m eval.bench_moe --budget 140 --out /tmp/owed_moe.json
+             cp /tmp/owed_moe.json "$OUT/" 2>/dev/null ;;
         train) run train 170 python -m train.bench --only peak,ours,plain --profile --deadline 120 --json /tmp/owed_train.json
                cp /tmp/owed_train.json "$OUT/" 2>/dev/null ;;
         quant) run quant 160 python -m eval.quant_speed --model random:llama-3.2-1b --budget-s 130 --json /tmp/owed_quant.json
@@ -45,7 +55,7 @@ for part in ${PARTS//,/ }; do
         spec1) run spec1 100 python -m eval.bench_speculative --gammas 4 --medusa-target '' --real '' \
                    --pairs 'random:llama-3.2-1b=shape:smollm2-135m' --json /tmp/owed_spec1.json
                cp /tmp/owed_spec1.json "$OUT/" 2>/dev/null ;;
-        *) echo "unknown part $part (known: gemvwide train quant attndec mamba decode spec1)"; exit 2 ;;
+        *) echo "unknown part $part (known: gemvwide moe train quant attndec mamba decode spec1)"; exit 2 ;;
     esac
 done
 echo "run_owed_gpu.sh: $((SECONDS - start)) s"
