@@ -66,6 +66,8 @@ def main(argv=None):
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--no-fuse", action="store_true")
+    ap.add_argument("--recipe", default=None,
+                    help="quantize the (fused) weights with this recipe first, e.g. w8+emb8 (flashit_jax.quant)")
     ap.add_argument("--trace-dir", default=None)
     args = ap.parse_args(argv)
     import jax
@@ -79,6 +81,11 @@ def main(argv=None):
     with user_errors("python -m eval.profile_decode"):
         loaded = load_model(args.model, args.dtype)
     params = loaded.params if args.no_fuse else fuse_projections(loaded.params, loaded.config)
+    if args.recipe:
+        from flashit_jax.quant import quantize
+
+        with user_errors("python -m eval.profile_decode"):
+            params = jax.block_until_ready(quantize(params, args.recipe))
     prompt = np.random.default_rng(0).integers(0, loaded.config.vocab_size, args.prompt_len).tolist()
     kw = dict(max_new_tokens=args.new_tokens, steps_per_call=args.steps_per_call)
     r = generate(loaded.model, params, [prompt], **kw)
