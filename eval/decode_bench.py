@@ -107,18 +107,22 @@ def main(argv=None):
     ap.add_argument("--contexts", default="1024,8192,32768")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--per-call", type=int, default=1,
+                    help="decode steps per jitted call (a lax.scan; 1: one call per token, host dispatch included)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     with user_errors("decode_bench"):
         contexts = [int(c) for c in args.contexts.split(",")]
-        rows = [r for spec in args.models.split(",") for r in bench(spec, contexts, args.steps, args.dtype)]
+        rows = [r for spec in args.models.split(",")
+                for r in bench(spec, contexts, args.steps, args.dtype, per_call=args.per_call)]
     info = device_info()
-    print(f"\nbatch-1 decode, {args.dtype}, {info['device']}, {info['date']}, jax {info['jax_version']}")
+    print(f"\nbatch-1 decode, {args.dtype}, {args.per_call} step(s) per call, {info['device']}, {info['date']}, "
+          f"jax {info['jax_version']}")
     print(f"{'model':<24}{'context':>9}{'tok/s':>10}{'ms/tok':>9}{'cache MiB/seq':>15}")
     for r in rows:
         print(f"{r['model']:<24}{r['context']:>9}{r['tokens_per_s']:>10.1f}{r['ms_per_token']:>9.2f}"
               f"{r['cache_MiB_per_seq']:>15.1f}")
-    write_json(args.out, {**info, "dtype": args.dtype, "steps": args.steps, "rows": rows})
+    write_json(args.out, {**info, "dtype": args.dtype, "steps": args.steps, "per_call": args.per_call, "rows": rows})
     return rows
 
 

@@ -11,7 +11,8 @@
 #   train   [170] issue 8: train.bench peak, ours, plain, and ours under the profiler (bf16 backward GEMMs)
 #   quant   [160] issue 7: quantized decode, int8 GEMV vs XLA, 4-bit XLA (auto) vs our 4-bit GEMV (@pallas)
 #   attndec [200] issue 4: decode attention timed back to back, with the flash-decoding tile sweep
-#   mamba   [150] issue 5: Mamba vs SmolLM2 decode at 1k, 8k and 32k in one run
+#   mamba   [150] issue 5: Mamba vs SmolLM2 decode at 1k, 8k and 32k in one run (16 steps per call: the
+#                 one-call-per-token figures of session 5/6 moved 509 -> 692 between runs)
 #   decode  [170] issue 3: batch-1 decode vs HF static (on an H100 for the issue's criterion)
 #   spec1   [100] (issue 10, closed) speculative part 1 with the 5-row verify on XLA's dot
 set -u
@@ -47,7 +48,7 @@ for part in ${PARTS//,/ }; do
                cp /tmp/owed_quant.json "$OUT/" 2>/dev/null ;;
         attndec) run attndec 200 python -m kernels.attention.bench --only decode --decode-sweep --budget-s 170 --out /tmp/owed_attn
                  cp /tmp/owed_attn/bench.json "$OUT/owed_attn_decode.json" 2>/dev/null ;;
-        mamba) run mamba 150 python -m eval.decode_bench --steps 64 --out /tmp/owed_mamba.json
+        mamba) run mamba 150 python -m eval.decode_bench --steps 64 --per-call 16 --out /tmp/owed_mamba.json
                cp /tmp/owed_mamba.json "$OUT/" 2>/dev/null ;;
         decode) run decode 170 python -m eval.bench_decode --models random:llama-3.2-1b \
                     --variants scan16-gemv,scan16-xla --hf-modes static --json /tmp/owed_decode.json
