@@ -2,6 +2,11 @@
 
     python -m kernels.gemv.bench                 # tuned/default blocks vs XLA, decode shapes
     python -m kernels.gemv.bench --tune --json $OUT/gemv_tune.json
+    python -m kernels.gemv.bench --tune --grid wide --weights bf16,t,i8 --models llama-3.2-1b --write
+
+--weights picks the kernel: bf16 (`matvec`), t (the tied head, `matvec_t`), i8 (int8 codes, the w8 and
++emb8 route), u4g128 (`quant.matvec_q4`); --write keeps each shape's best blocks per device and format
+in tuned.json, after every shape.
 
 Each measurement chains matvecs over enough distinct weight copies (>= 256 MB) that nothing is
 served from the 50 MB L2, inside one jitted call, so the time includes the gaps between
