@@ -155,17 +155,9 @@ def error_text(e: BaseException, tail: int = 1500, head: int = 300) -> str:
 
 def time_calls(fn, *args, calls: int = 10, reps: int = 3) -> float:
     """Median over `reps` of the mean seconds of `calls` back-to-back calls."""
-    import jax
+    from kernels.timing import time_calls as timed  # jax imports late here: XLA_FLAGS are set first
 
-    jax.block_until_ready(fn(*args))
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        for _ in range(calls):
-            r = fn(*args)
-        jax.block_until_ready(r)
-        out.append((time.perf_counter() - t) / calls)
-    return statistics.median(out)
+    return timed(fn, *args, calls=calls, reps=reps)
 
 
 def device_counts(spec: str, available: int) -> list[int]:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.attention import decode, gpu_mosaic, gpu_triton, reference
+from kernels.timing import time_calls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,22 +182,8 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     """Bytes read + written per second by a device-to-device copy (x + 1 on bf16: one read, one write)."""
     x = jax.random.normal(jax.random.key(0), (nbytes // 2,), jnp.bfloat16)
     f = jax.jit(lambda x: x + jnp.asarray(1, x.dtype))
-    t = time_back_to_back(f, x, reps=20)
+    t = time_calls(f, x, calls=20)
     return 2 * nbytes / t
-
-
-def time_back_to_back(fn, *args, reps: int = 100) -> float:
-    """Seconds per call of `reps` calls dispatched back to back, one sync at the end (as consecutive
-    decode steps run, and as the copy bandwidth is measured): no host round trip per call."""
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        best = min(best, (time.perf_counter() - t0) / reps)
-    return best
 
 
 # --decode-sweep: flash-decoding tiles (block_k, target_programs, num_warps, num_stages)
@@ -239,7 +226,7 @@ def bench_decode(lengths, deadline, log, batch=8, hq=32, hkv=8, d=128, sweep: bo
                 o = f(q, k, v)
                 ref = o if ref is None else ref
                 row["err"] = _rel(o, ref)
-                t = time_back_to_back(f, q, k, v)
+                t = time_calls(f, q, k, v, calls=100)  # back to back, as decode steps run
                 row["us"] = t * 1e6
                 row["us_synced"] = time_fn(f, q, k, v, reps=50) * 1e6  # with a host round trip per call (earlier tables)
                 row["GB/s"] = kv_bytes / t / 1e9

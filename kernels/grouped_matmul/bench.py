@@ -8,14 +8,13 @@ Also checks ours against ragged_dot (outputs and gradients, uneven and empty gro
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kernels.grouped_matmul import api, common, gpu
+from kernels.timing import time_calls
 
 CONFIGS = {  # the first is gpu.DEFAULT_BLOCKS
     "128x256x64/w8s3": common.BlockSizes(128, 256, 64, num_warps=8, num_stages=3),
@@ -26,15 +25,7 @@ CONFIGS = {  # the first is gpu.DEFAULT_BLOCKS
 
 def time_fn(fn, *args, reps: int = 3, calls: int = 10) -> float:
     """Median over `reps` of the mean time of `calls` back-to-back calls (seconds)."""
-    jax.block_until_ready(fn(*args))
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            r = fn(*args)
-        jax.block_until_ready(r)
-        out.append((time.perf_counter() - t0) / calls)
-    return statistics.median(out)
+    return time_calls(fn, *args, calls=calls, reps=reps)
 
 
 def uneven_sizes(m: int, g: int, seed: int = 0) -> jnp.ndarray:
