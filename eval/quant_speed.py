@@ -35,7 +35,7 @@ def decode_row(model, params, variant: str, *, prompt_len: int, new_tokens: int,
     from flashit_jax.generate import generate
     from flashit_jax.nn.qarray import matmul_impl
 
-    impl = {"xla": "xla", "pallas": "pallas"}.get(variant.rpartition("@")[2], kernel_impl) if "@" in variant else kernel_impl
+    impl = {"xla": "xla", "pallas": "pallas"}.get(variant.partition("@")[2], kernel_impl)
     prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, prompt_len).tolist()
     with matmul_impl(impl):
         res = generate(model, params, [prompt], max_new_tokens=new_tokens, cache_dtype="bfloat16",

@@ -104,7 +104,7 @@ def bench_shape(k: int, n: int, tune: bool, reps: int = 10, interpret: bool = Fa
     import jax
     import jax.numpy as jnp
 
-    from kernels.gemv import gpu, quant
+    from kernels.gemv import gpu
 
     keys = jax.random.split(jax.random.key(k * 7 + n), 66)
     _, nbytes, fn = _weights(fmt, k, n, keys[1])
@@ -116,14 +116,7 @@ def bench_shape(k: int, n: int, tune: bool, reps: int = 10, interpret: bool = Fa
     xla = _chain(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)).lower(x, wb).compile()
     row = {"k": k, "n": n, "rows": rows, "weights": fmt, "mb": nbytes / 1e6, "xla_us": _time(xla, x, wb, reps) * 1e6}
     del wb
-    if fmt == "bf16":
-        current = gpu.blocks_for(k, n)
-    elif fmt == "t":
-        current = gpu.blocks_for(k, n, "t", gpu.DEFAULT_T_BLOCKS)
-    elif fmt == "i8":
-        current = gpu.blocks_for(k, n, "i8", gpu.blocks_for(k, n))
-    else:
-        current = gpu.blocks_for(k, n, fmt, quant.DEFAULT_Q4_BLOCKS)
+    current = gpu.blocks_for(k, n, fmt)
     cands = list(dict.fromkeys([current, gpu.Blocks(), *(_candidates(grid) if tune else [])]))
     if fmt == "t":  # matvec_t has one program per bn vocab rows: target_programs does not apply
         cands = list(dict.fromkeys(dataclasses.replace(b, target_programs=gpu.Blocks().target_programs) for b in cands))
@@ -203,8 +196,6 @@ def main(argv=None):
         ap.error(f"--rows must lie in 1..8 (the kernel's range), got {args.rows}")
     if args.write and row_counts != [1]:
         ap.error("--write keeps blocks tuned at one row; run --tune --write with --rows 1")
-    import jax
-
     unknown = [m for m in args.models.split(",") if m not in SHAPES]
     if unknown:
         ap.error(f"unknown model(s) {unknown}; known: {sorted(SHAPES)}")

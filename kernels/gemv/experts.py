@@ -20,7 +20,7 @@ from jax.experimental.pallas import triton as plgpu
 from kernels.gemv.gpu import Blocks, _plan, _pow2_at_most
 
 MAX_ROWS = 8
-# the tuned bf16 GEMV tile of a large Llama-3.2-1B matrix on an H200 (kernels/gemv/tuned.json)
+# the fastest of 18 tiles for the Mixtral batch-1 layer on an H200 (eval.bench_moe --gemv-sweep, docs/moe.md)
 DEFAULT_BLOCKS = Blocks(bk=64, bn=128, target_programs=1056, num_warps=16)
 
 
@@ -61,12 +61,10 @@ def expert_matvec(x: jax.Array, ws: tuple[jax.Array, ...], ids: jax.Array, *, bl
     if ids.shape != (r,):
         raise ValueError(f"expert_matvec: ids has shape {tuple(ids.shape)}, expected ({r},): one expert per row")
     blocks = blocks or DEFAULT_BLOCKS
-    # one [bk, bn] fp32 accumulator per weight, so each gets 1/len(ws) of the K tile (as rows do in gpu.matvec)
-    bk, bn, ncol, ks, splits = _plan(blocks, len(ws), k, n, _pow2_at_most(k))
-    # the K splits share the programs with the rows: each row gets target_programs / R
-    splits = max(1, min(splits, pl.cdiv(pl.cdiv(blocks.target_programs, r), ncol)))
-    ks = pl.cdiv(pl.cdiv(k, splits), bk) * bk
-    splits = pl.cdiv(k, ks)
+    # one [bk, bn] fp32 accumulator per weight, so each gets 1/len(ws) of the K tile (as rows do in
+    # gpu.matvec); every row has its own programs, so each gets target_programs / R of them
+    bk, bn, ncol, ks, splits = _plan(blocks, len(ws), k, n, _pow2_at_most(k),
+                                     programs=pl.cdiv(blocks.target_programs, r))
     kernel = functools.partial(_kernel, k=k, n=n, ks=ks, bk=bk, bn=bn, nw=len(ws))
     outs = pl.pallas_call(
         kernel, grid=(r, ncol, splits),

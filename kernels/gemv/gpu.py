@@ -61,9 +61,25 @@ def tuned(device_kind: str | None = None) -> dict[tuple[str, int, int], Blocks]:
                          "python -m kernels.gemv.bench --tune --write, or delete it to use the default blocks") from None
 
 
+# untuned tiles per format: the tied head's (bn = vocab rows per program, bk = features per step), and the
+# 4-bit kernel's (bf16 blocks halved along K: each row keeps two accumulators, low and high nibble columns)
+DEFAULT_T_BLOCKS = Blocks(bk=128, bn=64, num_warps=4)
+DEFAULT_Q4_BLOCKS = Blocks(bk=128, bn=64, target_programs=528, num_warps=4)
+
+
 def blocks_for(k: int, n: int, fmt: str = "bf16", default: Blocks | None = None) -> Blocks:
-    """Tuned blocks for a [K, N] weight in format `fmt` ("bf16" for any float weight, "i8", "u4g<group>")."""
-    return tuned().get((fmt, k, n), default or Blocks())
+    """Tuned blocks for a [K, N] weight in format `fmt` ("bf16" for any float weight, "i8", "u4g<group>",
+    "t"); untuned: `default`, else the format's own (int8 falls back to the bf16 table of its shape)."""
+    table = tuned()
+    if (fmt, k, n) in table:
+        return table[(fmt, k, n)]
+    if default is not None:
+        return default
+    if fmt == "i8":
+        return table.get(("bf16", k, n), Blocks())
+    if fmt == "t":
+        return DEFAULT_T_BLOCKS
+    return DEFAULT_Q4_BLOCKS if fmt.startswith("u4") else Blocks()
 
 
 def _pow2_at_most(n: int) -> int:
@@ -74,14 +90,14 @@ def _pow2_at_least(n: int) -> int:
     return 1 << (max(1, n) - 1).bit_length()
 
 
-def _plan(blocks: Blocks, m: int, k: int, n: int, bk_cap: int):
+def _plan(blocks: Blocks, m: int, k: int, n: int, bk_cap: int, programs: int | None = None):
     """(bk, bn, column tiles, rows per K split, K splits) for an M-row GEMV over [k, n] tiles: enough
-    programs (`target_programs`) that many stream the weight at once; each split's rows are a
-    multiple of bk (<= bk_cap)."""
+    programs (`programs`, default `target_programs`) that many stream the weight at once; each
+    split's rows are a multiple of bk (<= bk_cap)."""
     bk = min(max(16, blocks.bk // _pow2_at_least(m)), bk_cap)
     bn = min(blocks.bn, max(16, _pow2_at_most(n)))
     ncol = pl.cdiv(n, bn)
-    splits = max(1, min(pl.cdiv(blocks.target_programs, ncol), pl.cdiv(k, bk)))
+    splits = max(1, min(pl.cdiv(programs or blocks.target_programs, ncol), pl.cdiv(k, bk)))
     ks = pl.cdiv(pl.cdiv(k, splits), bk) * bk
     return bk, bn, ncol, ks, pl.cdiv(k, ks)
 
@@ -156,7 +172,7 @@ def matvec(x: jax.Array, w: jax.Array, *, blocks: Blocks | None = None, interpre
         raise ValueError(f"matvec: x has {k} features but w is {tuple(w.shape)} ([K, N])")
     if norm_scale is not None and norm_scale.shape != (k,):
         raise ValueError(f"matvec: norm_scale has shape {tuple(norm_scale.shape)}, expected ({k},) like x's features")
-    blocks = blocks or (blocks_for(k, n, "i8", blocks_for(k, n)) if w.dtype == jnp.int8 else blocks_for(k, n))
+    blocks = blocks or blocks_for(k, n, "i8" if w.dtype == jnp.int8 else "bf16")
     # each row keeps its own [bk, bn] fp32 accumulator in registers and the tuned tiles fill the
     # register file at M = 1, so M rows get 1/M of the K tile. Why: with M-row tiles a 5-row verify
     # pass of the Llama-3.2-1B shape cost 4.6 one-row steps on an H200 (2026-12-04), for the same
@@ -174,10 +190,6 @@ def matvec(x: jax.Array, w: jax.Array, *, blocks: Blocks | None = None, interpre
     return partial.sum(axis=0) if splits > 1 else partial[0]
 
 
-# the tied head's tile before any tuning: bn = vocab rows per program, bk = features per step
-DEFAULT_T_BLOCKS = Blocks(bk=128, bn=64, num_warps=4)
-
-
 @functools.partial(jax.jit, static_argnames=("bv", "bd", "num_warps", "interpret"))
 def matvec_t(x: jax.Array, e: jax.Array, *, bv: int | None = None, bd: int | None = None, num_warps: int | None = None,
              interpret: bool = False) -> jax.Array:
@@ -185,7 +197,7 @@ def matvec_t(x: jax.Array, e: jax.Array, *, bv: int | None = None, bd: int | Non
     (format "t": K = D, N = V; `kernels.gemv.bench --weights t`), else DEFAULT_T_BLOCKS."""
     m, d = x.shape
     v = e.shape[0]
-    tb = blocks_for(d, v, "t", DEFAULT_T_BLOCKS)
+    tb = blocks_for(d, v, "t")
     bv, bd, num_warps = bv or tb.bn, bd or tb.bk, num_warps or tb.num_warps
     bd = min(max(16, bd // _pow2_at_least(m)), _pow2_at_most(d))  # per-row accumulators, as in matvec
     kernel = functools.partial(_matvec_t_kernel, m=m, d=d, v=v, bv=bv, bd=bd)

@@ -19,8 +19,6 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels.gemv.gpu import Blocks, _plan, _pow2_at_most, blocks_for
 
-# bf16 blocks halved along K: each row keeps two accumulators (low and high nibble columns)
-DEFAULT_Q4_BLOCKS = Blocks(bk=128, bn=64, target_programs=528, num_warps=4)
 
 
 def q4_supported(k: int, n: int, groups: int) -> str:
@@ -83,7 +81,7 @@ def matvec_q4(x: jax.Array, q: jax.Array, scales: jax.Array, zeros: jax.Array | 
     if why := q4_supported(k, n, groups):
         raise ValueError(f"matvec_q4: {why}")
     group = k // groups
-    blocks = blocks or blocks_for(k, n, f"u4g{group}", DEFAULT_Q4_BLOCKS)
+    blocks = blocks or blocks_for(k, n, f"u4g{group}")
     half = n // 2
     # bk divides the (power-of-two) group, and splits hold whole bk tiles: no tile straddles two groups
     bk, bn, ncol, ks, splits = _plan(blocks, m, k, half, _pow2_at_most(group))
