@@ -21,7 +21,7 @@ What `auto` picks on a GPU, from the H200 measurements of 2026-12-04 (`eval.quan
 shape, fused layout, tuned blocks): int8 rows go to the GEMV route (w8+emb8 decode 937 tokens/s against
 888 for bf16); 4-bit rows go to XLA's dequantize + dot (828 tokens/s through `matvec_q4`, 949 through
 XLA), as do M > 8 rows (the qmatmul kernel ran at 0.17-0.45x bf16 at M = 16-256, XLA's dequantize + dot
-at 0.42-0.85x). impl="pallas" runs our kernels anyway; FLASHIT_JAX_GEMV_Q4=1 puts 4-bit rows on the
+at 0.34-0.85x). impl="pallas" runs our kernels anyway; FLASHIT_JAX_GEMV_Q4=1 puts 4-bit rows on the
 GEMV route under auto.
 """
 from __future__ import annotations
