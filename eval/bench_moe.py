@@ -64,6 +64,9 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true",
                     help="after section 3: the batch-1 layer's kernels under jax.profiler (eval.profile_decode)")
     args = ap.parse_args(argv)
+    unknown = set(args.sections.split(",")) - {"2", "3", "4", "5"}
+    if unknown:
+        ap.error(f"--sections: unknown section(s) {sorted(unknown)}; the sections are 2, 3, 4 and 5")
     with user_errors("eval.bench_moe"):
         run(args)
 

@@ -111,6 +111,8 @@ def main(argv=None):
                     help="decode steps per jitted call (a lax.scan; 1: one call per token, host dispatch included)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.per_call < 1:
+        ap.error(f"--per-call must be >= 1, got {args.per_call}")
     with user_errors("decode_bench"):
         contexts = [int(c) for c in args.contexts.split(",")]
         rows = [r for spec in args.models.split(",")

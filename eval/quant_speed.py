@@ -66,6 +66,9 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=None, help="skip remaining variants after this many seconds")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    bad = [v for v in args.variants.split(",") if "@" in v and v.partition("@")[2].strip() not in ("xla", "pallas")]
+    if bad:
+        ap.error(f"--variants: {bad} end in an unknown '@impl'; use RECIPE, RECIPE@xla or RECIPE@pallas")
     from flashit_jax.errors import user_errors
 
     with user_errors("eval.quant_speed"):
@@ -129,7 +132,7 @@ def main(argv=None):
         report["decode"] = decode
         bf16 = next((r for r in decode if r["variant"] == "bf16"), None)
         log("")
-        log(f"| variant | tokens/s | ms/token | vs bf16 | weights MB | weight GB/s |")
+        log("| variant | tokens/s | ms/token | vs bf16 | weights MB | weight GB/s |")
         log("|---|---:|---:|---:|---:|---:|")
         for r in decode:
             ratio = f"{r['tokens_per_s'] / bf16['tokens_per_s']:.2f}x" if bf16 else "-"
