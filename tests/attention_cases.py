@@ -54,6 +54,13 @@ def _pairwise(factors: dict) -> list[dict]:
 PAIRWISE = _pairwise(FACTORS)
 FULL = [dict(zip(FACTORS, vals)) for vals in itertools.product(*FACTORS.values())]
 
+# The Mosaic GPU kernel serves the default layout (no segment ids) in 16-bit types.
+MGPU_FACTORS = {k: v for k, v in FACTORS.items() if k not in ("segments", "layout", "dtype")}
+MGPU_FACTORS["dtype"] = ("bfloat16", "float16")
+MGPU_PAIRWISE = [dict(c, segments=False, layout="default") for c in _pairwise(MGPU_FACTORS)]
+MGPU_FULL = [dict(zip(MGPU_FACTORS, v), segments=False, layout="default")
+             for v in itertools.product(*MGPU_FACTORS.values())]
+
 
 def case_id(c: dict) -> str:
     return (f"d{c['head_dim']}-g{c['group']}-{'causal' if c['causal'] else 'full'}-w{c['window']}-"

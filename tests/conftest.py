@@ -2,8 +2,14 @@ import os
 import sys
 from pathlib import Path
 
-import jax
-import pytest
+# The Mosaic GPU interpreter (tests/test_attention_mgpu.py) runs each warpgroup as a thread whose computation
+# blocks in barrier callbacks; with XLA's CPU thread pool sized to 2 cores those threads can starve one
+# another and hang. XLA sizes the pool from PJRT_NPROC (NPROC in older jaxlibs) when set, before it starts.
+os.environ.setdefault("PJRT_NPROC", "8")
+os.environ.setdefault("NPROC", "8")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_default_matmul_precision", "highest")

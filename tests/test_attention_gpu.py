@@ -4,7 +4,6 @@
     python -m pytest tests/test_attention_gpu.py -q -m slow    # the full product of the sweep
 """
 import functools
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -19,11 +18,7 @@ pytestmark = [pytest.mark.gpu,
 # On the GPU the sequences are long enough for several blocks, partial tiles and block skipping.
 SIZES = {"default": dict(tq=300), "ragged": dict(tq=200), "cache": dict(tq=9, tk=500)}
 
-MGPU_FACTORS = {k: v for k, v in cases.FACTORS.items() if k not in ("segments", "layout", "dtype")}
-MGPU_FACTORS["dtype"] = ("bfloat16", "float16")
-MGPU_PAIRWISE = [dict(c, segments=False, layout="default") for c in cases._pairwise(MGPU_FACTORS)]
-MGPU_FULL = [dict(zip(MGPU_FACTORS, v), segments=False, layout="default")
-             for v in itertools.product(*MGPU_FACTORS.values())]
+MGPU_PAIRWISE, MGPU_FULL = cases.MGPU_PAIRWISE, cases.MGPU_FULL
 
 
 def _hopper() -> bool:

@@ -81,6 +81,11 @@ def _impls(c: Case):
     kv64 = gpu_mosaic.BlockSizes(block_q=64, block_kv=64, max_concurrent_steps=4)
     out["ours (mosaic gpu, kv64x4)"] = (lambda q, k, v: gpu_mosaic.flash_attention(
         q, k, v, causal=c.causal, block_sizes=kv64), False)  # same backward as above: forward only
+    # The Mosaic GPU forward with the Triton backward (what "ours (mosaic gpu)" was before its own backward).
+    tri_bwd = dataclasses.replace(gpu_mosaic.BlockSizes.for_head_dim(c.d),
+                                  backward=gpu_triton.BlockSizes.for_head_dim(c.d))
+    out["ours (mosaic fwd, triton bwd)"] = (lambda q, k, v: gpu_mosaic.flash_attention(
+        q, k, v, causal=c.causal, block_sizes=tri_bwd), "bwd-only")
     out["ours (triton)"] = (lambda q, k, v: gpu_triton.flash_attention(
         q, k, v, q_positions=None, kv_lengths=None, causal=c.causal), True)
     if c.t <= 4096:  # XLA materialises the [B, H, T, T] logits: 17 GB of fp32 at L=8192
@@ -148,6 +153,9 @@ def bench_prefill(cases, only_impls, deadline, log) -> list[dict]:
                     continue
                 if mode == "fwd+bwd" and not has_bwd:
                     row[mode] = "n/a"
+                    continue
+                if mode == "fwd" and has_bwd == "bwd-only":
+                    row[mode] = "same"  # its forward is another row's
                     continue
                 try:
                     if mode == "fwd":

@@ -11,12 +11,15 @@ Tk keys valid (`kv_lengths=None`), causal or not, sliding window, softcap, GQA, 
 head_dim 64/128/256. Everything is iota-based and static, so key blocks are classified per
 warpgroup into skipped / masked / unmasked ranges on the fly. Calls outside that envelope
 (ragged kv_lengths, segment ids, cache slots) raise `Unsupported`; `api` serves them elsewhere.
-The backward reuses the Triton dq and dk/dv kernels (same residual layout: base-2 lse).
+The backward is gpu_mosaic_bwd's (dK, dV and dQ in one pass) at head_dim 64/128 and the Triton dq
+and dk/dv kernels at 256 (same residual layout: base-2 lse).
 
 Status: compiles on an H100 (jax 0.11.2) and passed 3 of its 9 pairwise GPU tests before the
 session's time limit (none failed; 2026-11-23). On an H200 (2026-12-04) the forward ran at 0.89-1.02x
-the better of cuDNN and tokamax, forward+backward at 0.39-0.43x (the Triton backward), so `api` uses
-it only when asked for by name (`impl="pallas_mgpu"`); docs/attention.md.
+the better of cuDNN and tokamax, forward+backward at 0.39-0.43x with the Triton backward, so `api`
+uses it only when asked for by name (`impl="pallas_mgpu"`); docs/attention.md. The Mosaic GPU backward
+(2026-12-04, later) passes its tests in the GPU interpret mode on CPU and lowers for CUDA; it has not
+run on a GPU yet. On CPU, `interpret=True` runs both in that mode (mgpu_common).
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels.attention import common, gpu_triton
+from kernels.attention import common, gpu_mosaic_bwd, gpu_triton
+from kernels.attention.mgpu_common import interpret_params, iota, layout, mma
 from kernels.attention.common import LOG2E, MASK_VALUE, cdiv
 
 
@@ -38,7 +42,8 @@ class BlockSizes:
     block_q: int = 64  # rows per compute warpgroup; a CTA holds 2 x block_q
     block_kv: int = 128
     max_concurrent_steps: int = 2
-    backward: gpu_triton.BlockSizes | None = None  # None: gpu_triton.BlockSizes.for_head_dim
+    # None: the Mosaic GPU backward (gpu_mosaic_bwd) at head dim 64/128, the Triton one at 256.
+    backward: gpu_mosaic_bwd.BackwardBlocks | gpu_triton.BlockSizes | None = None
 
     def __post_init__(self):
         if self.block_q % 64 or self.block_kv % 64:
@@ -61,6 +66,7 @@ class _Static:
     scale: float
     tk: int  # real key count (keys at slots >= tk are padding)
     blocks: BlockSizes
+    interpret: bool = False
 
 
 def supports(q, k, v, *, q_positions, kv_lengths, segment_ids=None, mask=None, window=None, softcap=None,
@@ -114,6 +120,7 @@ def _forward(q, k, v, st: _Static):
     slots = st.blocks.max_concurrent_steps
     n_tiles = tq // (2 * bq)
     qk_scale = st.scale * (1.0 if st.softcap is not None else LOG2E)
+    interp = st.interpret
 
     def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scoped):
         (qo_smem2, k_smem, v_smem, lse_smem2), (k_bar, v_bar, q_bar), (k_used, v_used), sched = scoped
@@ -138,9 +145,9 @@ def _forward(q, k, v, st: _Static):
             lo, flo, fhi, hi = _ranges(q0, bq, bkv, st)
             plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q0, bq), head], qo_smem, q_bar.at[wg])
             plgpu.barrier_wait(q_bar.at[wg])
-            m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-            l_i = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-            acc = plgpu.layout_cast(jnp.full((bq, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+            m_i = layout(interp, jnp.full((bq,), -jnp.inf, jnp.float32), "ROW")
+            l_i = layout(interp, jnp.full((bq,), 0.0, jnp.float32), "ROW")
+            acc = layout(interp, jnp.full((bq, d), 0.0, jnp.float32))
             pl.when(wg == 1)(schedule)
 
             def skip(step, carry):
@@ -158,20 +165,14 @@ def _forward(q, k, v, st: _Static):
                 acc, m_i, l_i = carry
                 slot = slot_of(step)
                 plgpu.barrier_wait(k_bar.at[slot])
-
-                def qk_fn(acc_ref):
-                    plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
-                    schedule()
-                    return acc_ref[...]
-
-                s = pl.run_scoped(qk_fn, plgpu.ACC((bq, bkv), jnp.float32))
+                s = mma(interp, (bq, bkv), qo_smem, k_smem.at[slot], b_t=True, between=schedule)
                 plgpu.barrier_arrive(k_used.at[slot])
                 s = s * qk_scale
                 if st.softcap is not None:
                     s = jnp.tanh(s * (1.0 / st.softcap)) * (st.softcap * LOG2E)
                 if masked:
-                    rows = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 0, layout=plgpu.Layout.WGMMA) + q0
-                    cols = plgpu.broadcasted_iota(jnp.int32, (bq, bkv), 1, layout=plgpu.Layout.WGMMA) + step * bkv
+                    rows = iota(interp, (bq, bkv), 0) + q0
+                    cols = iota(interp, (bq, bkv), 1) + step * bkv
                     ok = cols < st.tk
                     if st.causal:
                         ok = ok & (cols <= rows)
@@ -187,11 +188,7 @@ def _forward(q, k, v, st: _Static):
                 plgpu.barrier_arrive(sched)
                 plgpu.barrier_wait(v_bar.at[slot])
                 plgpu.barrier_wait(sched)
-
-                def pv_fn(acc_ref):
-                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-
-                acc = pl.run_state(pv_fn)(plgpu.ACC.init(acc))
+                acc = mma(interp, (bq, d), p16, v_smem.at[slot], acc=acc, a_ref=False)
                 plgpu.barrier_arrive(v_used.at[slot])
                 return acc, m_new, l_i
 
@@ -235,6 +232,12 @@ def _forward(q, k, v, st: _Static):
                 plgpu.barrier_wait(v_used.at[slot])
                 issue(step, slot)
 
+            # Observe the last releases too: every barrier phase is awaited (the interpreter checks this).
+            @pl.loop(jnp.maximum(cta_hi - slots, cta_lo), cta_hi)
+            def _(step):
+                plgpu.barrier_wait(k_used.at[slot_of(step)])
+                plgpu.barrier_wait(v_used.at[slot_of(step)])
+
     def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
         tiling = plgpu.TilingTransform((8, 64))
         swizzle = plgpu.SwizzleTransform(128)
@@ -257,13 +260,32 @@ def _forward(q, k, v, st: _Static):
     return plgpu.kernel(
         entry, out_type=out_type, grid=(hq, n_tiles, b), grid_names=("heads", "q_seq", "batch"),
         num_threads=3, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
+        **({"interpret": interpret_params()} if interp else {}),
     )(q, k, v)
 
 
+def _backward_blocks(blocks: BlockSizes, d: int):
+    if blocks.backward is not None:
+        return blocks.backward
+    if d in gpu_mosaic_bwd.HEAD_DIMS:
+        return gpu_mosaic_bwd.BackwardBlocks()
+    return gpu_triton.BlockSizes.for_head_dim(d)
+
+
+def _pad_multiple(blocks: BlockSizes, d: int) -> int:
+    """Sequence lengths are padded to a multiple of every block the forward and backward use."""
+    bwd = _backward_blocks(blocks, d)
+    if isinstance(bwd, gpu_mosaic_bwd.BackwardBlocks):
+        sizes = (2 * bwd.block_k, bwd.block_q)
+    else:
+        sizes = (bwd.block_q, bwd.block_k, bwd.block_q_dq, bwd.block_k_dq, bwd.block_q_dkv, bwd.block_k_dkv)
+    return max(2 * blocks.block_q, blocks.block_kv, *sizes)
+
+
 def _triton_static(st: _Static, d: int, tq: int, tk: int) -> gpu_triton._Static:
-    blocks = (st.blocks.backward or gpu_triton.BlockSizes.for_head_dim(d)).fit(tq, tk)
+    blocks = _backward_blocks(st.blocks, d).fit(tq, tk)
     return gpu_triton._Static(causal=st.causal, window=st.window, softcap=st.softcap, scale=st.scale, blocks=blocks,
-                              interpret=False)
+                              interpret=st.interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -280,7 +302,12 @@ def _flash_fwd(q, k, v, st):
 def _flash_bwd(st, res, cts):
     q, k, v, o, lse2 = res
     do, dlse = cts
-    b, tq = q.shape[:2]
+    b, tq, _, d = q.shape
+    bwd = _backward_blocks(st.blocks, d)
+    if isinstance(bwd, gpu_mosaic_bwd.BackwardBlocks):
+        return gpu_mosaic_bwd.backward(q, k, v, o, lse2, do.astype(o.dtype), dlse, causal=st.causal, window=st.window,
+                                       softcap=st.softcap, scale=st.scale, tk=st.tk, blocks=bwd,
+                                       interpret=st.interpret)
     tst = _triton_static(st, q.shape[3], tq, k.shape[1])
     # The same slots as the forward (iota, padding rows included), so every row's mask matches its lse.
     qpos = jnp.broadcast_to(jnp.arange(tq, dtype=jnp.int32)[None], (b, tq))
@@ -295,22 +322,24 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def flash_attention(q, k, v, *, q_positions=None, kv_lengths=None, causal=True, window=None, segment_ids=None,
                     softcap=None, scale=None, mask=None, return_lse=False, block_sizes: BlockSizes | None = None,
                     interpret: bool = False):
-    """`reference.attention` (default layout) by the Mosaic GPU forward; backward by the Triton kernels."""
+    """`reference.attention` (default layout) by the Mosaic GPU forward and backward (Triton backward at
+    head_dim 256 or when `block_sizes.backward` is a `gpu_triton.BlockSizes`)."""
     why = supports(q, k, v, q_positions=q_positions, kv_lengths=kv_lengths, segment_ids=segment_ids, mask=mask,
                    window=window, softcap=softcap)
     if why:
         raise common.Unsupported(why)
-    if interpret:
-        raise common.Unsupported("the Mosaic GPU kernel has no CPU interpret mode (wgmma); run it on a Hopper GPU")
+    if interpret and interpret_params() is None:
+        raise common.Unsupported(f"this JAX ({jax.__version__}) has no Pallas Mosaic GPU interpret mode; "
+                                 "run the kernel on a Hopper GPU")
     b, tq, hq, d = q.shape
     tk = k.shape[1]
     blocks = block_sizes or BlockSizes.for_head_dim(d)
     st = _Static(causal=bool(causal), window=None if window is None else int(window),
                  softcap=None if softcap is None else float(softcap),
-                 scale=float(d**-0.5 if scale is None else scale), tk=tk, blocks=blocks)
-    bwd = (blocks.backward or gpu_triton.BlockSizes.for_head_dim(d))
-    mult = max(2 * blocks.block_q, blocks.block_kv, bwd.block_q, bwd.block_k, bwd.block_q_dq, bwd.block_k_dq,
-               bwd.block_q_dkv, bwd.block_k_dkv)
+                 scale=float(d**-0.5 if scale is None else scale), tk=tk, blocks=blocks, interpret=bool(interpret))
+    if isinstance(blocks.backward, gpu_mosaic_bwd.BackwardBlocks) and d not in gpu_mosaic_bwd.HEAD_DIMS:
+        raise common.Unsupported(f"head_dim {d}: the Mosaic GPU backward takes head_dim {gpu_mosaic_bwd.HEAD_DIMS}")
+    mult = _pad_multiple(blocks, d)
     tq_p, tk_p = cdiv(tq, mult) * mult, cdiv(tk, mult) * mult
     o, lse = _flash(common.pad_axis(q, 1, tq_p), common.pad_axis(k, 1, tk_p), common.pad_axis(v, 1, tk_p), st)
     o, lse = o[:, :tq], lse[:, :, :tq]
