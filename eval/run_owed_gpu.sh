@@ -4,13 +4,15 @@
 # A device call allows ~560 s, so pick the parts that fit with PARTS:
 #   OUT=$OUT PARTS=gemvwide,decode,quant bash eval/run_owed_gpu.sh   # one call
 #   OUT=$OUT PARTS=moe,train,attndec bash eval/run_owed_gpu.sh        # the next, on the warm machine
-#   OUT=$OUT PARTS=mamba bash eval/run_owed_gpu.sh                    # (carry out/whl_tk for moe)
+#   OUT=$OUT PARTS=attnbwd,mamba bash eval/run_owed_gpu.sh            # (carry out/whl_tk for moe, attnbwd)
 # Parts:
 #   gemvwide [170] issues 3, 7: GEMV tiles over the wide grid (bf16, tied head, int8), written to tuned.json
 #   moe     [170] issue 6: eval.bench_moe in one run with tokamax beside ours (its wheels in out/whl_tk, carried)
 #   train   [170] issue 8: train.bench peak, ours, plain, and ours under the profiler (bf16 backward GEMMs)
 #   quant   [160] issue 7: quantized decode, int8 GEMV vs XLA, 4-bit XLA (auto) vs our 4-bit GEMV (@pallas)
 #   attndec [200] issue 4: decode attention timed back to back, with the flash-decoding tile sweep
+#   attnbwd [380] issue 4: the Mosaic GPU backward compiled: its GPU tests (pairwise, 9 cases) [200], then the
+#                 prefill bench, ours (Mosaic fwd+bwd) beside Mosaic fwd + Triton bwd, cuDNN and tokamax [180]
 #   mamba   [150] issue 5: Mamba vs SmolLM2 decode at 1k, 8k and 32k in one run (16 steps per call: the
 #                 one-call-per-token figures of session 5/6 moved 509 -> 692 between runs)
 #   decode  [170] issue 3: batch-1 decode vs HF static (on an H100 for the issue's criterion)
@@ -48,6 +50,10 @@ for part in ${PARTS//,/ }; do
                cp /tmp/owed_quant.json "$OUT/" 2>/dev/null ;;
         attndec) run attndec 200 python -m kernels.attention.bench --only decode --decode-sweep --budget-s 170 --out /tmp/owed_attn
                  cp /tmp/owed_attn/bench.json "$OUT/owed_attn_decode.json" 2>/dev/null ;;
+        attnbwd) run attnbwd_tests 200 python -m pytest tests/test_attention_gpu.py -k "mosaic and not full" -x -q
+                 run attnbwd 180 python -m kernels.attention.bench --only prefill --impls mosaic,cudnn \
+                     --budget-s 150 --out /tmp/owed_attnbwd
+                 cp /tmp/owed_attnbwd/bench.json "$OUT/owed_attn_prefill.json" 2>/dev/null ;;
         mamba) run mamba 150 python -m eval.decode_bench --steps 64 --per-call 16 --out /tmp/owed_mamba.json
                cp /tmp/owed_mamba.json "$OUT/" 2>/dev/null ;;
         decode) run decode 170 python -m eval.bench_decode --models random:llama-3.2-1b \
@@ -56,7 +62,7 @@ for part in ${PARTS//,/ }; do
         spec1) run spec1 100 python -m eval.bench_speculative --gammas 4 --medusa-target '' --real '' \
                    --pairs 'random:llama-3.2-1b=shape:smollm2-135m' --json /tmp/owed_spec1.json
                cp /tmp/owed_spec1.json "$OUT/" 2>/dev/null ;;
-        *) echo "unknown part $part (known: gemvwide moe train quant attndec mamba decode spec1)"; exit 2 ;;
+        *) echo "unknown part $part (known: gemvwide moe train quant attndec attnbwd mamba decode spec1)"; exit 2 ;;
     esac
 done
 echo "run_owed_gpu.sh: $((SECONDS - start)) s"
