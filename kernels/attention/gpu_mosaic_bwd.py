@@ -237,7 +237,8 @@ def backward(q, k, v, o, lse2, do, dlse, *, causal: bool, window: int | None, so
             plgpu.SMEM((slots, bq), jnp.float32),
             plgpu.SMEM((slots, bq), jnp.float32),
             plgpu.SMEM((2, 2 * bk, bq), dtype, **tiled),
-            plgpu.SMEM((dq_split, bq, dh), jnp.float32),
+            # fp32 tiles: 32 elements make the 128-byte swizzle row (conflict-free stores of the accumulator).
+            plgpu.SMEM((dq_split, bq, dh), jnp.float32, transforms=(plgpu.TilingTransform((8, 32)), swizzle)),
         )
         loads = (plgpu.Barrier(num_arrivals=2, num_barriers=2),) + (plgpu.Barrier(num_barriers=slots),) * 4
         pl.run_scoped(
