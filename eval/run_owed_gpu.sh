@@ -5,7 +5,7 @@
 #   OUT=$OUT PARTS=moe,train,attndec bash eval/run_owed_gpu.sh        # one call (carry out/whl_tk)
 #   OUT=$OUT PARTS=attnbwd bash eval/run_owed_gpu.sh                  # the next, on the warm machine (carry out/whl_tk)
 #   OUT=$OUT PARTS=gemvwide,decode,quant bash eval/run_owed_gpu.sh
-#   OUT=$OUT PARTS=mamba bash eval/run_owed_gpu.sh
+#   OUT=$OUT PARTS=mamba,scan bash eval/run_owed_gpu.sh
 # Parts:
 #   gemvwide [170] issues 3, 7: GEMV tiles over the wide grid (bf16, tied head, int8), written to tuned.json
 #   moe     [170] issue 6: eval.bench_moe in one run with tokamax beside ours (its wheels in out/whl_tk, carried)
@@ -16,6 +16,8 @@
 #                 prefill bench, ours (Mosaic fwd+bwd) beside Mosaic fwd + Triton bwd, cuDNN and tokamax [200]
 #   mamba   [150] issue 5: Mamba vs SmolLM2 decode at 1k, 8k and 32k in one run (16 steps per call: the
 #                 one-call-per-token figures of session 5/6 moved 509 -> 692 between runs)
+#   scan    [170] issue 5: the scan's tile layout with the state split over more warps (wN: N across lanes, one
+#                 pass, half the exponentials of the segmented default), beside auto; XLA alternatives skipped
 #   decode  [170] issue 3: batch-1 decode vs HF static (on an H100 for the issue's criterion)
 #   spec1   [100] (issue 10, closed) speculative part 1 with the 5-row verify on XLA's dot
 set -u
@@ -57,13 +59,16 @@ for part in ${PARTS//,/ }; do
                  cp /tmp/owed_attnbwd/bench.json "$OUT/owed_attn_prefill.json" 2>/dev/null ;;
         mamba) run mamba 150 python -m eval.decode_bench --steps 64 --per-call 16 --out /tmp/owed_mamba.json
                cp /tmp/owed_mamba.json "$OUT/" 2>/dev/null ;;
+        scan) run scan 170 python -m kernels.ssm_scan.bench --alternatives "" \
+                  --configs auto,32x8tw4,32x8ptw4,32x8tw2,64x8tw4,64x8ptw8,32x16tw4,32x8ptw4s4 --out /tmp/owed_scan.json
+              cp /tmp/owed_scan.json "$OUT/" 2>/dev/null ;;
         decode) run decode 170 python -m eval.bench_decode --models random:llama-3.2-1b \
                     --variants scan16-gemv,scan16-xla --hf-modes static --json /tmp/owed_decode.json
                 cp /tmp/owed_decode.json "$OUT/" 2>/dev/null ;;
         spec1) run spec1 100 python -m eval.bench_speculative --gammas 4 --medusa-target '' --real '' \
                    --pairs 'random:llama-3.2-1b=shape:smollm2-135m' --json /tmp/owed_spec1.json
                cp /tmp/owed_spec1.json "$OUT/" 2>/dev/null ;;
-        *) echo "unknown part $part (known: gemvwide moe train quant attndec attnbwd mamba decode spec1)"; exit 2 ;;
+        *) echo "unknown part $part (known: gemvwide moe train quant attndec attnbwd mamba scan decode spec1)"; exit 2 ;;
     esac
 done
 echo "run_owed_gpu.sh: $((SECONDS - start)) s"

@@ -79,15 +79,19 @@ def fns(impl: str, blocks=None, interpret: bool = False):
 
 
 def parse_config(text: str, n: int) -> GpuBlocks:
-    """'32x8ps4' -> GpuBlocks(block_p=32, chunk=8, prefetch=True, segments=4)."""
+    """'32x8ps4' -> GpuBlocks(block_p=32, chunk=8, prefetch=True, segments=4); 'wN' sets num_warps."""
     if text == "auto":
         return GpuBlocks()
-    m = re.fullmatch(r"(\d+)x(\d+)(b?)(p?)(t?)(?:s(\d+))?", text)
+    m = re.fullmatch(r"(\d+)x(\d+)(b?)(p?)(t?)(?:s(\d+))?(?:w(\d+))?", text)
     if not m:
-        raise SystemExit(f"bad --configs entry {text!r}: want block_p x chunk [b][p][t][sN], e.g. 32x8ps4")
+        raise SystemExit(f"bad --configs entry {text!r}: want block_p x chunk [b][p][t][sN][wN], e.g. 32x8ps4 "
+                         "or 32x8tw4")
     bp, ch = int(m[1]), int(m[2])
+    warps = int(m[7] or 0)
+    if warps & (warps - 1):
+        raise SystemExit(f"bad --configs entry {text!r}: num_warps (w{warps}) must be a power of 2")
     return GpuBlocks(block_p=bp, chunk=ch, max_state_regs=max(128, ch * n), batch_stores=bool(m[3]),
-                     prefetch=bool(m[4]), tile=bool(m[5]), segments=int(m[6] or 1))
+                     prefetch=bool(m[4]), tile=bool(m[5]), segments=int(m[6] or 1), num_warps=warps)
 
 
 def rel_err(got, want) -> float:
@@ -117,7 +121,8 @@ def main(argv=None):
     ap.add_argument("--state", type=int, default=16)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--configs", default="auto,32x8,32x8ps8,32x8s16,32x8ps16,32x8ps32",
-                    help="Pallas GPU blocks, comma separated: block_p x chunk [b][p][t][sN], or auto (see the docstring)")
+                    help="Pallas GPU blocks, comma separated: block_p x chunk [b][p][t][sN][wN], or auto (see the "
+                    "docstring)")
     ap.add_argument("--alternatives", default="xla,associative,reference")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--no-check", action="store_true")

@@ -193,3 +193,16 @@ def test_gpu_forward_lowers_to_triton(blocks):
         S((2, 4096, 1, 1536), f32), S((2, 4096, 1, 1536), f32), S((1, 1536, 16), f32), S((2, 4096, 1, 16), f32),
         S((2, 4096, 1, 16), f32), S((1, 1536), f32), S((2, 1, 1536, 16), f32))
     assert exp.mlir_module().count("xla.gpu.triton") == (1 if blocks.segments == 1 else 2)
+
+
+def test_bench_config_names():
+    """`kernels.ssm_scan.bench --configs` names: block_p x chunk, flags, segments, warps; bad ones stop argparse."""
+    from kernels.ssm_scan.bench import parse_config
+
+    b = parse_config("32x8ptw4", 16)
+    assert (b.block_p, b.chunk, b.prefetch, b.tile, b.segments, b.num_warps) == (32, 8, True, True, 1, 4)
+    b = parse_config("64x16bs8", 16)
+    assert (b.block_p, b.chunk, b.batch_stores, b.segments, b.num_warps, b.max_state_regs) == (64, 16, True, 8, 0, 256)
+    for bad in ("32x8w3", "32x", "x8", "32x8q"):
+        with pytest.raises(SystemExit, match="bad --configs entry"):
+            parse_config(bad, 16)
