@@ -18,8 +18,6 @@ pytestmark = [pytest.mark.gpu,
 # On the GPU the sequences are long enough for several blocks, partial tiles and block skipping.
 SIZES = {"default": dict(tq=300), "ragged": dict(tq=200), "cache": dict(tq=9, tk=500)}
 
-MGPU_PAIRWISE, MGPU_FULL = cases.MGPU_PAIRWISE, cases.MGPU_FULL
-
 
 def _hopper() -> bool:
     return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
@@ -31,7 +29,7 @@ def test_triton_gpu(case):
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu" or not _hopper(), reason="needs a Hopper GPU")
-@pytest.mark.parametrize("case", MGPU_PAIRWISE, ids=cases.case_id)
+@pytest.mark.parametrize("case", cases.MGPU_PAIRWISE, ids=cases.case_id)
 def test_mosaic_gpu(case):
     cases.check(gpu_mosaic.flash_attention, case, **SIZES["default"])
 
@@ -65,6 +63,6 @@ def test_triton_gpu_full(case):
 @pytest.mark.slow
 @pytest.mark.sweep
 @pytest.mark.skipif(jax.default_backend() != "gpu" or not _hopper(), reason="needs a Hopper GPU")
-@pytest.mark.parametrize("case", MGPU_FULL, ids=cases.case_id)
+@pytest.mark.parametrize("case", cases.MGPU_FULL, ids=cases.case_id)
 def test_mosaic_gpu_full(case):
     cases.check(gpu_mosaic.flash_attention, case, **SIZES["default"])

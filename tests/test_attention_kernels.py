@@ -2,8 +2,8 @@
 
 Triton-lowered GPU kernels run with `interpret=True`, Mosaic TPU kernels with
 `pltpu.InterpretParams()`; the Mosaic GPU kernels run in Pallas' GPU interpret mode in
-tests/test_attention_mgpu.py and compiled in tests/test_attention_gpu.py on a Hopper GPU. The default run covers every pair of factor levels
-(tests/attention_cases.py); the full product is marked slow.
+tests/test_attention_mgpu.py and compiled in tests/test_attention_gpu.py on a Hopper GPU. The default
+run covers every pair of factor levels (tests/attention_cases.py); the full product is marked slow.
 """
 import functools
 

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels.attention.common import LOG2E, MASK_VALUE, cdiv
+from kernels.attention.common import LOG2E, MASK_VALUE
 from kernels.attention.mgpu_common import interpret_params, iota, layout, load_vec, mma
 
 HEAD_DIMS = (64, 128)

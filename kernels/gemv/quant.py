@@ -20,7 +20,6 @@ from jax.experimental.pallas import triton as plgpu
 from kernels.gemv.gpu import Blocks, _plan, _pow2_at_most, blocks_for
 
 
-
 def q4_supported(k: int, n: int, groups: int) -> str:
     """'' if matvec_q4 runs this weight, else why not."""
     if n % 2:
