@@ -10,7 +10,8 @@
 #   gemvwide [170] issues 3, 7: GEMV tiles over the wide grid (bf16, tied head, int8), written to tuned.json
 #   moe     [170] issue 6: eval.bench_moe in one run with tokamax beside ours (its wheels in out/whl_tk, carried)
 #   train   [170] issue 8: train.bench peak, ours, plain, and ours under the profiler (bf16 backward GEMMs)
-#   quant   [160] issue 7: quantized decode, int8 GEMV vs XLA, 4-bit XLA (auto) vs our 4-bit GEMV (@pallas)
+#   quant   [100+160] issue 7: int8/4-bit GEMV with the bit-pattern int-to-float conversion vs the plain one
+#                 (same blocks, one run), then quantized decode, int8 GEMV vs XLA, 4-bit XLA (auto) vs our 4-bit GEMV (@pallas)
 #   attndec [200] issue 4: decode attention timed back to back, with the flash-decoding tile sweep
 #   attnbwd [440] issue 4: the Mosaic GPU backward compiled: its GPU tests (pairwise, 9 cases) [240], then the
 #                 prefill bench, ours (Mosaic fwd+bwd) beside Mosaic fwd + Triton bwd, cuDNN and tokamax [200]
@@ -49,7 +50,9 @@ for part in ${PARTS//,/ }; do
              cp /tmp/owed_moe.json "$OUT/" 2>/dev/null ;;
         train) run train 170 python -m train.bench --only peak,ours,plain --profile --deadline 120 --json /tmp/owed_train.json
                cp /tmp/owed_train.json "$OUT/" 2>/dev/null ;;
-        quant) run quant 160 python -m eval.quant_speed --model random:llama-3.2-1b --budget-s 130 --json /tmp/owed_quant.json
+        quant) run gemvconv 100 python -m kernels.gemv.bench --weights i8,u4g128 --models llama-3.2-1b --json /tmp/owed_gemvconv.json
+               cp /tmp/owed_gemvconv.json "$OUT/" 2>/dev/null
+               run quant 160 python -m eval.quant_speed --model random:llama-3.2-1b --budget-s 130 --json /tmp/owed_quant.json
                cp /tmp/owed_quant.json "$OUT/" 2>/dev/null ;;
         attndec) run attndec 200 python -m kernels.attention.bench --only decode --decode-sweep --budget-s 170 --out /tmp/owed_attn
                  cp /tmp/owed_attn/bench.json "$OUT/owed_attn_decode.json" 2>/dev/null ;;

@@ -127,12 +127,41 @@ def test_tuned_blocks_are_correct():
     assert gpu.blocks_for(3, 5, "i8", gpu.Blocks(bk=32)) == gpu.Blocks(bk=32)
 
 
+def test_int_to_f32_is_exact():
+    """The bit-pattern conversion gives every int8 code and every nibble/byte value exactly, offsets too."""
+    i8 = jnp.arange(-128, 128, dtype=jnp.int32).astype(jnp.int8)
+    u = jnp.arange(0, 256, dtype=jnp.int32)
+    for v in (i8, u):
+        for off in (0, 8, 128):
+            want = np.asarray(v, np.float64) - off
+            for conv in gpu.CONVERTS:
+                got = gpu.int_to_f32(v, offset=off, convert=conv)
+                assert got.dtype == jnp.float32
+                np.testing.assert_array_equal(np.asarray(got, np.float64), want)
+    with pytest.raises(ValueError, match="convert must be one of"):
+        gpu.int_to_f32(u, convert="fast")
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 300, 200), (2, 64, 1000)])
+def test_int8_matvec_converts_agree(m, k, n):
+    """int8 codes through the kernel with either conversion: the same fp32 result, equal to the exact product."""
+    rng = np.random.default_rng(k)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.integers(-128, 128, (k, n)), jnp.int8)
+    want = reference.matvec(x, w.astype(jnp.bfloat16))
+    got = {c: gpu.matvec(x, w, blocks=gpu.Blocks(target_programs=16, convert=c), interpret=True) for c in gpu.CONVERTS}
+    np.testing.assert_array_equal(np.asarray(got["magic"]), np.asarray(got["cvt"]))
+    assert float(jnp.linalg.norm(got["magic"] - want) / jnp.linalg.norm(want)) < 1e-5
+
+
 def test_bad_input(tmp_path, monkeypatch):
     x = jnp.ones((1, 8), jnp.float32)
     with pytest.raises(ValueError, match="w is"):
         gpu.matvec(x, jnp.ones((9, 4), jnp.float32), interpret=True)
     with pytest.raises(ValueError, match="norm_scale has shape"):
         gpu.matvec(x, jnp.ones((8, 4), jnp.float32), norm_scale=jnp.ones(5, jnp.float32), interpret=True)
+    with pytest.raises(ValueError, match="Blocks.convert must be one of"):
+        gpu.matvec(x, jnp.ones((8, 4), jnp.int8), blocks=gpu.Blocks(convert="i2f"), interpret=True)
     bad = tmp_path / "tuned.json"
     bad.write_text("{bad")
     monkeypatch.setattr(gpu, "TUNED_FILE", bad)

@@ -117,7 +117,11 @@ def bench_shape(k: int, n: int, tune: bool, reps: int = 10, interpret: bool = Fa
     row = {"k": k, "n": n, "rows": rows, "weights": fmt, "mb": nbytes / 1e6, "xla_us": _time(xla, x, wb, reps) * 1e6}
     del wb
     current = gpu.blocks_for(k, n, fmt)
-    cands = list(dict.fromkeys([current, gpu.Blocks(), *(_candidates(grid) if tune else [])]))
+    # integer codes: the current blocks also with the plain conversion instruction, the A/B of gpu.int_to_f32
+    plain = dataclasses.replace(current, convert="cvt" if current.convert == "magic" else "magic")
+    integer = fmt == "i8" or fmt.startswith("u4")
+    cands = list(dict.fromkeys([current, gpu.Blocks(), *([plain] if integer else []),
+                                *(_candidates(grid) if tune else [])]))
     if fmt == "t":  # matvec_t has one program per bn vocab rows: target_programs does not apply
         cands = list(dict.fromkeys(dataclasses.replace(b, target_programs=gpu.Blocks().target_programs) for b in cands))
         current = dataclasses.replace(current, target_programs=gpu.Blocks().target_programs)
@@ -140,6 +144,8 @@ def bench_shape(k: int, n: int, tune: bool, reps: int = 10, interpret: bool = Fa
         results.append((_time(c, x, ws, reps) * 1e6, b))
     results.sort(key=lambda r: r[0])
     cur_us = next(us for us, b in results if b == current)
+    if integer:
+        row[f"{plain.convert}_us"] = next((us for us, b in results if b == plain), None)
     best_us, best = results[0]
     row.update(current_us=cur_us, best_us=best_us, best=dataclasses.asdict(best),
                current_tbps=nbytes / cur_us / 1e6, best_tbps=nbytes / best_us / 1e6, xla_tbps=k * n * 2 / row["xla_us"] / 1e6,
@@ -213,6 +219,10 @@ def main(argv=None):
             rows.append(r)
             line = (f"{k:>5}x{n:<6} {fmt:>6} {mr:2d} {r['mb']:6.1f} {r['xla_us']:8.2f} {r['current_us']:8.2f} {r['current_tbps']:6.2f}"
                     f" {r['kernel_vs_xla']:6.2f}")
+            for conv in ("cvt", "magic"):  # integer formats: the same blocks with the other int-to-float conversion
+                if r.get(f"{conv}_us"):
+                    line += f"  ({conv}: {r[f'{conv}_us']:.2f} us)"
+
             if args.tune:
                 line += f" {r['best_us']:9.2f} {r['best_tbps']:6.2f} {r['tuned_vs_xla']:6.2f}  {r['best']}"
             print(line, flush=True)

@@ -27,6 +27,9 @@ class Blocks:
     target_programs: int = 528  # ~4 per SM on an H100 (132 SMs)
     num_warps: int = 4
     num_stages: int | None = None  # Triton's software pipelining of the K loop (None: its default)
+    # integer codes to fp32: "magic" builds the float from its bits (int_to_f32), "cvt" is the plain
+    # conversion instruction; only int8 / 4-bit weights read it
+    convert: str = "magic"
 
 
 TUNED_FILE = pathlib.Path(__file__).with_name("tuned.json")
@@ -82,6 +85,30 @@ def blocks_for(k: int, n: int, fmt: str = "bf16", default: Blocks | None = None)
     return DEFAULT_Q4_BLOCKS if fmt.startswith("u4") else Blocks()
 
 
+CONVERTS = ("magic", "cvt")
+_TWO23_BITS = 0x4B000000  # the fp32 2^23: with an integer 0 <= i < 2^23 in its mantissa bits it is exactly 2^23 + i
+
+
+def int_to_f32(v: jax.Array, *, offset: float = 0.0, convert: str = "magic") -> jax.Array:
+    """Integer codes as exact fp32 values minus `offset`: int8 (signed) or non-negative int32 below 2^23.
+
+    "magic" avoids the int-to-float conversion instruction, which Hopper issues at 16 results per
+    clock per SM (a quarter of integer and an eighth of fp32 arithmetic; CUDA guide, throughput
+    table): a 33 MB int8 matrix spends ~8 us of an H200 in conversions alone, about what reading it
+    takes. Instead one integer add (or OR) puts the code in the mantissa of 2^23 and one fp32
+    subtraction removes the 2^23 (and the offset): exact for every code, same values as "cvt"."""
+    if convert == "cvt":
+        out = v.astype(jnp.float32)
+        return out - offset if offset else out
+    if convert != "magic":
+        raise ValueError(f"convert must be one of {CONVERTS}, got {convert!r}")
+    if v.dtype == jnp.int8:  # -128..127 -> 2^23 + (v + 128)
+        bits, base = v.astype(jnp.int32) + (_TWO23_BITS + 128), 8388608.0 + 128.0
+    else:
+        bits, base = v.astype(jnp.int32) | _TWO23_BITS, 8388608.0
+    return jax.lax.bitcast_convert_type(bits, jnp.float32) - (base + offset)
+
+
 def _pow2_at_most(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
 
@@ -103,7 +130,7 @@ def _plan(blocks: Blocks, m: int, k: int, n: int, bk_cap: int, programs: int | N
 
 
 def _matvec_kernel(x_ref, w_ref, s_ref, o_ref, *, m: int, k: int, n: int, ks: int, bk: int, bn: int,
-                   norm: tuple[float, float] | None):
+                   norm: tuple[float, float] | None, convert: str):
     col = pl.program_id(0) * bn + jnp.arange(bn)
     cmask = col < n
     k0 = pl.program_id(1) * ks
@@ -119,8 +146,9 @@ def _matvec_kernel(x_ref, w_ref, s_ref, o_ref, *, m: int, k: int, n: int, ks: in
     def body(i, accs):
         rows = k0 + i * bk + jnp.arange(bk)
         rmask = rows < jnp.minimum(k, k0 + ks)
-        w = plgpu.load(w_ref.at[rows[:, None], col[None, :]], mask=rmask[:, None] & cmask[None, :],
-                       other=0).astype(jnp.float32)  # bf16/fp16/fp32 weights, or int8 codes (qmatmul's W8)
+        w = plgpu.load(w_ref.at[rows[:, None], col[None, :]], mask=rmask[:, None] & cmask[None, :], other=0)
+        # bf16/fp16/fp32 weights, or int8 codes (qmatmul's W8)
+        w = int_to_f32(w, convert=convert) if w.dtype == jnp.int8 else w.astype(jnp.float32)
         if norm is not None:
             scale = plgpu.load(s_ref.at[rows], mask=rmask, other=0.0).astype(jnp.float32) + offset
         out = []
@@ -179,7 +207,9 @@ def matvec(x: jax.Array, w: jax.Array, *, blocks: Blocks | None = None, interpre
     # bytes; spilled registers are the likely cause (not yet profiled; `kernels.gemv.bench --rows`)
     bk, bn, ncol, ks, splits = _plan(blocks, m, k, n, _pow2_at_most(k))
     norm = None if norm_scale is None else (float(eps), float(offset))
-    kernel = functools.partial(_matvec_kernel, m=m, k=k, n=n, ks=ks, bk=bk, bn=bn, norm=norm)
+    if blocks.convert not in CONVERTS:
+        raise ValueError(f"matvec: Blocks.convert must be one of {CONVERTS}, got {blocks.convert!r}")
+    kernel = functools.partial(_matvec_kernel, m=m, k=k, n=n, ks=ks, bk=bk, bn=bn, norm=norm, convert=blocks.convert)
     if norm_scale is None:
         norm_scale = jnp.zeros((1,), x.dtype)  # unread placeholder
     partial = pl.pallas_call(

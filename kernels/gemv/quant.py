@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.gemv.gpu import Blocks, _plan, _pow2_at_most, blocks_for
+from kernels.gemv.gpu import CONVERTS, Blocks, _plan, _pow2_at_most, blocks_for, int_to_f32
 
 
 def q4_supported(k: int, n: int, groups: int) -> str:
@@ -31,7 +31,7 @@ def q4_supported(k: int, n: int, groups: int) -> str:
 
 
 def _q4_kernel(x_ref, q_ref, s_ref, z_ref, o_ref, *, m: int, k: int, half: int, ks: int, bk: int, bn: int,
-               group: int, offset: int, has_zeros: bool):
+               group: int, offset: int, has_zeros: bool, convert: str):
     f32 = jnp.float32
     col = pl.program_id(0) * bn + jnp.arange(bn)  # byte columns: outputs col and col + half
     cmask = col < half
@@ -49,9 +49,9 @@ def _q4_kernel(x_ref, q_ref, s_ref, z_ref, o_ref, *, m: int, k: int, half: int, 
             s = plgpu.load(s_ref.at[g, c], mask=cmask, other=0).astype(f32)
             if has_zeros:
                 z = plgpu.load(z_ref.at[g, c], mask=cmask, other=0).astype(f32)
-                ws.append(codes.astype(f32) * s[None, :] + z[None, :])  # (code * s) + z, GGUF's order
+                ws.append(int_to_f32(codes, convert=convert) * s[None, :] + z[None, :])  # (code * s) + z, GGUF's order
             else:
-                ws.append((codes - offset).astype(f32) * s[None, :])
+                ws.append(int_to_f32(codes, offset=offset, convert=convert) * s[None, :])
         out = []
         for r in range(m):
             xr = plgpu.load(x_ref.at[r, rows], mask=rmask, other=0).astype(f32)
@@ -79,13 +79,15 @@ def matvec_q4(x: jax.Array, q: jax.Array, scales: jax.Array, zeros: jax.Array | 
                          f"{tuple(q.shape)} and {tuple(scales.shape)}")
     if why := q4_supported(k, n, groups):
         raise ValueError(f"matvec_q4: {why}")
+    if blocks is not None and blocks.convert not in CONVERTS:
+        raise ValueError(f"matvec_q4: Blocks.convert must be one of {CONVERTS}, got {blocks.convert!r}")
     group = k // groups
     blocks = blocks or blocks_for(k, n, f"u4g{group}")
     half = n // 2
     # bk divides the (power-of-two) group, and splits hold whole bk tiles: no tile straddles two groups
     bk, bn, ncol, ks, splits = _plan(blocks, m, k, half, _pow2_at_most(group))
     kernel = functools.partial(_q4_kernel, m=m, k=k, half=half, ks=ks, bk=bk, bn=bn, group=group,
-                               offset=int(offset), has_zeros=zeros is not None)
+                               offset=int(offset), has_zeros=zeros is not None, convert=blocks.convert)
     partial = pl.pallas_call(
         kernel, grid=(ncol, splits), out_shape=jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),

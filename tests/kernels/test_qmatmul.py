@@ -214,11 +214,13 @@ def test_int8_gemv_lowers_to_triton():
 
     from kernels.gemv import quant
 
-    txt = _lower_cuda(lambda x, q: gemv_gpu.matvec(x, q), S((1, 2048), jnp.bfloat16), S((2048, 8192), jnp.int8))
-    assert "xla.gpu.triton" in txt
-    txt = _lower_cuda(lambda x, q, s, z: quant.matvec_q4(x, q, s, z, n=8192), S((1, 2048), jnp.bfloat16),
-                      S((2048, 4096), jnp.uint8), S((16, 8192), jnp.float16), S((16, 8192), jnp.float16))
-    assert "xla.gpu.triton" in txt
+    for conv in gemv_gpu.CONVERTS:  # both int-to-float conversions lower (the bit-pattern one uses a bitcast)
+        b = gemv_gpu.Blocks(convert=conv)
+        txt = _lower_cuda(lambda x, q: gemv_gpu.matvec(x, q, blocks=b), S((1, 2048), jnp.bfloat16), S((2048, 8192), jnp.int8))
+        assert "xla.gpu.triton" in txt
+        txt = _lower_cuda(lambda x, q, s, z: quant.matvec_q4(x, q, s, z, n=8192, blocks=b), S((1, 2048), jnp.bfloat16),
+                          S((2048, 4096), jnp.uint8), S((16, 8192), jnp.float16), S((16, 8192), jnp.float16))
+        assert "xla.gpu.triton" in txt
 
 
 @pytest.mark.parametrize("m,k,n,group,symmetric,dtype", [(1, 256, 96, 128, False, jnp.bfloat16),
@@ -240,3 +242,7 @@ def test_int4_gemv_route_interpret(m, k, n, group, symmetric, dtype):
     small = quant.matvec_q4(x, q, s, z, n=n, offset=ref.code_offset(packing, 4, z is not None),
                             blocks=quant.Blocks(bk=16, bn=16, target_programs=64), interpret=True)
     assert rel(small, want) < RTOL  # many K splits and column tiles
+    plain = quant.matvec_q4(x, q, s, z, n=n, offset=ref.code_offset(packing, 4, z is not None),
+                            blocks=quant.Blocks(bk=16, bn=16, target_programs=64, convert="cvt"), interpret=True)
+    # the same codes either way; code * s + z may be contracted to one fma in one and not the other: 1 ulp
+    assert rel(plain, small) < 1e-6
