@@ -10,7 +10,8 @@
 #   gemvwide [170] issues 3, 7: GEMV tiles over the wide grid (bf16, tied head, int8), written to tuned.json
 #   moe     [170] issue 6: eval.bench_moe in one run with tokamax beside ours (its wheels in out/whl_tk, carried)
 #   train   [170] issue 8: train.bench peak, ours, plain, and ours under the profiler (bf16 backward GEMMs)
-#   quant   [100+160] issue 7: int8/4-bit GEMV with the bit-pattern int-to-float conversion vs the plain one
+#   quant   [100+160] issue 7: GEMVs with one setting flipped, same blocks, one run: int-to-float by bit pattern vs
+#                 the conversion instruction (i8, 4-bit), next tile prefetched or not (bf16, i8)
 #                 (same blocks, one run), then quantized decode, int8 GEMV vs XLA, 4-bit XLA (auto) vs our 4-bit GEMV (@pallas)
 #   attndec [200] issue 4: decode attention timed back to back, with the flash-decoding tile sweep
 #   attnbwd [440] issue 4: the Mosaic GPU backward compiled: its GPU tests (pairwise, 9 cases) [240], then the
@@ -50,7 +51,7 @@ for part in ${PARTS//,/ }; do
              cp /tmp/owed_moe.json "$OUT/" 2>/dev/null ;;
         train) run train 170 python -m train.bench --only peak,ours,plain --profile --deadline 120 --json /tmp/owed_train.json
                cp /tmp/owed_train.json "$OUT/" 2>/dev/null ;;
-        quant) run gemvconv 100 python -m kernels.gemv.bench --weights i8,u4g128 --models llama-3.2-1b --json /tmp/owed_gemvconv.json
+        quant) run gemvconv 100 python -m kernels.gemv.bench --weights bf16,i8,u4g128 --models llama-3.2-1b --json /tmp/owed_gemvconv.json
                cp /tmp/owed_gemvconv.json "$OUT/" 2>/dev/null
                run quant 160 python -m eval.quant_speed --model random:llama-3.2-1b --budget-s 130 --json /tmp/owed_quant.json
                cp /tmp/owed_quant.json "$OUT/" 2>/dev/null ;;

@@ -1,4 +1,6 @@
 """The decode GEMV kernels (Pallas, interpret mode on CPU) against XLA matmuls."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +23,21 @@ def test_matvec(m, k, n, dtype, tol):
     assert got.dtype == jnp.float32 and got.shape == (m, n)
     rel = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
     assert rel < tol  # both accumulate bf16 products exactly in fp32: only the order differs
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 576, 192), (3, 200, 300), (1, 2048, 100)])
+def test_matvec_prefetch(m, k, n):
+    """The next tile's load carried across the loop: the same sums (ragged K, several K splits, the
+    last step's prefetch fully masked), for bf16 weights and int8 codes."""
+    rng = np.random.default_rng(k * n)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    for w in (jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16), jnp.asarray(rng.integers(-128, 128, (k, n)), jnp.int8)):
+        b = gpu.Blocks(bk=32, bn=64, target_programs=24)
+        plain = gpu.matvec(x, w, blocks=b, interpret=True)
+        got = gpu.matvec(x, w, blocks=dataclasses.replace(b, prefetch=True), interpret=True)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(plain))  # same products, same order
+        want = reference.matvec(x, w.astype(jnp.bfloat16))
+        assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-5
 
 
 @pytest.mark.parametrize("m,d,v", [(1, 576, 1000), (2, 100, 70), (1, 64, 4097)])

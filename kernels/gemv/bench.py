@@ -28,7 +28,7 @@ SHAPES = {"llama-3.2-1b": [(2048, 3072), (2048, 2048), (2048, 16384), (8192, 204
 VOCAB = {"llama-3.2-1b": 128256, "smollm2-135m": 49152}
 
 
-GRIDS = {  # (bk, bn, target_programs, num_warps)
+GRIDS = {  # (bk, bn, target_programs, num_warps[, prefetch])
     "full": ((128, 256, 512), (16, 32, 64), (132, 264, 528), (4, 8)),
     # 12 candidates a shape (a short device call); more programs in flight for HBM3e's bandwidth
     "narrow": ((128, 256), (32, 64), (264, 528, 1056), (4,)),
@@ -37,6 +37,8 @@ GRIDS = {  # (bk, bn, target_programs, num_warps)
     # wide tiles, many warps: what won the MoE expert GEMV sweep on an H200 (64x128, 16 warps: 1.7x the
     # 128x64 / 4-warp tile the bf16 table holds; docs/moe.md), never tried for the dense GEMV
     "wide": ((32, 64, 128), (128, 256), (1056, 2112), (8, 16)),
+    # the next tile's load issued before this tile's arithmetic (Blocks.prefetch), around the tuned tiles
+    "prefetch": ((64, 128), (64, 128, 256), (528, 1056), (4, 8), (True,)),
 }
 # --weights: the format's table key and the decode shapes it serves (+ the tied lm_head for i8: emb8)
 WEIGHT_FORMATS = ("bf16", "i8", "u4g128", "t")
@@ -45,8 +47,9 @@ WEIGHT_FORMATS = ("bf16", "i8", "u4g128", "t")
 def _candidates(grid: str = "full"):
     from kernels.gemv.gpu import Blocks
 
-    for bk, bn, tp, nw in itertools.product(*GRIDS[grid]):
-        yield Blocks(bk=bk, bn=bn, target_programs=tp, num_warps=nw, num_stages=None)
+    grid = GRIDS[grid] if len(GRIDS[grid]) == 5 else (*GRIDS[grid], (False,))
+    for bk, bn, tp, nw, pf in itertools.product(*grid):
+        yield Blocks(bk=bk, bn=bn, target_programs=tp, num_warps=nw, num_stages=None, prefetch=pf)
 
 
 def _chain(fn):
@@ -117,16 +120,18 @@ def bench_shape(k: int, n: int, tune: bool, reps: int = 10, interpret: bool = Fa
     row = {"k": k, "n": n, "rows": rows, "weights": fmt, "mb": nbytes / 1e6, "xla_us": _time(xla, x, wb, reps) * 1e6}
     del wb
     current = gpu.blocks_for(k, n, fmt)
-    # integer codes: the current blocks also with the plain conversion instruction, the A/B of gpu.int_to_f32
+    # integer codes: the current blocks also with the plain conversion instruction, the A/B of gpu.int_to_f32;
+    # and (matvec: bf16, i8) the current blocks with the other prefetch setting
     plain = dataclasses.replace(current, convert="cvt" if current.convert == "magic" else "magic")
+    flipped = dataclasses.replace(current, prefetch=not current.prefetch)
     integer = fmt == "i8" or fmt.startswith("u4")
     cands = list(dict.fromkeys([current, gpu.Blocks(), *([plain] if integer else []),
-                                *(_candidates(grid) if tune else [])]))
+                                *([flipped] if fmt in ("bf16", "i8") else []), *(_candidates(grid) if tune else [])]))
     if fmt == "t":  # matvec_t has one program per bn vocab rows: target_programs does not apply
         cands = list(dict.fromkeys(dataclasses.replace(b, target_programs=gpu.Blocks().target_programs) for b in cands))
         current = dataclasses.replace(current, target_programs=gpu.Blocks().target_programs)
     if interpret:
-        cands = cands[:3]
+        cands = cands[:4]
 
     def compile_one(b):
         try:
@@ -146,6 +151,8 @@ def bench_shape(k: int, n: int, tune: bool, reps: int = 10, interpret: bool = Fa
     cur_us = next(us for us, b in results if b == current)
     if integer:
         row[f"{plain.convert}_us"] = next((us for us, b in results if b == plain), None)
+    if fmt in ("bf16", "i8"):
+        row[f"prefetch_{flipped.prefetch}_us"] = next((us for us, b in results if b == flipped), None)
     best_us, best = results[0]
     row.update(current_us=cur_us, best_us=best_us, best=dataclasses.asdict(best),
                current_tbps=nbytes / cur_us / 1e6, best_tbps=nbytes / best_us / 1e6, xla_tbps=k * n * 2 / row["xla_us"] / 1e6,
@@ -219,9 +226,9 @@ def main(argv=None):
             rows.append(r)
             line = (f"{k:>5}x{n:<6} {fmt:>6} {mr:2d} {r['mb']:6.1f} {r['xla_us']:8.2f} {r['current_us']:8.2f} {r['current_tbps']:6.2f}"
                     f" {r['kernel_vs_xla']:6.2f}")
-            for conv in ("cvt", "magic"):  # integer formats: the same blocks with the other int-to-float conversion
-                if r.get(f"{conv}_us"):
-                    line += f"  ({conv}: {r[f'{conv}_us']:.2f} us)"
+            for var in ("cvt", "magic", "prefetch_True", "prefetch_False"):  # the current blocks, one setting flipped
+                if r.get(f"{var}_us"):
+                    line += f"  ({var}: {r[f'{var}_us']:.2f} us)"
 
             if args.tune:
                 line += f" {r['best_us']:9.2f} {r['best_tbps']:6.2f} {r['tuned_vs_xla']:6.2f}  {r['best']}"

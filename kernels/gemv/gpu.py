@@ -30,6 +30,9 @@ class Blocks:
     # integer codes to fp32: "magic" builds the float from its bits (int_to_f32), "cvt" is the plain
     # conversion instruction; only int8 / 4-bit weights read it
     convert: str = "magic"
+    # carry the next K tile's load across the loop (issued before this tile's arithmetic), so each warp has
+    # two tiles of loads in flight; costs the tile's registers (matvec only)
+    prefetch: bool = False
 
 
 TUNED_FILE = pathlib.Path(__file__).with_name("tuned.json")
@@ -130,7 +133,7 @@ def _plan(blocks: Blocks, m: int, k: int, n: int, bk_cap: int, programs: int | N
 
 
 def _matvec_kernel(x_ref, w_ref, s_ref, o_ref, *, m: int, k: int, n: int, ks: int, bk: int, bn: int,
-                   norm: tuple[float, float] | None, convert: str):
+                   norm: tuple[float, float] | None, convert: str, prefetch: bool):
     col = pl.program_id(0) * bn + jnp.arange(bn)
     cmask = col < n
     k0 = pl.program_id(1) * ks
@@ -143,10 +146,14 @@ def _matvec_kernel(x_ref, w_ref, s_ref, o_ref, *, m: int, k: int, n: int, ks: in
             xs = plgpu.load(x_ref.at[r, allk], mask=allk < k, other=0.0).astype(jnp.float32)
             inv.append(jax.lax.rsqrt(jnp.sum(xs * xs) / k + eps))
 
-    def body(i, accs):
+    def tile(i):
         rows = k0 + i * bk + jnp.arange(bk)
         rmask = rows < jnp.minimum(k, k0 + ks)
-        w = plgpu.load(w_ref.at[rows[:, None], col[None, :]], mask=rmask[:, None] & cmask[None, :], other=0)
+        return plgpu.load(w_ref.at[rows[:, None], col[None, :]], mask=rmask[:, None] & cmask[None, :], other=0)
+
+    def accumulate(i, w, accs):
+        rows = k0 + i * bk + jnp.arange(bk)
+        rmask = rows < jnp.minimum(k, k0 + ks)
         # bf16/fp16/fp32 weights, or int8 codes (qmatmul's W8)
         w = int_to_f32(w, convert=convert) if w.dtype == jnp.int8 else w.astype(jnp.float32)
         if norm is not None:
@@ -161,7 +168,16 @@ def _matvec_kernel(x_ref, w_ref, s_ref, o_ref, *, m: int, k: int, n: int, ks: in
             out.append(accs[r] + xr[:, None] * w)
         return tuple(out)
 
-    accs = jax.lax.fori_loop(0, pl.cdiv(ks, bk), body, tuple(jnp.zeros((bk, bn), jnp.float32) for _ in range(m)))
+    steps = pl.cdiv(ks, bk)
+    zeros = tuple(jnp.zeros((bk, bn), jnp.float32) for _ in range(m))
+    if prefetch:  # tile i + 1's load is issued before tile i's arithmetic: two tiles in flight per warp
+        def body(i, carry):
+            nxt = tile(i + 1)  # past the K range: fully masked, no memory traffic
+            return (*accumulate(i, carry[-1], carry[:-1]), nxt)
+
+        accs = jax.lax.fori_loop(0, steps, body, (*zeros, tile(0)))[:-1]
+    else:
+        accs = jax.lax.fori_loop(0, steps, lambda i, a: accumulate(i, tile(i), a), zeros)
     for r in range(m):
         plgpu.store(o_ref.at[pl.program_id(1), r, col], jnp.sum(accs[r], axis=0), mask=cmask)
 
@@ -209,7 +225,8 @@ def matvec(x: jax.Array, w: jax.Array, *, blocks: Blocks | None = None, interpre
     norm = None if norm_scale is None else (float(eps), float(offset))
     if blocks.convert not in CONVERTS:
         raise ValueError(f"matvec: Blocks.convert must be one of {CONVERTS}, got {blocks.convert!r}")
-    kernel = functools.partial(_matvec_kernel, m=m, k=k, n=n, ks=ks, bk=bk, bn=bn, norm=norm, convert=blocks.convert)
+    kernel = functools.partial(_matvec_kernel, m=m, k=k, n=n, ks=ks, bk=bk, bn=bn, norm=norm, convert=blocks.convert,
+                               prefetch=blocks.prefetch)
     if norm_scale is None:
         norm_scale = jnp.zeros((1,), x.dtype)  # unread placeholder
     partial = pl.pallas_call(

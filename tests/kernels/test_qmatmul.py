@@ -214,8 +214,9 @@ def test_int8_gemv_lowers_to_triton():
 
     from kernels.gemv import quant
 
-    for conv in gemv_gpu.CONVERTS:  # both int-to-float conversions lower (the bit-pattern one uses a bitcast)
-        b = gemv_gpu.Blocks(convert=conv)
+    # both int-to-float conversions lower (the bit-pattern one uses a bitcast), and the prefetching loop
+    for conv, pf in zip(gemv_gpu.CONVERTS, (False, True)):
+        b = gemv_gpu.Blocks(convert=conv, prefetch=pf)
         txt = _lower_cuda(lambda x, q: gemv_gpu.matvec(x, q, blocks=b), S((1, 2048), jnp.bfloat16), S((2048, 8192), jnp.int8))
         assert "xla.gpu.triton" in txt
         txt = _lower_cuda(lambda x, q, s, z: quant.matvec_q4(x, q, s, z, n=8192, blocks=b), S((1, 2048), jnp.bfloat16),
