@@ -38,6 +38,10 @@ def decode_row(model, params, variant: str, *, prompt_len: int, new_tokens: int,
     impl = {"xla": "xla", "pallas": "pallas"}.get(variant.partition("@")[2], kernel_impl)
     prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, prompt_len).tolist()
     with matmul_impl(impl):
+        # an untimed run first: an executable's first calls cost more (on an H200 the second run of the same
+        # program decoded 12-14% faster than its first, 2026-12-05), and every row gets the same treatment
+        generate(model, params, [prompt], max_new_tokens=2 * steps_per_call, cache_dtype="bfloat16",
+                 steps_per_call=steps_per_call)
         res = generate(model, params, [prompt], max_new_tokens=new_tokens, cache_dtype="bfloat16",
                        steps_per_call=steps_per_call)
     wb = weight_bytes(params)

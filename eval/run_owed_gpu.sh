@@ -64,7 +64,7 @@ for part in ${PARTS//,/ }; do
         mamba) run mamba 150 python -m eval.decode_bench --steps 64 --per-call 16 --out /tmp/owed_mamba.json
                cp /tmp/owed_mamba.json "$OUT/" 2>/dev/null ;;
         scan) run scan 170 python -m kernels.ssm_scan.bench --alternatives "" \
-                  --configs auto,32x8tw4,32x8ptw4,32x8tw2,64x8tw4,64x8ptw8,32x16tw4,32x8ptw4s4 --out /tmp/owed_scan.json
+                  --configs auto,32x8tw4,32x8ptw4,32x8tw2,64x8tw4,64x8ptw8,32x16tw4,32x8pts4w4 --out /tmp/owed_scan.json
               cp /tmp/owed_scan.json "$OUT/" 2>/dev/null ;;
         decode) run decode 170 python -m eval.bench_decode --models random:llama-3.2-1b \
                     --variants scan16-gemv,scan16-xla --hf-modes static --json /tmp/owed_decode.json

@@ -109,9 +109,16 @@ def _compiled(fn, *args, **statics):
     leaves = jax.tree.leaves(args)
     sig = [(a.shape, str(a.dtype)) if hasattr(a, "shape") else a for a in leaves]
     placement = tuple(getattr(a, "sharding", None) for a in leaves)
-    from kernels.gemv import api as gemv  # its mode (an environment variable) is read while tracing
+    import os
 
-    key = (fn, jax.tree.structure(args), str(sig), placement, tuple(sorted(statics.items())), gemv._mode())
+    from flashit_jax.nn import qarray
+    from kernels.gemv import api as gemv
+
+    # what is read while tracing and changes the program: the GEMV mode and the 4-bit route (environment
+    # variables) and the quantized-matmul implementation of `qarray.matmul_impl`. Without the last, a
+    # RECIPE@xla benchmark row silently re-ran the executable of the RECIPE row before it (2026-12-04/05).
+    modes = (gemv._mode(), qarray._IMPL[-1], os.environ.get("FLASHIT_JAX_GEMV_Q4"))
+    key = (fn, jax.tree.structure(args), str(sig), placement, tuple(sorted(statics.items())), modes)
     if key not in _EXECUTABLES:
         _EXECUTABLES[key] = fn.lower(*args, **statics).compile()
     return _EXECUTABLES[key]

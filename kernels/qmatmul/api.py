@@ -17,12 +17,13 @@ each tile in registers. Those kernels split K as well as N so that hundreds of p
 the weight; the qmatmul kernel's 16-row tensor-core tile read int8 at 1.19 TB/s against XLA's
 4.39 TB/s for bf16 on an H200 (docs/quantization.md).
 
-What `auto` picks on a GPU, from the H200 measurements of 2026-12-04 (`eval.quant_speed`, Llama-3.2-1B
-shape, fused layout, tuned blocks): int8 rows go to the GEMV route (w8+emb8 decode 937 tokens/s against
-888 for bf16); 4-bit rows go to XLA's dequantize + dot (828 tokens/s through `matvec_q4`, 949 through
-XLA), as do M > 8 rows (the qmatmul kernel ran at 0.17-0.45x bf16 at M = 16-256, XLA's dequantize + dot
-at 0.34-0.85x). impl="pallas" runs our kernels anyway; FLASHIT_JAX_GEMV_Q4=1 puts 4-bit rows on the
-GEMV route under auto.
+What `auto` picks on a GPU: one row (M <= 8) against int8 or 4-bit weights goes to the GEMV route,
+M > 8 to XLA's dequantize + dot (the qmatmul kernel ran at 0.17-0.45x bf16 at M = 16-256, XLA's
+dequantize + dot at 0.34-0.85x; H200, 2026-12-04). Decode of the Llama-3.2-1B shape on an H200
+(`eval.quant_speed`, fused layout): 4-bit rows through `matvec_q4` 828 tokens/s (2026-12-04) against
+465 through XLA's dequantize + dot (2026-12-05). (Session 6's "949 through XLA" was the GEMV program run
+a second time: `generate` reused the executable across `matmul_impl` settings; fixed.)
+impl="pallas" runs our kernels anyway; FLASHIT_JAX_GEMV_Q4=0 sends 4-bit rows to XLA under auto.
 """
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def choose(m: int, k: int, n: int, packing: str, groups: int, x_dtype, impl: str
 
         from kernels.gemv import api as gemv_api
 
-        wanted = packing == "i8" or impl == "pallas" or os.environ.get("FLASHIT_JAX_GEMV_Q4") == "1"
+        wanted = packing == "i8" or impl == "pallas" or os.environ.get("FLASHIT_JAX_GEMV_Q4") != "0"
         if wanted and gemv_fits(m, packing, groups, has_zeros, x_dtype, k, n) and gemv_api.use_kernel(m, x_dtype):
             return "gemv"
         from kernels.qmatmul import gpu

@@ -187,7 +187,7 @@ def test_int8_gemv_route_interpret(m, dtype):
 def test_int8_gemv_route_choice(monkeypatch):
     """On a GPU `auto` sends one row of i8 per-column weights to the decode GEMV and everything else to XLA
     (the measured order, kernels/qmatmul/api.py); impl="pallas" runs our kernels: the GEMV route for
-    what it fits, the qmatmul kernel for the rest; FLASHIT_JAX_GEMV_Q4=1 puts 4-bit rows on the GEMV."""
+    what it fits, the qmatmul kernel for the rest; FLASHIT_JAX_GEMV_Q4=0 takes 4-bit rows off the GEMV."""
     from kernels.gemv import api as gemv_api
 
     monkeypatch.setattr(api, "_backend", lambda: "gpu")
@@ -198,12 +198,12 @@ def test_int8_gemv_route_choice(monkeypatch):
         assert api.choose(1, 2048, 8192, "i8", 16, jnp.bfloat16, impl) == kernel  # group scales
         assert api.choose(1, 2048, 8192, "u8", 1, jnp.bfloat16, impl, has_zeros=True) == kernel
         assert api.choose(4, 2048, 8192, "i8", 1, jnp.bfloat16, impl) == kernel  # verify-sized: GEMV auto takes 1 row
-    assert api.choose(1, 2048, 8192, "u4x2", 16, jnp.bfloat16, has_zeros=True) == "xla"  # W4 g128 under auto
-    assert api.choose(1, 2048, 8192, "u4x2", 16, jnp.bfloat16, "pallas", has_zeros=True) == "gemv"
-    monkeypatch.setenv("FLASHIT_JAX_GEMV_Q4", "1")
-    assert api.choose(1, 2048, 8192, "u4x2", 16, jnp.bfloat16, has_zeros=True) == "gemv"
+    assert api.choose(1, 2048, 8192, "u4x2", 16, jnp.bfloat16, has_zeros=True) == "gemv"  # W4 g128 under auto
     assert api.choose(1, 576, 1536, "u4x2", 9, jnp.bfloat16, has_zeros=True) == "gemv"  # group 64 ...
     assert api.choose(1, 576, 1536, "u4x2", 12, jnp.bfloat16, has_zeros=True) == "xla"  # ... not 48 (nor the kernel)
+    monkeypatch.setenv("FLASHIT_JAX_GEMV_Q4", "0")
+    assert api.choose(1, 2048, 8192, "u4x2", 16, jnp.bfloat16, has_zeros=True) == "xla"
+    assert api.choose(1, 2048, 8192, "u4x2", 16, jnp.bfloat16, "pallas", has_zeros=True) == "gemv"
     with pytest.raises(ValueError, match="GEMV route takes symmetric int8"):
         api.choose(1, 128, 64, "u2x4", 2, jnp.float32, impl="interpret-gemv")
 
