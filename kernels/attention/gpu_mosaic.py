@@ -125,6 +125,8 @@ def _forward(q, k, v, st: _Static):
     def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scoped):
         (qo_smem2, k_smem, v_smem, lse_smem2), (k_bar, v_bar, q_bar), (k_used, v_used), sched = scoped
         batch, head, tile = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_seq")
+        if st.causal:  # longest first: CTAs launch in grid order, and the last q tiles do the most key steps
+            tile = n_tiles - 1 - tile
         wg = lax.axis_index("wg")
         q_base = tile * (2 * bq)
         cta_lo, _, _, _ = _ranges(q_base, bq, bkv, st)
