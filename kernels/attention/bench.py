@@ -187,11 +187,17 @@ def bench_prefill(cases, only_impls, deadline, log) -> list[dict]:
 
 # ----------------------------------------------------------------------------- decode
 def copy_bandwidth(nbytes: int = 2 << 30) -> float:
-    """Bytes read + written per second by a device-to-device copy (x + 1 on bf16: one read, one write)."""
-    x = jax.random.normal(jax.random.key(0), (nbytes // 2,), jnp.bfloat16)
-    f = jax.jit(lambda x: x + jnp.asarray(1, x.dtype))
-    t = time_calls(f, x, calls=20)
-    return 2 * nbytes / t
+    """Bytes read + written per second by an elementwise pass (x + 1: one read, one write), the better of
+    bf16 and fp32 elements. On an H200 (2026-12-05) the bf16 pass alone read 3.30 TB/s while the scan
+    bench's fp32 pass read 4.10 TB/s on the same machine, and the decode kernel itself beat the bf16
+    figure by up to 22%: a ceiling that a kernel exceeds flatters every ratio against it."""
+    best = 0.0
+    for dtype in (jnp.bfloat16, jnp.float32):
+        x = jax.random.normal(jax.random.key(0), (nbytes // jnp.dtype(dtype).itemsize,), dtype)
+        f = jax.jit(lambda x: x + jnp.asarray(1, x.dtype))
+        best = max(best, 2 * nbytes / time_calls(f, x, calls=20))
+        del x
+    return best
 
 
 # --decode-sweep: flash-decoding tiles (block_k, target_programs, num_warps, num_stages)
@@ -201,7 +207,7 @@ DECODE_SWEEP = [(bk, tp, nw, ns) for bk in (64, 128, 256) for tp in (1056, 2112)
 def bench_decode(lengths, deadline, log, batch=8, hq=32, hkv=8, d=128, sweep: bool = False) -> list[dict]:
     rows = []
     bw = copy_bandwidth()
-    rows.append({"case": "copy", "impl": "x + 1 (2 GiB bf16)", "GB/s": bw / 1e9})
+    rows.append({"case": "copy", "impl": "x + 1 (2 GiB, best of bf16 and fp32)", "GB/s": bw / 1e9})
     print(f"[bench] copy bandwidth {bw / 1e9:.0f} GB/s (read + write)", flush=True)
     for L in lengths:
         ks = jax.random.split(jax.random.key(L), 3)
