@@ -113,7 +113,7 @@ def _forward(q, k, v, st: _Static):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     b, tq, hq, d = q.shape
-    tk, hkv = k.shape[1], k.shape[2]
+    hkv = k.shape[2]
     g = hq // hkv
     dtype = q.dtype
     bq, bkv = st.blocks.block_q, st.blocks.block_kv
