@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-DEFAULT_VARIANTS = "bf16,w8+emb8,w8+emb8@xla,w4g128+emb8,w4g128+emb8@pallas"
+DEFAULT_VARIANTS = "bf16,w8+emb8,w8+emb8@xla,w4g128+emb8,w4g128+emb8@xla"
 
 
 def weight_bytes(params) -> int:

@@ -1,11 +1,9 @@
 #!/usr/bin/env bash
 # The GPU measurements docs/DEVELOPING.md lists as owed, one part after another, each under its own
 # time limit (seconds in brackets: the limit each part gets, compiles included), results under $OUT.
-# A device call allows ~560 s, so pick the parts that fit with PARTS (in this order: the first closes issue 6):
-#   OUT=$OUT PARTS=moe,train,attndec bash eval/run_owed_gpu.sh        # one call (carry out/whl_tk)
-#   OUT=$OUT PARTS=attnbwd bash eval/run_owed_gpu.sh                  # the next, on the warm machine (carry out/whl_tk)
-#   OUT=$OUT PARTS=gemvwide,decode,quant bash eval/run_owed_gpu.sh
-#   OUT=$OUT PARTS=mamba,scan bash eval/run_owed_gpu.sh
+# A device call allows ~560 s, so pick the parts that fit with PARTS. Owed after 2026-12-05 (docs/DEVELOPING.md):
+#   OUT=$OUT PARTS=quant,attnbench bash eval/run_owed_gpu.sh          # one call (carry out/whl_tk for tokamax)
+#   OUT=$OUT PARTS=decode bash eval/run_owed_gpu.sh                   # issue 3, on an H100
 # Parts:
 #   gemvwide [170] issues 3, 7: GEMV tiles over the wide grid (bf16, tied head, int8), written to tuned.json
 #   moe     [170] issue 6: eval.bench_moe in one run with tokamax beside ours (its wheels in out/whl_tk, carried)
@@ -16,6 +14,7 @@
 #   attndec [200] issue 4: decode attention timed back to back, with the flash-decoding tile sweep
 #   attnbwd [440] issue 4: the Mosaic GPU backward compiled: its GPU tests (pairwise, 9 cases) [240], then the
 #                 prefill bench, ours (Mosaic fwd+bwd) beside Mosaic fwd + Triton bwd, cuDNN and tokamax [200]
+#   attnbench [200+90] issue 4: the prefill bench (no GPU tests) and the decode table without the tile sweep
 #   mamba   [150] issue 5: Mamba vs SmolLM2 decode at 1k, 8k and 32k in one run (16 steps per call: the
 #                 one-call-per-token figures of session 5/6 moved 509 -> 692 between runs)
 #   scan    [170] issue 5: the scan's tile layout with the state split over more warps (wN: N across lanes, one
@@ -61,6 +60,11 @@ for part in ${PARTS//,/ }; do
                  run attnbwd 200 python -m kernels.attention.bench --only prefill --impls mosaic,cudnn \
                      --budget-s 165 --out /tmp/owed_attnbwd
                  cp /tmp/owed_attnbwd/bench.json "$OUT/owed_attn_prefill.json" 2>/dev/null ;;
+        attnbench) run attnprefill 200 python -m kernels.attention.bench --only prefill --impls mosaic,cudnn \
+                       --budget-s 165 --out /tmp/owed_attnprefill
+                   cp /tmp/owed_attnprefill/bench.json "$OUT/owed_attn_prefill.json" 2>/dev/null
+                   run attndecode 90 python -m kernels.attention.bench --only decode --budget-s 70 --out /tmp/owed_attndecode
+                   cp /tmp/owed_attndecode/bench.json "$OUT/owed_attn_decode.json" 2>/dev/null ;;
         mamba) run mamba 150 python -m eval.decode_bench --steps 64 --per-call 16 --out /tmp/owed_mamba.json
                cp /tmp/owed_mamba.json "$OUT/" 2>/dev/null ;;
         scan) run scan 170 python -m kernels.ssm_scan.bench --alternatives "" \
@@ -72,7 +76,7 @@ for part in ${PARTS//,/ }; do
         spec1) run spec1 100 python -m eval.bench_speculative --gammas 4 --medusa-target '' --real '' \
                    --pairs 'random:llama-3.2-1b=shape:smollm2-135m' --json /tmp/owed_spec1.json
                cp /tmp/owed_spec1.json "$OUT/" 2>/dev/null ;;
-        *) echo "unknown part $part (known: gemvwide moe train quant attndec attnbwd mamba scan decode spec1)"; exit 2 ;;
+        *) echo "unknown part $part (known: gemvwide moe train quant attndec attnbwd attnbench mamba scan decode spec1)"; exit 2 ;;
     esac
 done
 echo "run_owed_gpu.sh: $((SECONDS - start)) s"
