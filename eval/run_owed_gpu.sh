@@ -56,7 +56,7 @@ for part in ${PARTS//,/ }; do
                cp /tmp/owed_quant.json "$OUT/" 2>/dev/null ;;
         attndec) run attndec 200 python -m kernels.attention.bench --only decode --decode-sweep --budget-s 170 --out /tmp/owed_attn
                  cp /tmp/owed_attn/bench.json "$OUT/owed_attn_decode.json" 2>/dev/null ;;
-        attnbwd) run attnbwd_tests 240 python -m pytest tests/test_attention_gpu.py -k "mosaic and not full" -x -q
+        attnbwd) run attnbwd_tests 240 python -m pytest tests/test_attention_gpu.py -k "test_mosaic_gpu and not test_mosaic_gpu_full" -x -q
                  run attnbwd 200 python -m kernels.attention.bench --only prefill --impls mosaic,cudnn \
                      --budget-s 165 --out /tmp/owed_attnbwd
                  cp /tmp/owed_attnbwd/bench.json "$OUT/owed_attn_prefill.json" 2>/dev/null ;;
