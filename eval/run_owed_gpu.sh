@@ -8,13 +8,14 @@
 #   gemvwide [170] issues 3, 7: GEMV tiles over the wide grid (bf16, tied head, int8), written to tuned.json
 #   moe     [170] issue 6: eval.bench_moe in one run with tokamax beside ours (its wheels in out/whl_tk, carried)
 #   train   [170] issue 8: train.bench peak, ours, plain, and ours under the profiler (bf16 backward GEMMs)
-#   quant   [100+160] issue 7: GEMVs with one setting flipped, same blocks, one run: int-to-float by bit pattern vs
-#                 the conversion instruction (i8, 4-bit), next tile prefetched or not (bf16, i8)
-#                 then quantized decode, int8 GEMV vs XLA, 4-bit XLA (auto) vs our 4-bit GEMV (@pallas)
+#   gemvconv [100] issue 7: GEMVs with one setting flipped, same blocks, one run: int-to-float by bit pattern vs
+#                 the conversion instruction (i8, 4-bit), next tile prefetched or not (bf16, i8) (done 2026-12-05)
+#   quant   [160] issue 7: quantized decode, int8 GEMV vs XLA, 4-bit XLA (auto) vs our 4-bit GEMV (@pallas)
 #   attndec [200] issue 4: decode attention timed back to back, with the flash-decoding tile sweep
 #   attnbwd [440] issue 4: the Mosaic GPU backward compiled: its GPU tests (pairwise, 9 cases) [240], then the
 #                 prefill bench, ours (Mosaic fwd+bwd) beside Mosaic fwd + Triton bwd, cuDNN and tokamax [200]
-#   attnbench [200+90] issue 4: the prefill bench (no GPU tests) and the decode table without the tile sweep
+#   attnbench [100+170+90] issue 4: the 4 non-causal Mosaic GPU test cases (not yet run on a GPU), the prefill
+#                 bench, and the decode table without the tile sweep
 #   mamba   [150] issue 5: Mamba vs SmolLM2 decode at 1k, 8k and 32k in one run (16 steps per call: the
 #                 one-call-per-token figures of session 5/6 moved 509 -> 692 between runs)
 #   scan    [170] issue 5: the scan's tile layout with the state split over more warps (wN: N across lanes, one
@@ -50,9 +51,9 @@ for part in ${PARTS//,/ }; do
              cp /tmp/owed_moe.json "$OUT/" 2>/dev/null ;;
         train) run train 170 python -m train.bench --only peak,ours,plain --profile --deadline 120 --json /tmp/owed_train.json
                cp /tmp/owed_train.json "$OUT/" 2>/dev/null ;;
-        quant) run gemvconv 100 python -m kernels.gemv.bench --weights bf16,i8,u4g128 --models llama-3.2-1b --json /tmp/owed_gemvconv.json
-               cp /tmp/owed_gemvconv.json "$OUT/" 2>/dev/null
-               run quant 160 python -m eval.quant_speed --model random:llama-3.2-1b --budget-s 130 --json /tmp/owed_quant.json
+        gemvconv) run gemvconv 100 python -m kernels.gemv.bench --weights bf16,i8,u4g128 --models llama-3.2-1b --json /tmp/owed_gemvconv.json
+                  cp /tmp/owed_gemvconv.json "$OUT/" 2>/dev/null ;;
+        quant) run quant 160 python -m eval.quant_speed --model random:llama-3.2-1b --budget-s 130 --json /tmp/owed_quant.json
                cp /tmp/owed_quant.json "$OUT/" 2>/dev/null ;;
         attndec) run attndec 200 python -m kernels.attention.bench --only decode --decode-sweep --budget-s 170 --out /tmp/owed_attn
                  cp /tmp/owed_attn/bench.json "$OUT/owed_attn_decode.json" 2>/dev/null ;;
@@ -60,8 +61,10 @@ for part in ${PARTS//,/ }; do
                  run attnbwd 200 python -m kernels.attention.bench --only prefill --impls mosaic,cudnn \
                      --budget-s 165 --out /tmp/owed_attnbwd
                  cp /tmp/owed_attnbwd/bench.json "$OUT/owed_attn_prefill.json" 2>/dev/null ;;
-        attnbench) run attnprefill 200 python -m kernels.attention.bench --only prefill --impls mosaic,cudnn \
-                       --budget-s 165 --out /tmp/owed_attnprefill
+        attnbench) run attnfull_tests 100 python -m pytest tests/test_attention_gpu.py -q \
+                       -k "test_mosaic_gpu and full and not test_mosaic_gpu_full"
+                   run attnprefill 170 python -m kernels.attention.bench --only prefill --impls mosaic,cudnn \
+                       --budget-s 140 --out /tmp/owed_attnprefill
                    cp /tmp/owed_attnprefill/bench.json "$OUT/owed_attn_prefill.json" 2>/dev/null
                    run attndecode 90 python -m kernels.attention.bench --only decode --budget-s 70 --out /tmp/owed_attndecode
                    cp /tmp/owed_attndecode/bench.json "$OUT/owed_attn_decode.json" 2>/dev/null ;;
@@ -76,7 +79,7 @@ for part in ${PARTS//,/ }; do
         spec1) run spec1 100 python -m eval.bench_speculative --gammas 4 --medusa-target '' --real '' \
                    --pairs 'random:llama-3.2-1b=shape:smollm2-135m' --json /tmp/owed_spec1.json
                cp /tmp/owed_spec1.json "$OUT/" 2>/dev/null ;;
-        *) echo "unknown part $part (known: gemvwide moe train quant attndec attnbwd attnbench mamba scan decode spec1)"; exit 2 ;;
+        *) echo "unknown part $part (known: gemvwide gemvconv moe train quant attndec attnbwd attnbench mamba scan decode spec1)"; exit 2 ;;
     esac
 done
 echo "run_owed_gpu.sh: $((SECONDS - start)) s"
