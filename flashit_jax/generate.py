@@ -112,12 +112,13 @@ def _compiled(fn, *args, **statics):
     import os
 
     from flashit_jax.nn import qarray
-    from kernels.gemv import api as gemv
 
-    # what is read while tracing and changes the program: the GEMV mode and the 4-bit route (environment
-    # variables) and the quantized-matmul implementation of `qarray.matmul_impl`. Without the last, a
-    # RECIPE@xla benchmark row silently re-ran the executable of the RECIPE row before it (2026-12-04/05).
-    modes = (gemv._mode(), qarray._IMPL[-1], os.environ.get("FLASHIT_JAX_GEMV_Q4"))
+    # what is read while tracing and changes the program: the project's switches (FLASHIT_JAX_GEMV,
+    # _GEMV_Q4, _GEMV_MAX_ROWS, ...: all of them, so a new one cannot be forgotten) and the implementation set
+    # by `qarray.matmul_impl`. Without the last, a RECIPE@xla benchmark row silently re-ran the executable of
+    # the RECIPE row before it (2026-12-04/05).
+    modes = (tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("FLASHIT_JAX_"))),
+             qarray.current_matmul_impl())
     key = (fn, jax.tree.structure(args), str(sig), placement, tuple(sorted(statics.items())), modes)
     if key not in _EXECUTABLES:
         _EXECUTABLES[key] = fn.lower(*args, **statics).compile()

@@ -143,6 +143,11 @@ def matmul_impl(impl: str):
         _IMPL.pop()
 
 
+def current_matmul_impl() -> str:
+    """The implementation `matmul_impl` set for code traced now ("auto" outside it)."""
+    return _IMPL[-1]
+
+
 def _matmul_kn(x, w: QArray, out_dtype):
     """x [..., K] @ stored [K, N]."""
     if w.act is None:

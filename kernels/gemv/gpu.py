@@ -20,6 +20,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 
+CONVERTS = ("magic", "cvt")  # Blocks.convert: see int_to_f32
+
+
 @dataclasses.dataclass(frozen=True)
 class Blocks:
     bk: int = 64  # rows of W per iteration (the reduced axis)
@@ -33,6 +36,10 @@ class Blocks:
     # carry the next K tile's load across the loop (issued before this tile's arithmetic), so each warp has
     # two tiles of loads in flight; costs the tile's registers (matvec only)
     prefetch: bool = False
+
+    def __post_init__(self):
+        if self.convert not in CONVERTS:
+            raise ValueError(f"Blocks.convert must be one of {CONVERTS}, got {self.convert!r}")
 
 
 TUNED_FILE = pathlib.Path(__file__).with_name("tuned.json")
@@ -88,7 +95,6 @@ def blocks_for(k: int, n: int, fmt: str = "bf16", default: Blocks | None = None)
     return DEFAULT_Q4_BLOCKS if fmt.startswith("u4") else Blocks()
 
 
-CONVERTS = ("magic", "cvt")
 _TWO23_BITS = 0x4B000000  # the fp32 2^23: with an integer 0 <= i < 2^23 in its mantissa bits it is exactly 2^23 + i
 
 
@@ -146,14 +152,16 @@ def _matvec_kernel(x_ref, w_ref, s_ref, o_ref, *, m: int, k: int, n: int, ks: in
             xs = plgpu.load(x_ref.at[r, allk], mask=allk < k, other=0.0).astype(jnp.float32)
             inv.append(jax.lax.rsqrt(jnp.sum(xs * xs) / k + eps))
 
-    def tile(i):
+    def rows_of(i):  # K tile i of this program's range: its rows and which of them exist
         rows = k0 + i * bk + jnp.arange(bk)
-        rmask = rows < jnp.minimum(k, k0 + ks)
+        return rows, rows < jnp.minimum(k, k0 + ks)
+
+    def tile(i):
+        rows, rmask = rows_of(i)
         return plgpu.load(w_ref.at[rows[:, None], col[None, :]], mask=rmask[:, None] & cmask[None, :], other=0)
 
     def accumulate(i, w, accs):
-        rows = k0 + i * bk + jnp.arange(bk)
-        rmask = rows < jnp.minimum(k, k0 + ks)
+        rows, rmask = rows_of(i)
         # bf16/fp16/fp32 weights, or int8 codes (qmatmul's W8)
         w = int_to_f32(w, convert=convert) if w.dtype == jnp.int8 else w.astype(jnp.float32)
         if norm is not None:
@@ -223,8 +231,6 @@ def matvec(x: jax.Array, w: jax.Array, *, blocks: Blocks | None = None, interpre
     # bytes; spilled registers are the likely cause (not yet profiled; `kernels.gemv.bench --rows`)
     bk, bn, ncol, ks, splits = _plan(blocks, m, k, n, _pow2_at_most(k))
     norm = None if norm_scale is None else (float(eps), float(offset))
-    if blocks.convert not in CONVERTS:
-        raise ValueError(f"matvec: Blocks.convert must be one of {CONVERTS}, got {blocks.convert!r}")
     kernel = functools.partial(_matvec_kernel, m=m, k=k, n=n, ks=ks, bk=bk, bn=bn, norm=norm, convert=blocks.convert,
                                prefetch=blocks.prefetch)
     if norm_scale is None:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.gemv.gpu import CONVERTS, Blocks, _plan, _pow2_at_most, blocks_for, int_to_f32
+from kernels.gemv.gpu import Blocks, _plan, _pow2_at_most, blocks_for, int_to_f32
 
 
 def q4_supported(k: int, n: int, groups: int) -> str:
@@ -79,8 +79,6 @@ def matvec_q4(x: jax.Array, q: jax.Array, scales: jax.Array, zeros: jax.Array | 
                          f"{tuple(q.shape)} and {tuple(scales.shape)}")
     if why := q4_supported(k, n, groups):
         raise ValueError(f"matvec_q4: {why}")
-    if blocks is not None and blocks.convert not in CONVERTS:
-        raise ValueError(f"matvec_q4: Blocks.convert must be one of {CONVERTS}, got {blocks.convert!r}")
     group = k // groups
     blocks = blocks or blocks_for(k, n, f"u4g{group}")
     half = n // 2
