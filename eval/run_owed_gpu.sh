@@ -14,8 +14,9 @@
 #   attndec [200] issue 4: decode attention timed back to back, with the flash-decoding tile sweep
 #   attnbwd [440] issue 4: the Mosaic GPU backward compiled: its GPU tests (pairwise, 9 cases) [240], then the
 #                 prefill bench, ours (Mosaic fwd+bwd) beside Mosaic fwd + Triton bwd, cuDNN and tokamax [200]
-#   attnbench [100+170+90] issue 4: the 4 non-causal Mosaic GPU test cases (not yet run on a GPU), the prefill
-#                 bench, and the decode table without the tile sweep
+#   attnbench [100+170+130] issue 4: the 4 non-causal Mosaic GPU test cases (not yet run on a GPU), the prefill
+#                 bench, and the decode table with the tile sweep (one-wave grid default since 2026-12-05)
+#   profile [90+110] issues 3, 7: eval.profile_decode, bf16 then w8+emb8 (kernels per step and their time)
 #   mamba   [150] issue 5: Mamba vs SmolLM2 decode at 1k, 8k and 32k in one run (16 steps per call: the
 #                 one-call-per-token figures of session 5/6 moved 509 -> 692 between runs)
 #   scan    [170] issue 5: the scan's tile layout with the state split over more warps (wN: N across lanes, one
@@ -66,8 +67,11 @@ for part in ${PARTS//,/ }; do
                    run attnprefill 170 python -m kernels.attention.bench --only prefill --impls mosaic,cudnn \
                        --budget-s 140 --out /tmp/owed_attnprefill
                    cp /tmp/owed_attnprefill/bench.json "$OUT/owed_attn_prefill.json" 2>/dev/null
-                   run attndecode 90 python -m kernels.attention.bench --only decode --budget-s 70 --out /tmp/owed_attndecode
+                   run attndecode 130 python -m kernels.attention.bench --only decode --decode-sweep --budget-s 110 \
+                       --out /tmp/owed_attndecode
                    cp /tmp/owed_attndecode/bench.json "$OUT/owed_attn_decode.json" 2>/dev/null ;;
+        profile) run profile_bf16 90 python -m eval.profile_decode
+                 run profile_w8 110 python -m eval.profile_decode --recipe w8+emb8 ;;
         mamba) run mamba 150 python -m eval.decode_bench --steps 64 --per-call 16 --out /tmp/owed_mamba.json
                cp /tmp/owed_mamba.json "$OUT/" 2>/dev/null ;;
         scan) run scan 170 python -m kernels.ssm_scan.bench --alternatives "" \
@@ -79,7 +83,7 @@ for part in ${PARTS//,/ }; do
         spec1) run spec1 100 python -m eval.bench_speculative --gammas 4 --medusa-target '' --real '' \
                    --pairs 'random:llama-3.2-1b=shape:smollm2-135m' --json /tmp/owed_spec1.json
                cp /tmp/owed_spec1.json "$OUT/" 2>/dev/null ;;
-        *) echo "unknown part $part (known: gemvwide gemvconv moe train quant attndec attnbwd attnbench mamba scan decode spec1)"; exit 2 ;;
+        *) echo "unknown part $part (known: gemvwide gemvconv moe train quant attndec attnbwd attnbench profile mamba scan decode spec1)"; exit 2 ;;
     esac
 done
 echo "run_owed_gpu.sh: $((SECONDS - start)) s"

@@ -139,3 +139,12 @@ def test_combine_splits_equals_one_softmax():
     p = np.exp(s[keep].reshape(-1) - np.log(np.exp(s[keep]).sum()))
     np.testing.assert_allclose(np.asarray(got), p @ v[keep].reshape(-1, 5), rtol=1e-5)
     np.testing.assert_allclose(float(got_lse), np.log(np.exp(s[keep]).sum()), rtol=1e-6)
+
+
+def test_decode_grid_is_one_wave_of_resident_ctas():
+    # bk64 x D128 bf16 at 3 stages keeps 2 K/V tiles (64 KB) in shared memory: 3 CTAs per 228 KB SM
+    b = gpu_triton.DecodeBlockSizes(block_k=64, num_stages=3)
+    assert b.programs(128, 2) == 3 * gpu_triton._sm_count()
+    # bk128 at 4 stages: 192 KB, one CTA per SM; an explicit target wins
+    assert gpu_triton.DecodeBlockSizes(block_k=128, num_stages=4).programs(128, 2) == gpu_triton._sm_count()
+    assert gpu_triton.DecodeBlockSizes(target_programs=528).programs(128, 2) == 528

@@ -63,12 +63,15 @@ def _decode_forward(q, k, v, q_positions, kv_lengths, q_seg, kv_seg, *, cfg):
         tk_p = -(-tk // bk) * bk
         k, v = common.pad_axis(k, 1, tk_p), common.pad_axis(v, 1, tk_p)
         kv_seg = None if kv_seg is None else common.pad_axis(kv_seg, 1, tk_p)
-    nkb = k.shape[1] // bk
-    lo, hi = common.kv_block_range(rpos, kvlen, m_rows, bk, nkb, causal=causal, window=window)
     st = mod._Static(causal=causal, window=window, softcap=softcap, scale=scale, blocks=None, interpret=interpret,
                      **({"seg": q_seg is not None} if backend == "tpu" else {}))
-    o_parts, lse_parts = mod.decode_partials(qr, k, v, rpos, kvlen, rseg, kv_seg, lo[:, 0], hi[:, 0], st=st,
-                                             blocks=blocks, block_k=bk)
+    if backend == "tpu":  # the key-block range goes in as scalar prefetch (the Triton kernel computes its own)
+        lo, hi = common.kv_block_range(rpos, kvlen, m_rows, bk, k.shape[1] // bk, causal=causal, window=window)
+        o_parts, lse_parts = mod.decode_partials(qr, k, v, rpos, kvlen, rseg, kv_seg, lo[:, 0], hi[:, 0], st=st,
+                                                 blocks=blocks, block_k=bk)
+    else:
+        o_parts, lse_parts = mod.decode_partials(qr, k, v, rpos, kvlen, rseg, kv_seg, st=st, blocks=blocks,
+                                                 block_k=bk)
     o, lse = common.combine_splits(o_parts, lse_parts)  # [B, Hkv, M, D], [B, Hkv, M]
     o = o[:, :, :rows].reshape(b, hkv, g, tq, d).transpose(0, 3, 1, 2, 4).reshape(b, tq, hq, d)
     lse = lse[:, :, :rows].reshape(b, hq, tq)

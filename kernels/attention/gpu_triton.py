@@ -321,26 +321,60 @@ def flash_attention(q, k, v, *, q_positions, kv_lengths, causal=True, window=Non
 @dataclasses.dataclass(frozen=True)
 class DecodeBlockSizes:
     """Flash-decoding tiles: `block_k` keys per step, `num_splits` programs along the KV length
-    per (batch, KV head) (0: enough to fill the GPU)."""
+    per (batch, KV head) (0: from `target_programs`).
 
-    block_k: int = 128
+    `target_programs=0` sizes the grid to one wave of the CTAs that fit on the chip at once
+    (SMs x CTAs per SM, the latter from the shared memory of the pipelined K/V tiles). On an
+    H200 (2026-12-05) the old fixed 528 programs of bk128 at 3 stages (128 KB of tiles, one CTA
+    per SM, ~3.9 waves of 8-tile programs at 8k keys) read 3.12 TB/s at 8k keys and bk64 at
+    3 stages (three CTAs per SM) 3.24 TB/s: with short programs, each one's pipeline ramp and the
+    last partial wave are a large share of the time."""
+
+    block_k: int = 64
     num_splits: int = 0
     num_warps: int = 4
     num_stages: int = 3
-    target_programs: int = 528  # ~4 per SM on an H100: enough loads in flight to saturate HBM
+    target_programs: int = 0
+
+    def programs(self, head_dim: int, itemsize: int) -> int:
+        """The grid size to aim for (see the class docstring)."""
+        if self.target_programs:
+            return self.target_programs
+        # Triton's pipeliner keeps num_stages - 1 K and V tiles in shared memory (bk256 x D128 bf16
+        # at 3 stages, 256 KB, failed to launch on an H200; bk128 at 4 stages, 192 KB, ran)
+        tile = 2 * self.block_k * head_dim * itemsize * max(1, self.num_stages - 1)
+        per_sm = max(1, min(8, SMEM_PER_SM // (tile + 4096)))
+        return _sm_count() * per_sm
 
 
-def _decode_kernel(lo_ref, hi_ref, kvlen_ref, q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kseg_ref, o_ref, lse_ref,
-                   *, st: _Static, block_k: int, blocks_per_split: int):
+SMEM_PER_SM = 228 * 1024  # Hopper (H100/H200); on an A100 (164 KB) this overestimates CTAs per SM
+
+
+def _sm_count() -> int:
+    return getattr(jax.devices()[0], "core_count", None) or 132
+
+
+def _decode_kernel(kvlen_ref, q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kseg_ref, o_ref, lse_ref,
+                   *, st: _Static, block_k: int, blocks_per_split: int, n_blocks: int):
     q = q_ref[...]  # [M, D]: the group's query heads x query tokens, padded
     m_rows, d = q.shape
     precise = q.dtype == jnp.float32
     kv_len = kvlen_ref[()]
     qpos = qpos_ref[...][:, None]
     qseg = None if qseg_ref is None else qseg_ref[...][:, None]
+    # the key blocks any row may see (common.kv_block_range), computed here rather than in XLA ops
+    # before the kernel: at 8k keys the whole call takes ~80 us and every extra op costs a launch
+    hi_e = kv_len
+    if st.causal:
+        hi_e = jnp.minimum(hi_e, jnp.max(qpos_ref[...]) + 1)
+    lo_e = jnp.int32(0)
+    if st.window is not None:
+        lo_e = jnp.maximum(lo_e, jnp.min(qpos_ref[...]) - st.window + 1)
+    none = hi_e <= lo_e
     first = pl.program_id(2) * blocks_per_split
-    lo = jnp.maximum(lo_ref[()], first)
-    hi = jnp.minimum(hi_ref[()], first + blocks_per_split)
+    lo = jnp.maximum(jnp.where(none, 0, jnp.clip(lo_e // block_k, 0, n_blocks)), first)
+    hi = jnp.minimum(jnp.where(none, 0, jnp.clip((hi_e + block_k - 1) // block_k, 0, n_blocks)),
+                     first + blocks_per_split)
 
     def body(j, carry):
         acc, m, l = carry
@@ -366,22 +400,21 @@ def _decode_kernel(lo_ref, hi_ref, kvlen_ref, q_ref, k_ref, v_ref, qpos_ref, qse
     lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(jnp.where(empty, 1.0, l))) * common.LN2)
 
 
-def decode_partials(qr, k, v, rpos, kvlen, rseg, kseg, lo, hi, *, st: _Static, blocks: DecodeBlockSizes,
-                    block_k: int):
-    """Per-split partial results. qr [B, Hkv, M, D] (rows: group heads x tokens), rpos/rseg [B, M],
-    lo/hi [B] key-block range. Returns o [S, B, Hkv, M, D] fp32, lse [S, B, Hkv, M] natural log."""
+def decode_partials(qr, k, v, rpos, kvlen, rseg, kseg, *, st: _Static, blocks: DecodeBlockSizes, block_k: int):
+    """Per-split partial results. qr [B, Hkv, M, D] (rows: group heads x tokens), rpos/rseg [B, M].
+    Returns o [S, B, Hkv, M, D] fp32, lse [S, B, Hkv, M] natural log."""
     b, hkv, m_rows, d = qr.shape
     tk = k.shape[1]
     nkb = tk // block_k
-    splits = blocks.num_splits or max(1, min(nkb, cdiv(blocks.target_programs, b * hkv)))
+    # one split per (b, head) at least; beyond that, as many as keep the grid within the target
+    splits = blocks.num_splits or max(1, min(nkb, blocks.programs(d, k.dtype.itemsize) // (b * hkv)))
     per = cdiv(nkb, splits)
     splits = cdiv(nkb, per)
     seg = rseg is not None
     return pl.pallas_call(
-        functools.partial(_decode_kernel, st=st, block_k=block_k, blocks_per_split=per),
+        functools.partial(_decode_kernel, st=st, block_k=block_k, blocks_per_split=per, n_blocks=nkb),
         grid=(b, hkv, splits),
         in_specs=[
-            _scalar_spec(1, lambda bb, h, s: (bb,)), _scalar_spec(1, lambda bb, h, s: (bb,)),
             _scalar_spec(1, lambda bb, h, s: (bb,)),
             pl.BlockSpec((None, None, m_rows, d), lambda bb, h, s: (bb, h, 0, 0)),
             pl.BlockSpec((None, tk, None, d), lambda bb, h, s: (bb, 0, h, 0)),
@@ -396,4 +429,4 @@ def decode_partials(qr, k, v, rpos, kvlen, rseg, kseg, lo, hi, *, st: _Static, b
                    jax.ShapeDtypeStruct((splits, b, hkv, m_rows), jnp.float32)],
         compiler_params=pltr.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
         interpret=st.interpret, name="flash_decode_triton",
-    )(lo, hi, kvlen, qr, k, v, rpos, rseg, kseg)
+    )(kvlen, qr, k, v, rpos, rseg, kseg)

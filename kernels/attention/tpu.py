@@ -413,7 +413,7 @@ def _decode_kernel(lo_ref, hi_ref, kvlen_ref, *refs, st: _Static, hkv: int, d: i
 
 def decode_partials(qr, k, v, rpos, kvlen, rseg, kseg, lo, hi, *, st: _Static, blocks: DecodeBlockSizes,
                     block_k: int):
-    """Same contract as `gpu_triton.decode_partials`; k/v stay [B, S, Hkv, D]."""
+    """`gpu_triton.decode_partials` plus lo/hi [B], the key-block range (scalar prefetch); k/v stay [B, S, Hkv, D]."""
     b, hkv, m_rows, d = qr.shape
     tk = k.shape[1]
     nkb = tk // block_k
