@@ -7,7 +7,7 @@
 # Parts:
 #   gemvwide [170] issues 3, 7: GEMV tiles over the wide grid (bf16, tied head, int8), written to tuned.json
 #   moe     [170] issue 6: eval.bench_moe in one run with tokamax beside ours (its wheels in out/whl_tk, carried)
-#   train   [170] issue 8: train.bench peak, ours, plain, and ours under the profiler (bf16 backward GEMMs)
+#   train   [200] issue 8: train.bench peak, ours, ours-unfused, plain, and ours under the profiler
 #   gemvconv [100] issue 7: GEMVs with one setting flipped, same blocks, one run: int-to-float by bit pattern vs
 #                 the conversion instruction (i8, 4-bit), next tile prefetched or not (bf16, i8) (done 2026-12-05)
 #   quant   [160] issue 7: quantized decode, warmed rows: int8 and 4-bit on the GEMV route (auto) beside @xla
@@ -16,6 +16,8 @@
 #                 prefill bench, ours (Mosaic fwd+bwd) beside Mosaic fwd + Triton bwd, cuDNN and tokamax [200]
 #   attnbench [100+170+130] issue 4: the 4 non-causal Mosaic GPU test cases (not yet run on a GPU), the prefill
 #                 bench, and the decode table with the tile sweep (one-wave grid default since 2026-12-05)
+#   attnfull [330] issue 4: the whole attention bench in one run (every implementation on the headline cases,
+#                 the decode table, the other cases against cuDNN and tokamax)
 #   profile [90+110] issues 3, 7: eval.profile_decode, bf16 then w8+emb8 (kernels per step and their time)
 #   mamba   [150] issue 5: Mamba vs SmolLM2 decode at 1k, 8k and 32k in one run (16 steps per call: the
 #                 one-call-per-token figures of session 5/6 moved 509 -> 692 between runs)
@@ -50,7 +52,8 @@ for part in ${PARTS//,/ }; do
                   cp /tmp/owed_gemvwide.json kernels/gemv/tuned.json "$OUT/" 2>/dev/null ;;
         moe) run moe 170 python -m eval.bench_moe --budget 140 --out /tmp/owed_moe.json
              cp /tmp/owed_moe.json "$OUT/" 2>/dev/null ;;
-        train) run train 170 python -m train.bench --only peak,ours,plain --profile --deadline 120 --json /tmp/owed_train.json
+        train) run train 200 python -m train.bench --only peak,ours,ours-unfused,plain --profile --deadline 150 \
+                   --json /tmp/owed_train.json
                cp /tmp/owed_train.json "$OUT/" 2>/dev/null ;;
         gemvconv) run gemvconv 100 python -m kernels.gemv.bench --weights bf16,i8,u4g128 --models llama-3.2-1b --json /tmp/owed_gemvconv.json
                   cp /tmp/owed_gemvconv.json "$OUT/" 2>/dev/null ;;
@@ -62,6 +65,8 @@ for part in ${PARTS//,/ }; do
                  run attnbwd 200 python -m kernels.attention.bench --only prefill --impls mosaic,cudnn \
                      --budget-s 165 --out /tmp/owed_attnbwd
                  cp /tmp/owed_attnbwd/bench.json "$OUT/owed_attn_prefill.json" 2>/dev/null ;;
+        attnfull) run attnfull 330 python -m kernels.attention.bench --budget-s 280 --out /tmp/owed_attnfull
+                  cp /tmp/owed_attnfull/bench.json "$OUT/owed_attn_full.json" 2>/dev/null ;;
         attnbench) run attnfull_tests 100 python -m pytest tests/test_attention_gpu.py -q \
                        -k "test_mosaic_gpu and full and not test_mosaic_gpu_full"
                    run attnprefill 170 python -m kernels.attention.bench --only prefill --impls mosaic,cudnn \
@@ -83,7 +88,7 @@ for part in ${PARTS//,/ }; do
         spec1) run spec1 100 python -m eval.bench_speculative --gammas 4 --medusa-target '' --real '' \
                    --pairs 'random:llama-3.2-1b=shape:smollm2-135m' --json /tmp/owed_spec1.json
                cp /tmp/owed_spec1.json "$OUT/" 2>/dev/null ;;
-        *) echo "unknown part $part (known: gemvwide gemvconv moe train quant attndec attnbwd attnbench profile mamba scan decode spec1)"; exit 2 ;;
+        *) echo "unknown part $part (known: gemvwide gemvconv moe train quant attndec attnbwd attnbench attnfull profile mamba scan decode spec1)"; exit 2 ;;
     esac
 done
 echo "run_owed_gpu.sh: $((SECONDS - start)) s"

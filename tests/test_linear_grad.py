@@ -64,3 +64,40 @@ def test_model_training_gradient_has_no_fp32_gemms():
     dots = _dots(jax.make_jaxpr(jax.grad(loss))(params).jaxpr, batched=False)
     assert len(dots) == 3 * (7 * c.n_layers + 1), len(dots)  # forward, dx, dw of 7 projections a layer + the head
     assert all(d == ("bfloat16", "bfloat16") for d in dots), dots
+
+
+def _dot_outputs(jaxpr):
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general" and not eqn.params["dimension_numbers"][1][0]:
+            out.append(str(eqn.outvars[0].aval.dtype))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            out += _dot_outputs(sub)
+    return out
+
+
+def test_training_products_write_bf16_except_the_logits():
+    """Projections and every backward product write bf16 themselves (no fp32 result + convert pass);
+    only the head's forward product writes fp32 (logits are fp32)."""
+    c = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, tie_embeddings=True)
+    model = Model(c)
+    params = model.init_params(jax.random.key(0), jnp.float32)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 8)), jnp.int32)
+
+    def loss(p):
+        pb = jax.tree.map(lambda a: a.astype(jnp.bfloat16), p)
+        logits, _, _ = model.forward(pb, tokens, attn_impl="xla")
+        return -jnp.mean(jax.nn.log_softmax(logits, axis=-1)[..., 0])
+
+    outs = _dot_outputs(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    assert len(outs) == 3 * (7 * c.n_layers + 1)
+    assert outs.count("float32") == 1 and outs.count("bfloat16") == len(outs) - 1, outs
+    # the forward values are unchanged by where the rounding to bf16 happens (one rounding either way)
+    pb = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 8, 32)), jnp.bfloat16)
+    w = pb["layers"][0]["mlp"]["up"]["w"]
+    from flashit_jax.nn.linear import lowp_einsum
+    got = lowp_einsum("...i,io->...o", x, w)
+    want = jnp.einsum("...i,io->...o", x, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=8e-3, atol=1e-6)

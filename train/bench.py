@@ -6,7 +6,8 @@ measured in the same run (and the datasheet peak).
 Rows: `peak` (bf16 8192^3 matmul), `plain` (a minimal jitted step: bf16 forward of the same
 model, mean CE, optax.adamw on fp32 master weights, donated), `ours` (train.step: fp32 master
 weights cast to bf16, masked CE, clipping, decay mask, metrics, jitted with the sharding rules on a
-1-device mesh), `distill` (ours with a soft-target KD objective: the teacher is the model itself in
+1-device mesh; its forward runs q|k|v and gate|up as one product each, `ours-unfused` as five),
+`distill` (ours with a soft-target KD objective: the teacher is the model itself in
 bf16, the student every second of its layers; FLOPs count the teacher's forward).
 Model FLOPs per token: 6 N (N: matmul weights, the tied head included) + 6 L T d_attn / 2 * 2 (causal
 attention, forward and backward); a teacher's forward adds 2 N_t + 2 L_t T d_attn.
@@ -81,7 +82,7 @@ def batch(key, b: int, t: int, vocab: int):
             "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(), "loss_mask": mask}
 
 
-def bench_ours(model, params, args, objective=None, teacher=None, label="ours"):
+def bench_ours(model, params, args, objective=None, teacher=None, label="ours", fuse=True):
     from flashit_jax import sharding as shd
     from train.config import TrainConfig
     from train.loop import build_state, compile_step, place_teacher
@@ -98,7 +99,7 @@ def bench_ours(model, params, args, objective=None, teacher=None, label="ours"):
     if teacher is not None:
         t_params, t_sh = place_teacher(teacher[0], teacher[1], mesh, jnp.bfloat16)
     loss = make_token_loss(obj, model, None if teacher is None else teacher[0], compute_dtype=jnp.bfloat16,
-                           attn_impl=args.attn_impl, doc_masking=False)
+                           attn_impl=args.attn_impl, doc_masking=False, fuse_projections=fuse)
     keys = ["tokens", "targets", "segment_ids", "positions", "loss_mask"]
     step = compile_step(loss, opt, mesh, state_sh, t_sh, keys, args.accum)
     b = batch(jax.random.key(1), args.batch, args.seq, model.config.vocab_size)
@@ -175,7 +176,8 @@ def main(argv=None):
     ap.add_argument("--peak-n", type=int, default=8192)
     ap.add_argument("--deadline", type=float, default=1e9, help="skip sections that start after this many seconds")
     ap.add_argument("--only", default="peak,plain,ours,distill",
-                    help="sections to run; plain and ours run in this order (peak first, distill last)")
+                    help="sections to run (also ours-unfused); plain and ours run in this order (peak first, "
+                         "distill last)")
     ap.add_argument("--profile", action="store_true", help="after timing ours: its kernels over 2 steps (top 25)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -202,12 +204,15 @@ def main(argv=None):
     fpt = train_flops_per_token(c, args.seq)
     log(f"{args.model}: {matmul_params(c) / 1e9:.3f}B matmul params, {fpt / 1e9:.2f} GFLOP/token (train)")
     rows = []
-    for name in [n for n in args.only.split(",") if n in ("plain", "ours")]:  # in --only's order
+    for name in [n for n in args.only.split(",") if n in ("plain", "ours", "ours-unfused")]:  # in --only's order
         if time.perf_counter() - T0 > args.deadline:
             log(f"{name}: skipped (past --deadline)")
             continue
         try:
-            dt = bench_plain(model, fresh(), args) if name == "plain" else bench_ours(model, fresh(), args)
+            if name == "plain":
+                dt = bench_plain(model, fresh(), args)
+            else:  # ours-unfused: the step with q|k|v and gate|up as separate products (train.step)
+                dt = bench_ours(model, fresh(), args, label=name, fuse=name == "ours")
         except Exception as e:  # OOM or a missing kernel: report, keep going
             log(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}")
             continue
@@ -230,10 +235,10 @@ def main(argv=None):
     plain = next((r for r in rows if r[0] == "plain"), None)
     print(f"\n{args.model} seq {args.seq} bf16 on {res['device']} ({res['date']}), "
           f"measured peak {peak or float('nan'):.0f} TFLOP/s, spec {args.spec_tflops:.0f}")
-    print(f"{'step':8} {'batch':>5} {'ms/step':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'%peak':>6} {'%spec':>6} {'vs plain':>8}")
+    print(f"{'step':12} {'batch':>5} {'ms/step':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'%peak':>6} {'%spec':>6} {'vs plain':>8}")
     for name, bsz, dt, tps, tf in rows:
-        vs = f"{tps / plain[3]:.3f}" if plain and name == "ours" else "-"
-        print(f"{name:8} {bsz:5d} {dt * 1e3:9.1f} {tps:10.0f} {tf:8.1f} {100 * tf / peak if peak else float('nan'):6.1f} "
+        vs = f"{tps / plain[3]:.3f}" if plain and name.startswith("ours") else "-"
+        print(f"{name:12} {bsz:5d} {dt * 1e3:9.1f} {tps:10.0f} {tf:8.1f} {100 * tf / peak if peak else float('nan'):6.1f} "
               f"{100 * tf / args.spec_tflops:6.1f} {vs:>8}")
         res[name] = {"batch": bsz, "step_s": dt, "tokens_per_s": tps, "tflops": tf}
     if args.json:
