@@ -16,7 +16,7 @@
 #                 prefill bench, ours (Mosaic fwd+bwd) beside Mosaic fwd + Triton bwd, cuDNN and tokamax [200]
 #   attnbench [100+170+130] issue 4: the 4 non-causal Mosaic GPU test cases (not yet run on a GPU), the prefill
 #                 bench, and the decode table with the tile sweep (one-wave grid default since 2026-12-05)
-#   attnfull [330] issue 4: the whole attention bench in one run (every implementation on the headline cases,
+#   attnfull [300] issue 4: the whole attention bench in one run (every implementation on the headline cases,
 #                 the decode table, the other cases against cuDNN and tokamax)
 #   profile [90+110] issues 3, 7: eval.profile_decode, bf16 then w8+emb8 (kernels per step and their time)
 #   mamba   [150] issue 5: Mamba vs SmolLM2 decode at 1k, 8k and 32k in one run (16 steps per call: the
@@ -65,7 +65,7 @@ for part in ${PARTS//,/ }; do
                  run attnbwd 200 python -m kernels.attention.bench --only prefill --impls mosaic,cudnn \
                      --budget-s 165 --out /tmp/owed_attnbwd
                  cp /tmp/owed_attnbwd/bench.json "$OUT/owed_attn_prefill.json" 2>/dev/null ;;
-        attnfull) run attnfull 330 python -m kernels.attention.bench --budget-s 280 --out /tmp/owed_attnfull
+        attnfull) run attnfull 300 python -m kernels.attention.bench --budget-s 250 --out /tmp/owed_attnfull
                   cp /tmp/owed_attnfull/bench.json "$OUT/owed_attn_full.json" 2>/dev/null ;;
         attnbench) run attnfull_tests 100 python -m pytest tests/test_attention_gpu.py -q \
                        -k "test_mosaic_gpu and full and not test_mosaic_gpu_full"
