@@ -48,8 +48,8 @@ def test_fp32_einsum_backward_is_bf16_and_matches_autodiff(eq, wshape):
     assert any(d != ("bfloat16", "bfloat16") for d in plain_dots), plain_dots  # what the custom VJP avoids
 
 
-def test_model_training_gradient_has_no_fp32_gemms():
-    """A bf16 forward of fp32 master weights (as train.step runs it): every matmul of the gradient is bf16."""
+def _llama_training_grad():
+    """(config, fp32 params, jaxpr of the gradient of a bf16 forward of them, as train.step runs it)."""
     c = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, tie_embeddings=True)
     model = Model(c)
     params = model.init_params(jax.random.key(0), jnp.float32)
@@ -60,8 +60,14 @@ def test_model_training_gradient_has_no_fp32_gemms():
         logits, _, _ = model.forward(pb, tokens, attn_impl="xla")
         return -jnp.mean(jax.nn.log_softmax(logits, axis=-1)[..., 0])
 
+    return c, params, jax.make_jaxpr(jax.grad(loss))(params).jaxpr
+
+
+def test_model_training_gradient_has_no_fp32_gemms():
+    """A bf16 forward of fp32 master weights (as train.step runs it): every matmul of the gradient is bf16."""
+    c, _, jaxpr = _llama_training_grad()
     # attention's own products (q.k, p.v: batched over heads) are the attention kernel's business
-    dots = _dots(jax.make_jaxpr(jax.grad(loss))(params).jaxpr, batched=False)
+    dots = _dots(jaxpr, batched=False)
     assert len(dots) == 3 * (7 * c.n_layers + 1), len(dots)  # forward, dx, dw of 7 projections a layer + the head
     assert all(d == ("bfloat16", "bfloat16") for d in dots), dots
 
@@ -79,17 +85,8 @@ def _dot_outputs(jaxpr):
 def test_training_products_write_bf16_except_the_logits():
     """Projections and every backward product write bf16 themselves (no fp32 result + convert pass);
     only the head's forward product writes fp32 (logits are fp32)."""
-    c = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, tie_embeddings=True)
-    model = Model(c)
-    params = model.init_params(jax.random.key(0), jnp.float32)
-    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 8)), jnp.int32)
-
-    def loss(p):
-        pb = jax.tree.map(lambda a: a.astype(jnp.bfloat16), p)
-        logits, _, _ = model.forward(pb, tokens, attn_impl="xla")
-        return -jnp.mean(jax.nn.log_softmax(logits, axis=-1)[..., 0])
-
-    outs = _dot_outputs(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    c, params, jaxpr = _llama_training_grad()
+    outs = _dot_outputs(jaxpr)
     assert len(outs) == 3 * (7 * c.n_layers + 1)
     assert outs.count("float32") == 1 and outs.count("bfloat16") == len(outs) - 1, outs
     # the forward values are unchanged by where the rounding to bf16 happens (one rounding either way)

@@ -1,5 +1,4 @@
 """Pieces of the training stack: config parsing, data order, QAT, students, sharding rules, top-k cache."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp
