@@ -221,6 +221,10 @@ def test_fused_projection_forward_gives_the_unfused_loss_and_gradients(qkv_bias)
 
         with jax.default_matmul_precision("highest"):
             out[fuse] = jax.value_and_grad(f)(params)
+        # the traced loss really runs the fused layout (the weights are concatenated inside it)
+        cats = [e for e in jax.make_jaxpr(f)(params).jaxpr.eqns
+                if e.primitive.name == "concatenate" and e.outvars[0].aval.ndim == 2]  # rope's are 4-D
+        assert len(cats) == (2 * c.n_layers if fuse else 0), len(cats)
     (l0, g0), (l1, g1) = out[False], out[True]
     assert jax.tree.structure(g0) == jax.tree.structure(g1)
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
