@@ -44,7 +44,8 @@ def token_cross_entropy(logits, targets):
 
 # Autodiff of -log_softmax(z)[target] builds the one-hot cotangent as a dense [tokens, vocab] fp32 tensor
 # (zeros, then a scatter) and reads it back in log_softmax's VJP: for a 1B model's 16k-token step at a 128k
-# vocabulary that is 8.4 GB written and read (train.bench --profile, 2026-12-05: a 2.6 ms broadcast fusion).
+# vocabulary that is 8.4 GB written and read (most likely the 2.6 ms broadcast fusion of train.bench --profile
+# on an H200, 2026-12-05).
 # The backward here is one elementwise pass, softmax(z) - (iota == target), the comparison never stored.
 @jax.custom_vjp
 def _token_ce(logits, targets):
