@@ -67,18 +67,36 @@ class GenerateResult:
     compile_s: float
 
 
-@functools.partial(jax.jit, static_argnames=("model", "sampling", "attn_impl"), donate_argnames=("cache",))
-def _prefill(params, tokens, lengths, cache, key, *, model, sampling, attn_impl):
+def _switches() -> tuple:
+    """What is read while tracing and changes the program: the project's environment switches
+    (FLASHIT_JAX_GEMV, _GEMV_Q4, _GEMV_MAX_ROWS, ...: all of them, so a new one cannot be forgotten) and
+    the implementation set by `qarray.matmul_impl`. `_compiled` passes it to every function it compiles
+    as a static argument they do not read: jit's own trace cache keys on static arguments, not on this
+    global state, and without it a RECIPE@xla benchmark row traced nothing new and ran the RECIPE row's
+    program again (on an H200 on 2026-12-05 too, after a fix that keyed only `_EXECUTABLES` on it)."""
+    import os
+
+    from flashit_jax.nn import qarray
+
+    return (tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("FLASHIT_JAX_"))),
+            qarray.current_matmul_impl())
+
+
+@functools.partial(jax.jit, static_argnames=("model", "sampling", "attn_impl", "switches"),
+                   donate_argnames=("cache",))
+def _prefill(params, tokens, lengths, cache, key, *, model, sampling, attn_impl, switches=()):
+    del switches  # a jit cache key only (`_switches`)
     logits, cache, _ = model.forward(params, tokens, cache=cache, logits_at=lengths - 1, seq_lengths=lengths,
                                      attn_impl=attn_impl)
     return constrain_batch(sample(logits[:, 0], key, sampling)), constrain_cache(cache)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "sampling", "eos_id", "attn_impl", "steps"),
+@functools.partial(jax.jit, static_argnames=("model", "sampling", "eos_id", "attn_impl", "steps", "switches"),
                    donate_argnames=("cache",))
-def _decode(params, cache, tok, done, key, *, model, sampling, eos_id, attn_impl, steps):
+def _decode(params, cache, tok, done, key, *, model, sampling, eos_id, attn_impl, steps, switches=()):
     """`steps` decode steps in one call (a scan when > 1): fewer dispatches per token.
     Returns (tokens [B, steps], the last of them [B], cache, done)."""
+    del switches  # a jit cache key only (`_switches`)
 
     def step(carry, k):
         tok, cache, done = carry
@@ -109,17 +127,8 @@ def _compiled(fn, *args, **statics):
     leaves = jax.tree.leaves(args)
     sig = [(a.shape, str(a.dtype)) if hasattr(a, "shape") else a for a in leaves]
     placement = tuple(getattr(a, "sharding", None) for a in leaves)
-    import os
-
-    from flashit_jax.nn import qarray
-
-    # what is read while tracing and changes the program: the project's switches (FLASHIT_JAX_GEMV,
-    # _GEMV_Q4, _GEMV_MAX_ROWS, ...: all of them, so a new one cannot be forgotten) and the implementation set
-    # by `qarray.matmul_impl`. Without the last, a RECIPE@xla benchmark row silently re-ran the executable of
-    # the RECIPE row before it (2026-12-04/05).
-    modes = (tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("FLASHIT_JAX_"))),
-             qarray.current_matmul_impl())
-    key = (fn, jax.tree.structure(args), str(sig), placement, tuple(sorted(statics.items())), modes)
+    statics = {**statics, "switches": _switches()}
+    key = (fn, jax.tree.structure(args), str(sig), placement, tuple(sorted(statics.items())))
     if key not in _EXECUTABLES:
         _EXECUTABLES[key] = fn.lower(*args, **statics).compile()
     return _EXECUTABLES[key]

@@ -311,20 +311,25 @@ def test_decode_step_through_the_gemv_route(tiny, recipe, kind):
 
 
 def test_generate_compiles_per_matmul_impl(tiny):
-    """`generate` keeps one executable per quantized-matmul implementation: a RECIPE@xla row of a benchmark
-    must not re-run the RECIPE row's program (it did until 2026-12-05), and the programs' tokens agree."""
+    """`generate` keeps one program per quantized-matmul implementation: a RECIPE@xla row of a benchmark
+    must not re-run the RECIPE row's program (it did until 2026-12-05: first `generate`'s executable cache,
+    then jit's trace cache ignored the setting), and the programs' tokens agree."""
     from flashit_jax import generate as gen
     from flashit_jax.nn.qarray import matmul_impl
 
     model, params = tiny[0], tiny[1]
     q = quantize(params, named_recipe("w8+emb8"))
-    out = {}
-    for impl in ("xla", "interpret-gemv", "xla"):
-        before = len(gen._EXECUTABLES)
+    out, programs = {}, {}
+    for impl in ("xla", "interpret", "xla"):  # interpret: the qmatmul kernel in Pallas' interpreter
+        before = set(gen._EXECUTABLES)
         with matmul_impl(impl):
             out.setdefault(impl, []).append(gen.generate(model, q, [[5, 17, 100]], max_new_tokens=3,
                                                          cache_dtype=jnp.float32).tokens)
-        out[impl].append(len(gen._EXECUTABLES) - before)
-    assert out["interpret-gemv"][1] == 2  # after the xla run: its own prefill and decode
+        new = [k for k in gen._EXECUTABLES if k not in before]
+        out[impl].append(len(new))
+        programs.setdefault(impl, [gen._EXECUTABLES[k].as_text() for k in new])
+    assert out["interpret"][1] == 2  # after the xla run: its own prefill and decode
     assert out["xla"][3] == 0  # the same setting again: cached
-    np.testing.assert_array_equal(out["xla"][0], out["interpret-gemv"][0])
+    # and they are other programs, not the xla row's traced again under another key
+    assert all(a != b for a, b in zip(programs["xla"], programs["interpret"]))
+    np.testing.assert_array_equal(out["xla"][0], out["interpret"][0])

@@ -245,8 +245,10 @@ def _round(state, params, heads, *, model, tree, sampling, eps, delta, eos_id, m
 
 
 @functools.partial(jax.jit, static_argnames=("model", "tree", "sampling", "eps", "delta", "eos_id", "max_new",
-                                             "attn_impl", "rounds_per_call"), donate_argnames=("state",))
-def _rounds(state, params, heads, *, rounds_per_call, **statics):
+                                             "attn_impl", "rounds_per_call", "switches"),
+                   donate_argnames=("state",))
+def _rounds(state, params, heads, *, rounds_per_call, switches=(), **statics):
+    del switches  # a jit cache key only (generate._switches)
     def cond(c):
         return (c[0] < rounds_per_call) & ~jnp.all(c[1]["done"])
 
@@ -256,8 +258,10 @@ def _rounds(state, params, heads, *, rounds_per_call, **statics):
     return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "sampling", "attn_impl"), donate_argnames=("cache",))
-def _prefill(params, tokens, lengths, cache, key, *, model, sampling, attn_impl):
+@functools.partial(jax.jit, static_argnames=("model", "sampling", "attn_impl", "switches"),
+                   donate_argnames=("cache",))
+def _prefill(params, tokens, lengths, cache, key, *, model, sampling, attn_impl, switches=()):
+    del switches  # a jit cache key only (generate._switches)
     logits, cache, h = base_forward(model, params, tokens, cache, logits_at=lengths - 1, seq_lengths=lengths,
                                     attn_impl=attn_impl)
     return sample(logits[:, 0], key, sampling), cache, h[:, 0]

@@ -71,14 +71,16 @@ class SpecResult:
         return self.new_tokens / self.decode_s if self.decode_s > 0 else 0.0
 
 
-def _draft_prefill_impl(params, tokens, lengths, cache, *, model, attn_impl):
+def _draft_prefill_impl(params, tokens, lengths, cache, *, model, attn_impl, switches=()):
     """Feed each prompt but its last token to the draft (right-padded; rows may feed 0 tokens)."""
+    del switches  # a jit cache key only (generate._switches)
     _, cache, _ = model.forward(params, tokens, cache=cache, logits_at=jnp.zeros_like(lengths),
                                 seq_lengths=lengths, attn_impl=attn_impl)
     return cache
 
 
-_draft_prefill = jax.jit(_draft_prefill_impl, static_argnames=("model", "attn_impl"), donate_argnames=("cache",))
+_draft_prefill = jax.jit(_draft_prefill_impl, static_argnames=("model", "attn_impl", "switches"),
+                         donate_argnames=("cache",))
 
 
 def _draft_tokens(dparams, dcache, last2, key, *, draft_model, gamma, sampling, attn_impl):
@@ -138,10 +140,11 @@ def _round(state, params, dparams, *, model, draft_model, lookup, gamma, samplin
 
 
 @functools.partial(jax.jit, static_argnames=("model", "draft_model", "lookup", "gamma", "sampling", "eos_id",
-                                             "max_new", "attn_impl", "rounds_per_call"),
+                                             "max_new", "attn_impl", "rounds_per_call", "switches"),
                    donate_argnames=("state",))
-def _rounds(state, params, dparams, *, rounds_per_call, **statics):
+def _rounds(state, params, dparams, *, rounds_per_call, switches=(), **statics):
     """Up to `rounds_per_call` rounds, stopping early once every row is finished."""
+    del switches  # a jit cache key only (generate._switches)
 
     def cond(c):
         i, s = c

@@ -22,7 +22,7 @@ M > 8 to XLA's dequantize + dot (the qmatmul kernel ran at 0.17-0.45x bf16 at M 
 dequantize + dot at 0.34-0.85x; H200, 2026-12-04). Decode of the Llama-3.2-1B shape on an H200
 (`eval.quant_speed`, fused layout): 4-bit rows through `matvec_q4` 828 tokens/s (2026-12-04) against
 465 through XLA's dequantize + dot (2026-12-05). (Session 6's "949 through XLA" was the GEMV program run
-a second time: `generate` reused the executable across `matmul_impl` settings; fixed.)
+a second time: `generate` reused the program across `matmul_impl` settings; fixed, see `generate._switches`.)
 impl="pallas" runs our kernels anyway; FLASHIT_JAX_GEMV_Q4=0 sends 4-bit rows to XLA under auto.
 """
 from __future__ import annotations
