@@ -125,8 +125,8 @@ def _fused_for_training(student, p, collect):
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and dict(mesh.shape).get("tensor", 1) > 1:
         return p
-    for lp in p["layers"]:
-        lp = p["layers"][lp] if isinstance(p["layers"], dict) else lp
+    layers = p["layers"]
+    for lp in layers.values() if isinstance(layers, dict) else layers:
         ws = [lp["attn"].get(n, {}).get("w") for n in ("q", "k", "v")] + \
              [lp.get("mlp", {}).get(n, {}).get("w") for n in ("gate", "up")]
         if not all(isinstance(w, jax.Array) for w in ws):

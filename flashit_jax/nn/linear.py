@@ -101,11 +101,15 @@ def lowp_einsum(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum(eq, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def _dense_matmul(x, w):
-    """fp32 x @ w; decode-sized inputs go through the GEMV kernel on GPUs."""
+def _dense_matmul(x, w, out_dtype=jnp.float32):
+    """x @ w accumulated in fp32, returned in `out_dtype`; decode-sized inputs go through the GEMV kernel
+    on GPUs, the rest through one of the einsums above (a low-precision result written by the GEMM itself)."""
     if gemv.use_kernel(_rows(x), x.dtype):
-        return gemv.matvec(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[1])
-    return fp32_einsum("...i,io->...o", x, _dense(w, x.dtype))
+        y = gemv.matvec(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[1])
+        return y.astype(out_dtype)
+    if jnp.dtype(out_dtype) == jnp.float32:
+        return fp32_einsum("...i,io->...o", x, _dense(w, x.dtype))
+    return lowp_einsum("...i,io->...o", x, _dense(w, x.dtype)).astype(out_dtype)
 
 
 def linear(x: jax.Array, w, b: jax.Array | None = None, *, norm: tuple | None = None) -> jax.Array:
@@ -125,10 +129,7 @@ def linear(x: jax.Array, w, b: jax.Array | None = None, *, norm: tuple | None = 
     else:
         if x.shape[-1] != w.shape[0]:
             raise ValueError(f"linear: x has {x.shape[-1]} features but w is {tuple(w.shape)} ([in, out])")
-        if gemv.use_kernel(_rows(x), x.dtype):
-            y = _dense_matmul(x, w).astype(x.dtype)
-        else:
-            y = lowp_einsum("...i,io->...o", x, _dense(w, x.dtype))
+        y = _dense_matmul(x, w, x.dtype)
     if b is not None:
         y = y + b.astype(y.dtype)
     return y

@@ -360,16 +360,17 @@ def _decode_kernel(kvlen_ref, q_ref, k_ref, v_ref, qpos_ref, qseg_ref, kseg_ref,
     m_rows, d = q.shape
     precise = q.dtype == jnp.float32
     kv_len = kvlen_ref[()]
-    qpos = qpos_ref[...][:, None]
+    rows_pos = qpos_ref[...]
+    qpos = rows_pos[:, None]
     qseg = None if qseg_ref is None else qseg_ref[...][:, None]
     # the key blocks any row may see (common.kv_block_range), computed here rather than in XLA ops
     # before the kernel: at 8k keys the whole call takes ~80 us and every extra op costs a launch
     hi_e = kv_len
     if st.causal:
-        hi_e = jnp.minimum(hi_e, jnp.max(qpos_ref[...]) + 1)
+        hi_e = jnp.minimum(hi_e, jnp.max(rows_pos) + 1)
     lo_e = jnp.int32(0)
     if st.window is not None:
-        lo_e = jnp.maximum(lo_e, jnp.min(qpos_ref[...]) - st.window + 1)
+        lo_e = jnp.maximum(lo_e, jnp.min(rows_pos) - st.window + 1)
     none = hi_e <= lo_e
     first = pl.program_id(2) * blocks_per_split
     lo = jnp.maximum(jnp.where(none, 0, jnp.clip(lo_e // block_k, 0, n_blocks)), first)
