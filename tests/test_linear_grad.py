@@ -98,3 +98,13 @@ def test_training_products_write_bf16_except_the_logits():
     want = jnp.einsum("...i,io->...o", x, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=8e-3, atol=1e-6)
+
+
+def test_unknown_product_is_a_clear_error():
+    from flashit_jax.nn.linear import lowp_einsum
+
+    x = jnp.ones((2, 3), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"einsum 'ij,jk->ik' is not one of"):
+        lowp_einsum("ij,jk->ik", x, jnp.ones((3, 4), jnp.bfloat16))
+    with pytest.raises(ValueError, match=r"einsum 'ij,jk->ik' is not one of"):
+        fp32_einsum("ij,jk->ik", x, jnp.ones((3, 4), jnp.bfloat16))

@@ -235,3 +235,11 @@ def test_fused_projection_forward_gives_the_unfused_loss_and_gradients(qkv_bias)
     fused = _fused_for_training(model, params, ())
     assert set(fused["layers"][0]["attn"]) == {"qkv", "o"} and set(fused["layers"][0]["mlp"]) == {"gate_up", "down"}
     assert _fused_for_training(model, params, ("inputs",)) is params
+
+
+def test_train_bench_rejects_unknown_sections(capsys):
+    from train import bench
+
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--only", "ours,oursunfused"])
+    assert e.value.code == 2 and "unknown sections ['oursunfused']" in capsys.readouterr().err

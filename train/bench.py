@@ -181,6 +181,9 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true", help="after timing ours: its kernels over 2 steps (top 25)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    unknown = set(args.only.split(",")) - {"peak", "plain", "ours", "ours-unfused", "distill"}
+    if unknown:
+        ap.error(f"--only: unknown sections {sorted(unknown)}; use peak, plain, ours, ours-unfused, distill")
 
     from flashit_jax.loading import load_model
     from train.step import Objective

@@ -81,13 +81,16 @@ def _lowp_bwd(eq, out_dtype, res, g):
 _lowp_einsum.defvjp(_lowp_fwd, _lowp_bwd)
 
 
-def _is_lowp(x, w) -> bool:
+def _is_lowp(eq: str, x, w) -> bool:
+    """Whether the custom-VJP product serves these operands; `eq` must be one whose backward it knows."""
+    if eq not in _DX_DW:
+        raise ValueError(f"einsum {eq!r} is not one of the products with a low-precision backward: {list(_DX_DW)}")
     return x.dtype == w.dtype and x.dtype in (jnp.bfloat16, jnp.float16)
 
 
 def fp32_einsum(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
     """einsum(eq, x, w) accumulated and returned in fp32 (eq: one of `_DX_DW`); see `_lowp_einsum`."""
-    if _is_lowp(x, w):
+    if _is_lowp(eq, x, w):
         return _lowp_einsum(eq, jnp.dtype(jnp.float32), x, w)
     return jnp.einsum(eq, x, w, preferred_element_type=jnp.float32)
 
@@ -96,7 +99,7 @@ def lowp_einsum(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
     """einsum(eq, x, w) accumulated in fp32 and returned in x's dtype. For bf16/fp16 operands the
     GEMM writes that dtype itself: at the shapes of a 1B-model training step (16k tokens) an fp32
     product is 2-4x the bytes of its operands' activations, written and then read again by a convert."""
-    if _is_lowp(x, w):
+    if _is_lowp(eq, x, w):
         return _lowp_einsum(eq, x.dtype, x, w)
     return jnp.einsum(eq, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
