@@ -97,8 +97,8 @@ def fp32_einsum(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
 
 def lowp_einsum(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
     """einsum(eq, x, w) accumulated in fp32 and returned in x's dtype. For bf16/fp16 operands the
-    GEMM writes that dtype itself: at the shapes of a 1B-model training step (16k tokens) an fp32
-    product is 2-4x the bytes of its operands' activations, written and then read again by a convert."""
+    GEMM writes that dtype itself, instead of an fp32 result (twice the bytes) that a convert then
+    reads again."""
     if _is_lowp(eq, x, w):
         return _lowp_einsum(eq, x.dtype, x, w)
     return jnp.einsum(eq, x, w, preferred_element_type=jnp.float32).astype(x.dtype)

@@ -341,7 +341,7 @@ class DecodeBlockSizes:
         if self.target_programs:
             return self.target_programs
         # Triton's pipeliner keeps num_stages - 1 K and V tiles in shared memory (bk256 x D128 bf16
-        # at 3 stages, 256 KB, failed to launch on an H200; bk128 at 4 stages, 192 KB, ran)
+        # at 3 stages, 256 KB by this count, failed with a runtime error on an H200; bk128 at 4 stages, 192 KB, ran)
         tile = 2 * self.block_k * head_dim * itemsize * max(1, self.num_stages - 1)
         per_sm = max(1, min(8, SMEM_PER_SM // (tile + 4096)))
         return _sm_count() * per_sm
