@@ -6,7 +6,9 @@
 
 Variants: `bf16` (all weights bf16), `RECIPE` (quantized, each product on what `auto` picks:
 kernels/qmatmul/api.py), `RECIPE@xla` (the same weights, dequantized before each dot by XLA),
-`RECIPE@pallas` (our kernels for every quantized product). Speed recipes quantize the tied
+`RECIPE@pallas` (our kernels for every quantized product); a `:fixup` suffix (`bf16:fixup`, `w8+emb8:fixup`)
+runs the row with FLASHIT_JAX_GEMV_FIXUP=1 (the decode GEMVs sum their K splits in the kernel, kernels/gemv/gpu.py
+Blocks.fixup), `:nofixup` with =0. Speed recipes quantize the tied
 embedding / lm_head to int8 (`+emb8`); norms and the KV cache stay bf16. Quantization here is
 RTN: speed does not depend on how the codes were chosen. Every variant runs the decode layout
 (`--layout fused`, as eval.bench_decode: q|k|v and gate|up concatenated before quantizing, two
@@ -15,18 +17,48 @@ input projections per layer instead of five); `--layout plain` keeps the separat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
+import os
 import time
 from pathlib import Path
 
 DEFAULT_VARIANTS = "bf16,w8+emb8,w8+emb8@xla,w4g128+emb8,w4g128+emb8@xla"
+SUFFIXES = {"fixup": "1", "nofixup": "0"}  # VARIANT:SUFFIX -> FLASHIT_JAX_GEMV_FIXUP for that row
+
+
+def parse_variant(variant: str) -> tuple[str, str | None, str | None]:
+    """'w8+emb8@xla:fixup' -> ('w8+emb8', 'xla', '1'): recipe, '@' implementation, FLASHIT_JAX_GEMV_FIXUP."""
+    rest, _, suffix = variant.partition(":")
+    recipe, _, impl = rest.partition("@")
+    if impl and impl not in ("xla", "pallas"):
+        raise ValueError(f"variant {variant!r} ends in an unknown '@{impl}'; use RECIPE, RECIPE@xla or RECIPE@pallas")
+    if suffix and suffix not in SUFFIXES:
+        raise ValueError(f"variant {variant!r} has an unknown ':{suffix}'; known: {sorted(SUFFIXES)}")
+    return recipe, impl or None, SUFFIXES.get(suffix)
 
 
 def weight_bytes(params) -> int:
     from flashit_jax.quant import size_bytes
 
     return size_bytes(params, float_bytes=None)
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str | None):
+    """Set an environment switch for one row (None: leave it); `generate` keys its programs on FLASHIT_JAX_*."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
 
 
 def decode_row(model, params, variant: str, *, prompt_len: int, new_tokens: int, log, kernel_impl="auto",
@@ -36,9 +68,10 @@ def decode_row(model, params, variant: str, *, prompt_len: int, new_tokens: int,
     from flashit_jax.generate import generate
     from flashit_jax.nn.qarray import matmul_impl
 
-    impl = {"xla": "xla", "pallas": "pallas"}.get(variant.partition("@")[2], kernel_impl)
+    _, impl, fixup = parse_variant(variant)
+    impl = impl or kernel_impl
     prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, prompt_len).tolist()
-    with matmul_impl(impl):
+    with matmul_impl(impl), _env("FLASHIT_JAX_GEMV_FIXUP", fixup):
         # an untimed run first, of the same program (the same arguments: another max_new_tokens sizes another
         # cache, so another executable): its first calls cost more (on an H200 the second run of a program
         # decoded 12-14% faster than its first, 2026-12-05), and every row gets the same treatment
@@ -72,9 +105,11 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=None, help="skip remaining variants after this many seconds")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    bad = [v for v in args.variants.split(",") if "@" in v and v.partition("@")[2].strip() not in ("xla", "pallas")]
-    if bad:
-        ap.error(f"--variants: {bad} end in an unknown '@impl'; use RECIPE, RECIPE@xla or RECIPE@pallas")
+    for v in args.variants.split(","):
+        try:
+            parse_variant(v.strip())
+        except ValueError as e:
+            ap.error(f"--variants: {e}")
     from flashit_jax.errors import user_errors
 
     with user_errors("eval.quant_speed"):
@@ -123,7 +158,7 @@ def main(argv=None):
             if args.budget_s and time.perf_counter() - t_start > args.budget_s:
                 log(f"decode {v}: skipped (time budget {args.budget_s:.0f} s spent)")
                 continue
-            recipe = v.split("@")[0]
+            recipe = parse_variant(v)[0]
             if recipe == "bf16":
                 params = base
             else:

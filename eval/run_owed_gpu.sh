@@ -11,7 +11,13 @@
 #                 ours under the profiler
 #   gemvconv [100] issue 7: GEMVs with one setting flipped, same blocks, one run: int-to-float by bit pattern vs
 #                 the conversion instruction (i8, 4-bit), next tile prefetched or not (bf16, i8) (done 2026-12-05)
-#   quant   [160] issue 7: quantized decode, warmed rows: int8 and 4-bit on the GEMV route (auto) beside @xla
+#   quant   [240] issue 7: quantized decode, warmed rows: int8 and 4-bit on the GEMV route (auto; int8 with the
+#                 norm in the GEMV since session 10), each also with the K splits summed in the kernel (:fixup),
+#                 beside @xla
+#   gemvfix [120+200] issue 7: each decode GEMV with its K splits summed by XLA vs in the kernel (Blocks.fixup),
+#                 same blocks, one run; then the int8 tiles re-tuned with fixup on (written to tuned.json)
+#   scan2   [200] issue 5: the tile layout with 8-16 channels per program (N across the lanes of one warp, no
+#                 shared-memory reduction), one pass and 2-4 segments, beside auto
 #   attndec [200] issue 4: decode attention timed back to back, with the flash-decoding tile sweep
 #   attnbwd [440] issue 4: the Mosaic GPU backward compiled: its GPU tests (pairwise, 9 cases) [240], then the
 #                 prefill bench, ours (Mosaic fwd+bwd) beside Mosaic fwd + Triton bwd, cuDNN and tokamax [200]
@@ -58,8 +64,17 @@ for part in ${PARTS//,/ }; do
                cp /tmp/owed_train.json "$OUT/" 2>/dev/null ;;
         gemvconv) run gemvconv 100 python -m kernels.gemv.bench --weights bf16,i8,u4g128 --models llama-3.2-1b --json /tmp/owed_gemvconv.json
                   cp /tmp/owed_gemvconv.json "$OUT/" 2>/dev/null ;;
-        quant) run quant 160 python -m eval.quant_speed --model random:llama-3.2-1b --budget-s 130 --json /tmp/owed_quant.json
+        quant) run quant 240 python -m eval.quant_speed --model random:llama-3.2-1b --budget-s 210 --json /tmp/owed_quant.json \
+                   --variants "bf16,w8+emb8,w8+emb8:fixup,bf16:fixup,w4g128+emb8,w4g128+emb8:fixup,w8+emb8@xla,w4g128+emb8@xla"
                cp /tmp/owed_quant.json "$OUT/" 2>/dev/null ;;
+        gemvfix) run gemvfix 120 python -m kernels.gemv.bench --weights bf16,i8,u4g128 --models llama-3.2-1b \
+                     --json /tmp/owed_gemvfix.json
+                 run gemvfixtune 200 python -m kernels.gemv.bench --tune --grid fixup --weights i8 --models llama-3.2-1b \
+                     --write --json /tmp/owed_gemvfixtune.json
+                 cp /tmp/owed_gemvfix.json /tmp/owed_gemvfixtune.json kernels/gemv/tuned.json "$OUT/" 2>/dev/null ;;
+        scan2) run scan2 200 python -m kernels.ssm_scan.bench --alternatives "" --reps 5 --out /tmp/owed_scan2.json \
+                   --configs auto,8x8pt,16x8pt,8x16pt,16x16pt,8x8pts2,16x8pts2,8x8pts4,16x8pts4
+               cp /tmp/owed_scan2.json "$OUT/" 2>/dev/null ;;
         attndec) run attndec 200 python -m kernels.attention.bench --only decode --decode-sweep --budget-s 170 --out /tmp/owed_attn
                  cp /tmp/owed_attn/bench.json "$OUT/owed_attn_decode.json" 2>/dev/null ;;
         attnbwd) run attnbwd_tests 240 python -m pytest tests/test_attention_gpu.py -k "test_mosaic_gpu and not test_mosaic_gpu_full" -x -q

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flashit_jax.nn.norms import rms_norm
 from kernels.gemv import gpu, reference
 
 # fp32 sums of K products in a different order: relative error ~ sqrt(K) * 2^-24
@@ -85,8 +86,6 @@ def test_model_logits_through_the_kernel(monkeypatch, fused):
 def test_matvec_norm(m, k, n, offset):
     """The kernel's in-prologue RMSNorm equals nn.rms_norm followed by the product (bf16 inputs:
     the normalised values are rounded to bf16 on both paths, so only the fp32 sum order differs)."""
-    from flashit_jax.nn.norms import rms_norm
-
     rng = np.random.default_rng(k)
     x = jnp.asarray(3 * rng.standard_normal((m, k)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
@@ -189,3 +188,94 @@ def test_bad_input(tmp_path, monkeypatch):
     finally:
         monkeypatch.undo()
         gpu.tuned.cache_clear()
+
+
+@pytest.mark.parametrize("m,k,n,bk,bn,programs", [(1, 576, 200, 64, 64, 1), (1, 576, 200, 64, 64, 40),
+                                                  (3, 200, 300, 32, 64, 64), (2, 2048, 100, 128, 32, 128)])
+def test_matvec_fixup(m, k, n, bk, bn, programs):
+    """K splits summed in the kernel (Blocks.fixup: per-column counters, the last split adds the partials)
+    against XLA's sum of the same partials: bf16 weights and int8 codes with a per-column scale and a
+    bf16 output, the norm prologue on, ragged N (a partial column tile), one split and several."""
+    rng = np.random.default_rng(k + n + m)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    g = jnp.asarray(rng.uniform(0.5, 1.5, k), jnp.bfloat16)
+    b = gpu.Blocks(bk=bk, bn=bn, target_programs=programs)
+    splits = gpu._plan(b, m, k, n, gpu._pow2_at_most(k))[-1]
+    assert (splits == 1) == (programs == 1)
+    for w, scale in ((jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16), None),
+                     (jnp.asarray(rng.integers(-128, 128, (k, n)), jnp.int8),
+                      jnp.asarray(rng.uniform(0.01, 0.02, n), jnp.float32))):
+        for out_dtype in (jnp.float32, jnp.bfloat16):
+            kw = dict(norm_scale=g, out_scale=scale, out_dtype=out_dtype, interpret=True)
+            plain = gpu.matvec(x, w, blocks=b, **kw)
+            got = gpu.matvec(x, w, blocks=dataclasses.replace(b, fixup=True), **kw)
+            assert got.dtype == out_dtype and got.shape == (m, n)
+            want = reference.matvec(rms_norm(x, g, 1e-5, 0.0), w.astype(jnp.bfloat16))
+            want = want if scale is None else want * scale
+            got32, plain32 = np.asarray(got, np.float32), np.asarray(plain, np.float32)
+            if out_dtype == jnp.float32:  # the same partials, added in another order: fp32 rounding only
+                assert float(np.linalg.norm(got32 - want) / np.linalg.norm(want)) < 1e-5
+                np.testing.assert_allclose(got32, plain32, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+            else:  # one bf16 rounding of (nearly) the same value: at most one ulp apart
+                np.testing.assert_allclose(got32, plain32, rtol=2 ** -7, atol=0)
+
+
+def test_matvec_fixup_switch(monkeypatch):
+    """FLASHIT_JAX_GEMV_FIXUP=1/0 forces the in-kernel split sum on or off (benchmarks A/B it), read
+    outside the jit so a flip traces a new program; anything else is an error naming the variable."""
+    x = jnp.ones((1, 256), jnp.bfloat16)
+    w = jnp.ones((256, 64), jnp.bfloat16)
+    b = gpu.Blocks(bk=32, bn=32, target_programs=16)
+
+    def kernels():
+        text = str(jax.make_jaxpr(lambda x, w: gpu.matvec(x, w, blocks=b, interpret=True))(x, w))
+        return "flashit_matvec_fixup" in text
+
+    monkeypatch.delenv("FLASHIT_JAX_GEMV_FIXUP", raising=False)
+    assert not kernels()
+    monkeypatch.setenv("FLASHIT_JAX_GEMV_FIXUP", "1")
+    assert kernels()
+    np.testing.assert_array_equal(np.asarray(gpu.matvec(x, w, blocks=b, interpret=True)), 256.0)
+    monkeypatch.setenv("FLASHIT_JAX_GEMV_FIXUP", "yes")
+    with pytest.raises(ValueError, match="FLASHIT_JAX_GEMV_FIXUP must be 0 or 1"):
+        gpu.matvec(x, w, blocks=b, interpret=True)
+
+
+def test_matvec_fixup_lowers_to_triton():
+    """The in-kernel split sum (atomics, aliased counters) passes the Triton lowering on CPU."""
+    S = jax.ShapeDtypeStruct
+    b = gpu.Blocks(bk=64, bn=128, target_programs=528, fixup=True)
+    exp = jax.export.export(
+        jax.jit(lambda x, w, g, s: gpu.matvec(x, w, blocks=b, norm_scale=g, out_scale=s, out_dtype=jnp.bfloat16)),
+        platforms=("cuda",), disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+        S((1, 2048), jnp.bfloat16), S((2048, 3000), jnp.int8), S((2048,), jnp.bfloat16), S((3000,), jnp.float32))
+    text = exp.mlir_module()
+    assert "xla.gpu.triton" in text and "output_operand_alias" in text
+    from kernels.gemv.quant import matvec_q4
+
+    exp = jax.export.export(
+        jax.jit(lambda x, q, s: matvec_q4(x, q, s, n=4096, blocks=b, out_dtype=jnp.bfloat16)),
+        platforms=("cuda",), disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+        S((1, 2048), jnp.bfloat16), S((2048, 2048), jnp.uint8), S((16, 4096), jnp.float16))
+    assert "output_operand_alias" in exp.mlir_module()
+
+
+@pytest.mark.parametrize("m,k,n,group,zeros", [(1, 256, 96, 64, True), (2, 512, 200, 128, False)])
+def test_matvec_q4_fixup(m, k, n, group, zeros):
+    """The 4-bit GEMV with its K splits summed in the kernel (two column halves, each with its own counters)
+    equals XLA's sum of the same partials."""
+    from kernels.gemv.quant import matvec_q4
+
+    rng = np.random.default_rng(n)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    q = jnp.asarray(rng.integers(0, 256, (k, n // 2)), jnp.uint8)
+    s = jnp.asarray(rng.uniform(0.01, 0.02, (k // group, n)), jnp.float16)
+    z = jnp.asarray(rng.uniform(-0.1, 0.1, (k // group, n)), jnp.float16) if zeros else None
+    b = gpu.Blocks(bk=32, bn=32, target_programs=48)
+    assert gpu._plan(b, m, k, n // 2, group)[-1] > 1
+    plain = matvec_q4(x, q, s, z, n=n, blocks=b, interpret=True)
+    got = matvec_q4(x, q, s, z, n=n, blocks=dataclasses.replace(b, fixup=True), interpret=True)
+    assert got.shape == (m, n) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(plain), rtol=1e-5, atol=1e-5 * float(jnp.abs(plain).max()))
+    bf = matvec_q4(x, q, s, z, n=n, blocks=dataclasses.replace(b, fixup=True), interpret=True, out_dtype=jnp.bfloat16)
+    np.testing.assert_allclose(np.asarray(bf, np.float32), np.asarray(plain), rtol=2 ** -7)

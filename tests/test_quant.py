@@ -289,11 +289,15 @@ def test_quantize_cli(tmp_path, tiny, capsys):
     assert e.value.code == 2 and "need calibration data" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("fixup", ["0", "1"])
 @pytest.mark.parametrize("recipe,kind", [("w8+emb8", ("i8", True)), ("w4g32-asym", ("u4x2", False))])
-def test_decode_step_through_the_gemv_route(tiny, recipe, kind):
+def test_decode_step_through_the_gemv_route(tiny, recipe, kind, fixup, monkeypatch):
     """`w8+emb8` (i8, one scale per column, the tied table too) and W4 groups of 32 with zeros in a 1-token
-    decode step: the decode GEMV route (interpreted) gives the logits of dequantize-then-dot."""
+    decode step: the decode GEMV route (interpreted) gives the logits of dequantize-then-dot, with the K
+    splits summed by XLA or in the kernel (FLASHIT_JAX_GEMV_FIXUP)."""
     from flashit_jax.nn.qarray import matmul_impl
+
+    monkeypatch.setenv("FLASHIT_JAX_GEMV_FIXUP", fixup)
 
     model, params = tiny[0], tiny[1]
     q = quantize(params, named_recipe(recipe))
@@ -333,3 +337,17 @@ def test_generate_compiles_per_matmul_impl(tiny):
     # and they are other programs, not the xla row's traced again under another key
     assert all(a != b for a, b in zip(programs["xla"], programs["interpret"]))
     np.testing.assert_array_equal(out["xla"][0], out["interpret"][0])
+
+
+def test_quant_speed_variant_syntax():
+    """eval.quant_speed rows: RECIPE[@xla|@pallas][:fixup|:nofixup]; anything else is refused by name."""
+    from eval.quant_speed import main, parse_variant
+
+    assert parse_variant("w8+emb8@xla:fixup") == ("w8+emb8", "xla", "1")
+    assert parse_variant("bf16:nofixup") == ("bf16", None, "0")
+    assert parse_variant("w4g128+emb8") == ("w4g128+emb8", None, None)
+    for bad, what in (("w8@cuda", "@cuda"), ("w8:fast", ":fast")):
+        with pytest.raises(ValueError, match=what):
+            parse_variant(bad)
+        with pytest.raises(SystemExit):
+            main(["--variants", f"bf16,{bad}"])

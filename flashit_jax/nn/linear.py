@@ -22,6 +22,8 @@ class WeightOps(NamedTuple):
     linear: Callable[[jax.Array, Any], jax.Array] | None = None  # (x [..., in], w) -> [..., out]
     embed: Callable[[jax.Array, Any], jax.Array] | None = None  # (ids [...], w) -> [..., dim]
     unembed: Callable[[jax.Array, Any], jax.Array] | None = None  # (x [..., dim], w) -> [..., vocab] fp32
+    # (x [..., in], w, norm) -> rms_norm(x, *norm) @ w with the norm fused, or None where it cannot fuse
+    linear_norm: Callable[[jax.Array, Any, tuple], jax.Array | None] | None = None
 
 
 _OPS: dict[type, WeightOps] = {}
@@ -108,8 +110,8 @@ def _dense_matmul(x, w, out_dtype=jnp.float32):
     """x @ w accumulated in fp32, returned in `out_dtype`; decode-sized inputs go through the GEMV kernel
     on GPUs, the rest through one of the einsums above (a low-precision result written by the GEMM itself)."""
     if gemv.use_kernel(_rows(x), x.dtype):
-        y = gemv.matvec(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[1])
-        return y.astype(out_dtype)
+        y = gemv.matvec(x.reshape(-1, x.shape[-1]), w, jnp.dtype(out_dtype))
+        return y.reshape(*x.shape[:-1], w.shape[1])
     if jnp.dtype(out_dtype) == jnp.float32:
         return fp32_einsum("...i,io->...o", x, _dense(w, x.dtype))
     return lowp_einsum("...i,io->...o", x, _dense(w, x.dtype)).astype(out_dtype)
@@ -118,14 +120,20 @@ def _dense_matmul(x, w, out_dtype=jnp.float32):
 def linear(x: jax.Array, w, b: jax.Array | None = None, *, norm: tuple | None = None) -> jax.Array:
     """y = x @ w + b with w `[in, out]`; the result has x's dtype, accumulated in fp32.
 
-    norm=(scale, eps, offset): y = rms_norm(x, ...) @ w + b. Decode-sized inputs with a plain
-    weight then run the norm inside the GEMV kernel; every other case normalises first."""
+    norm=(scale, eps, offset): y = rms_norm(x, ...) @ w + b. Decode-sized inputs with a plain weight, or
+    a weight type whose `linear_norm` takes it (int8 QArrays on the GEMV route), then run the norm inside
+    the GEMV kernel; every other case normalises first."""
     ops = _ops(w)
     if norm is not None:
         if ops is None and x.shape[-1] == w.shape[0] and gemv.use_norm_kernel(_rows(x), x.dtype):
-            y = gemv.matvec_norm(x.reshape(-1, x.shape[-1]), w, norm[0], float(norm[1]), float(norm[2]))
-            y = y.reshape(*x.shape[:-1], w.shape[1]).astype(x.dtype)
+            y = gemv.matvec_norm(x.reshape(-1, x.shape[-1]), w, norm[0], float(norm[1]), float(norm[2]),
+                                 jnp.dtype(x.dtype))
+            y = y.reshape(*x.shape[:-1], w.shape[1])
             return y if b is None else y + b.astype(y.dtype)
+        if ops is not None and ops.linear_norm is not None:
+            y = ops.linear_norm(x, w, norm)
+            if y is not None:
+                return y if b is None else y + b.astype(y.dtype)
         x = rms_norm(x, *norm)
     if ops is not None and ops.linear is not None:
         y = ops.linear(x, w)

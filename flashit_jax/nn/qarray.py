@@ -179,6 +179,14 @@ def _linear(x, w: QArray):
     return _matmul_kn(x, w, x.dtype)
 
 
+def _linear_norm(x, w: QArray, norm):
+    """rms_norm(x, *norm) @ w inside the decode GEMV where that route serves w, else None (see nn.linear)."""
+    if w.axis != 0 or w.act is not None or x.shape[-1] != w.k:
+        return None
+    return qapi.qmatmul_norm(x, w.qvalues, w.scales, w.zeros, norm, bits=w.bits, packing=w.packing, n=w.n,
+                             out_dtype=x.dtype, impl=_IMPL[-1])
+
+
 def _columns(w: QArray, ids):
     """Dequantized stored columns `ids` (int [T]) -> [K, T] without unpacking the others."""
     q = w.qvalues
@@ -223,4 +231,4 @@ def _unembed(x, w: QArray):
     return _matmul_kn(x, w, jnp.float32)
 
 
-register_weight_type(QArray, WeightOps(linear=_linear, embed=_embed, unembed=_unembed))
+register_weight_type(QArray, WeightOps(linear=_linear, embed=_embed, unembed=_unembed, linear_norm=_linear_norm))

@@ -53,26 +53,30 @@ def _grads(x, w, g, transposed: bool):
     return gx.astype(x.dtype), gw.astype(w.dtype)
 
 
-@jax.custom_vjp
-def matvec(x, w):
-    """x [M, K] @ w [K, N] -> fp32 [M, N]."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def matvec(x, w, out_dtype):
+    """x [M, K] @ w [K, N] -> [M, N] in out_dtype (fp32 accumulation)."""
     from kernels.gemv import gpu, partitioned
 
     if under_split_mesh():
-        return partitioned.matvec(x, w.astype(x.dtype), interpret=_mode() == "interpret")
-    return gpu.matvec(x, w.astype(x.dtype), interpret=_mode() == "interpret")
+        return partitioned.matvec(x, w.astype(x.dtype), interpret=_mode() == "interpret").astype(out_dtype)
+    return gpu.matvec(x, w.astype(x.dtype), out_dtype=out_dtype, interpret=_mode() == "interpret")
 
 
-matvec.defvjp(lambda x, w: (matvec(x, w), (x, w)), lambda res, g: _grads(*res, g, transposed=False))
+def _matvec_bwd(out_dtype, res, g):
+    return _grads(*res, g.astype(jnp.float32), transposed=False)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def matvec_norm(x, w, scale, eps: float, offset: float):
-    """rms_norm(x, scale, eps, offset) [M, K] @ w [K, N] -> fp32 [M, N], the norm inside the kernel."""
+matvec.defvjp(lambda x, w, out_dtype: (matvec(x, w, out_dtype), (x, w)), _matvec_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def matvec_norm(x, w, scale, eps: float, offset: float, out_dtype):
+    """rms_norm(x, scale, eps, offset) [M, K] @ w [K, N] -> [M, N] in out_dtype, the norm inside the kernel."""
     from kernels.gemv import gpu
 
     return gpu.matvec(x, w.astype(x.dtype), norm_scale=scale.astype(x.dtype), eps=eps, offset=offset,
-                      interpret=_mode() == "interpret")
+                      out_dtype=out_dtype, interpret=_mode() == "interpret")
 
 
 def _norm_ref(x, w, scale, eps, offset):
@@ -81,12 +85,13 @@ def _norm_ref(x, w, scale, eps, offset):
     return reference.matvec(rms_norm(x, scale, eps, offset), w.astype(x.dtype))
 
 
-def _matvec_norm_bwd(eps, offset, res, g):
+def _matvec_norm_bwd(eps, offset, out_dtype, res, g):
     _, vjp = jax.vjp(lambda x, w, s: _norm_ref(x, w, s, eps, offset), *res)
-    return vjp(g)
+    return vjp(g.astype(jnp.float32))
 
 
-matvec_norm.defvjp(lambda x, w, s, eps, offset: (matvec_norm(x, w, s, eps, offset), (x, w, s)), _matvec_norm_bwd)
+matvec_norm.defvjp(lambda x, w, s, eps, offset, out_dtype: (matvec_norm(x, w, s, eps, offset, out_dtype), (x, w, s)),
+                   _matvec_norm_bwd)
 
 
 @jax.custom_vjp

@@ -28,7 +28,7 @@ SHAPES = {"llama-3.2-1b": [(2048, 3072), (2048, 2048), (2048, 16384), (8192, 204
 VOCAB = {"llama-3.2-1b": 128256, "smollm2-135m": 49152}
 
 
-GRIDS = {  # (bk, bn, target_programs, num_warps[, prefetch])
+GRIDS = {  # (bk, bn, target_programs, num_warps[, prefetch[, fixup]])
     "full": ((128, 256, 512), (16, 32, 64), (132, 264, 528), (4, 8)),
     # 12 candidates a shape (a short device call); more programs in flight for HBM3e's bandwidth
     "narrow": ((128, 256), (32, 64), (264, 528, 1056), (4,)),
@@ -39,6 +39,8 @@ GRIDS = {  # (bk, bn, target_programs, num_warps[, prefetch])
     "wide": ((32, 64, 128), (128, 256), (1056, 2112), (8, 16)),
     # the next tile's load issued before this tile's arithmetic (Blocks.prefetch), around the tuned tiles
     "prefetch": ((64, 128), (64, 128, 256), (528, 1056), (4, 8), (True,)),
+    # K splits summed in the kernel (Blocks.fixup): without a partial-sum kernel after it, more splits may pay
+    "fixup": ((64, 128, 256), (64, 128), (528, 1056, 2112), (4, 8), (False,), (True,)),
 }
 # --weights: the format's table key and the decode shapes it serves (+ the tied lm_head for i8: emb8)
 WEIGHT_FORMATS = ("bf16", "i8", "u4g128", "t")
@@ -47,9 +49,9 @@ WEIGHT_FORMATS = ("bf16", "i8", "u4g128", "t")
 def _candidates(grid: str = "full"):
     from kernels.gemv.gpu import Blocks
 
-    grid = GRIDS[grid] if len(GRIDS[grid]) == 5 else (*GRIDS[grid], (False,))
-    for bk, bn, tp, nw, pf in itertools.product(*grid):
-        yield Blocks(bk=bk, bn=bn, target_programs=tp, num_warps=nw, num_stages=None, prefetch=pf)
+    grid = (*GRIDS[grid], (False,), (False,))[:6]
+    for bk, bn, tp, nw, pf, fx in itertools.product(*grid):
+        yield Blocks(bk=bk, bn=bn, target_programs=tp, num_warps=nw, num_stages=None, prefetch=pf, fixup=fx)
 
 
 def _chain(fn):
@@ -80,7 +82,8 @@ def _time(compiled, x, ws, reps: int) -> float:
 
 
 def _weights(fmt: str, k: int, n: int, key):
-    """(the kernel's operands for one weight copy, bytes it reads, fn(x, w, blocks, interpret) -> fp32)."""
+    """(the kernel's operands for one weight copy, bytes it reads, fn(x, w, blocks, interpret) -> the product
+    as the decode step takes it: bf16, fp32 for the tied head's logits)."""
     import jax
     import jax.numpy as jnp
 
@@ -88,18 +91,19 @@ def _weights(fmt: str, k: int, n: int, key):
 
     if fmt == "bf16":
         return (jax.random.normal(key, (k, n), jnp.bfloat16), k * n * 2,
-                lambda x, w, b, i: gpu.matvec(x, w, blocks=b, interpret=i))
+                lambda x, w, b, i: gpu.matvec(x, w, blocks=b, interpret=i, out_dtype=x.dtype))
     if fmt == "t":  # a tied head [V, D] read transposed: bn vocab rows per program, bk features per step
         return (jax.random.normal(key, (n, k), jnp.bfloat16), k * n * 2,
                 lambda x, w, b, i: gpu.matvec_t(x, w, bv=b.bn, bd=b.bk, num_warps=b.num_warps, interpret=i))
     if fmt == "i8":  # codes and a scale per column, as qmatmul's gemv route runs them
         w = (jax.random.randint(key, (k, n), -127, 128, jnp.int32).astype(jnp.int8), jnp.ones((n,), jnp.bfloat16))
-        return w, k * n + n * 2, lambda x, w, b, i: gpu.matvec(x, w[0], blocks=b, interpret=i) * w[1].astype(jnp.float32)
+        return w, k * n + n * 2, lambda x, w, b, i: gpu.matvec(x, w[0], blocks=b, interpret=i, out_scale=w[1],
+                                                               out_dtype=x.dtype)
     group = int(fmt[len("u4g"):])  # asymmetric groups of `group` rows: the w4g128 recipes
     w = (jax.random.randint(key, (k, n // 2), 0, 256, jnp.int32).astype(jnp.uint8),
          jnp.ones((k // group, n), jnp.bfloat16), jnp.zeros((k // group, n), jnp.bfloat16))
     return w, k * n // 2 + 2 * (k // group) * n * 2, \
-        lambda x, w, b, i: quant.matvec_q4(x, w[0], w[1], w[2], n=n, blocks=b, interpret=i)
+        lambda x, w, b, i: quant.matvec_q4(x, w[0], w[1], w[2], n=n, blocks=b, interpret=i, out_dtype=x.dtype)
 
 
 def bench_shape(k: int, n: int, tune: bool, reps: int = 10, interpret: bool = False, rows: int = 1,
@@ -124,14 +128,17 @@ def bench_shape(k: int, n: int, tune: bool, reps: int = 10, interpret: bool = Fa
     # and (matvec: bf16, i8) the current blocks with the other prefetch setting
     plain = dataclasses.replace(current, convert="cvt" if current.convert == "magic" else "magic")
     flipped = dataclasses.replace(current, prefetch=not current.prefetch)
+    # and (every format but the tied head's) the current blocks with the other K-split sum (Blocks.fixup)
+    fixed = dataclasses.replace(current, fixup=not current.fixup)
     integer = fmt == "i8" or fmt.startswith("u4")
     cands = list(dict.fromkeys([current, gpu.Blocks(), *([plain] if integer else []),
-                                *([flipped] if fmt in ("bf16", "i8") else []), *(_candidates(grid) if tune else [])]))
+                                *([flipped] if fmt in ("bf16", "i8") else []), *([fixed] if fmt != "t" else []),
+                                *(_candidates(grid) if tune else [])]))
     if fmt == "t":  # matvec_t has one program per bn vocab rows: target_programs does not apply
         cands = list(dict.fromkeys(dataclasses.replace(b, target_programs=gpu.Blocks().target_programs) for b in cands))
         current = dataclasses.replace(current, target_programs=gpu.Blocks().target_programs)
     if interpret:
-        cands = cands[:4]
+        cands = cands[:5]
 
     def compile_one(b):
         try:
@@ -153,6 +160,8 @@ def bench_shape(k: int, n: int, tune: bool, reps: int = 10, interpret: bool = Fa
         row[f"{plain.convert}_us"] = next((us for us, b in results if b == plain), None)
     if fmt in ("bf16", "i8"):
         row[f"prefetch_{flipped.prefetch}_us"] = next((us for us, b in results if b == flipped), None)
+    if fmt != "t":
+        row[f"fixup_{fixed.fixup}_us"] = next((us for us, b in results if b == fixed), None)
     best_us, best = results[0]
     row.update(current_us=cur_us, best_us=best_us, best=dataclasses.asdict(best),
                current_tbps=nbytes / cur_us / 1e6, best_tbps=nbytes / best_us / 1e6, xla_tbps=k * n * 2 / row["xla_us"] / 1e6,
@@ -226,7 +235,7 @@ def main(argv=None):
             rows.append(r)
             line = (f"{k:>5}x{n:<6} {fmt:>6} {mr:2d} {r['mb']:6.1f} {r['xla_us']:8.2f} {r['current_us']:8.2f} {r['current_tbps']:6.2f}"
                     f" {r['kernel_vs_xla']:6.2f}")
-            for var in ("cvt", "magic", "prefetch_True", "prefetch_False"):  # the current blocks, one setting flipped
+            for var in ("cvt", "magic", "prefetch_True", "prefetch_False", "fixup_True", "fixup_False"):  # one setting flipped
                 if r.get(f"{var}_us"):
                     line += f"  ({var}: {r[f'{var}_us']:.2f} us)"
 

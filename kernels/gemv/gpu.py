@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import pathlib
 
 import jax
@@ -36,6 +37,13 @@ class Blocks:
     # carry the next K tile's load across the loop (issued before this tile's arithmetic), so each warp has
     # two tiles of loads in flight; costs the tile's registers (matvec only)
     prefetch: bool = False
+    # K splits summed inside the kernel: each program stores its partial sums, counts itself in per-column
+    # counters (atomic add, release/acquire), and the last of a column's splits adds the partials in split
+    # order, applies the per-column scale and writes the output dtype (deterministic). Off: the partials
+    # ([S, M, N] fp32) are summed, scaled and converted by XLA, one to three more kernels per product (on an
+    # H200 a w8 decode step spent 154 us of ~1000 in them, 2026-12-05; the in-kernel sum is not timed yet).
+    # FLASHIT_JAX_GEMV_FIXUP=1/0 overrides it for every shape (benchmarks).
+    fixup: bool = False
 
     def __post_init__(self):
         if self.convert not in CONVERTS:
@@ -138,8 +146,54 @@ def _plan(blocks: Blocks, m: int, k: int, n: int, bk_cap: int, programs: int | N
     return bk, bn, ncol, ks, pl.cdiv(k, ks)
 
 
-def _matvec_kernel(x_ref, w_ref, s_ref, o_ref, *, m: int, k: int, n: int, ks: int, bk: int, bn: int,
-                   norm: tuple[float, float] | None, convert: str, prefetch: bool):
+def _finish_splits(parts, o_ref, fix_refs, col, cmask, *, splits: int, counter_tile=None):
+    """Write a program's per-row sums `parts` ([bn] fp32 each): as partials o_ref [S, M, N] (XLA adds them),
+    or with `fix_refs` = (column scale [N] or None, workspace [S, M, N] fp32, counters [column tiles x bn] int32, all zero):
+    the final o_ref [M, N], by whichever split of each column finishes last (see Blocks.fixup).
+    counter_tile: which bn counters these columns use (default: the program's column tile)."""
+    split = pl.program_id(1)
+    if fix_refs is None:
+        for r, part in enumerate(parts):
+            plgpu.store(o_ref.at[split, r, col], part, mask=cmask)
+        return
+    scale_ref, ws_ref, cnt_ref = fix_refs
+    scale = None if scale_ref is None else plgpu.load(scale_ref.at[col], mask=cmask, other=0.0).astype(jnp.float32)
+
+    def put(r, total, mask):
+        y = total if scale is None else total * scale
+        plgpu.store(o_ref.at[r, col], y.astype(o_ref.dtype), mask=mask)
+
+    if splits == 1:
+        for r, part in enumerate(parts):
+            put(r, part, cmask)
+        return
+    for r, part in enumerate(parts):
+        plgpu.store(ws_ref.at[split, r, col], part, mask=cmask)
+    # one counter per column, bumped by the thread that stored that column's partials: the atomic's
+    # release orders its own stores, its acquire the loads below (no block-wide barrier needed)
+    # (counters are padded to whole column tiles, so the atomic needs no mask: Pallas' interpreter has none)
+    tile = pl.program_id(0) if counter_tile is None else counter_tile
+    tile_cols = pl.ds(tile * col.shape[0], col.shape[0])
+    before = plgpu.atomic_add(cnt_ref, tile_cols, jnp.ones(col.shape, jnp.int32))
+    done = before == splits - 1
+    last = cmask & done
+    for r in range(len(parts)):
+        total = plgpu.load(ws_ref.at[0, r, col], mask=last, other=0.0)
+        for s in range(1, splits):  # split order: the same sum whichever program finishes last
+            total = total + plgpu.load(ws_ref.at[s, r, col], mask=last, other=0.0)
+        put(r, total, last)
+    plgpu.store(cnt_ref.at[tile_cols], jnp.zeros(col.shape, jnp.int32), mask=done)  # all zero again on exit
+
+
+def _matvec_kernel(x_ref, w_ref, s_ref, *refs, m: int, k: int, n: int, ks: int, bk: int, bn: int,
+                   norm: tuple[float, float] | None, convert: str, prefetch: bool, fixup: int, splits: int):
+    # refs: partials [S, M, N]; or (fixup) [column scale], counters in, then out [M, N], workspace, counters
+    if fixup:
+        has_scale = fixup == 2
+        o_ref, ws_ref, cnt_ref = refs[-3:]
+        fix_refs = (refs[0] if has_scale else None, ws_ref, cnt_ref)
+    else:
+        o_ref, fix_refs = refs[0], None
     col = pl.program_id(0) * bn + jnp.arange(bn)
     cmask = col < n
     k0 = pl.program_id(1) * ks
@@ -186,8 +240,7 @@ def _matvec_kernel(x_ref, w_ref, s_ref, o_ref, *, m: int, k: int, n: int, ks: in
         accs = jax.lax.fori_loop(0, steps, body, (*zeros, tile(0)))[:-1]
     else:
         accs = jax.lax.fori_loop(0, steps, lambda i, a: accumulate(i, tile(i), a), zeros)
-    for r in range(m):
-        plgpu.store(o_ref.at[pl.program_id(1), r, col], jnp.sum(accs[r], axis=0), mask=cmask)
+    _finish_splits([jnp.sum(accs[r], axis=0) for r in range(m)], o_ref, fix_refs, col, cmask, splits=splits)
 
 
 def _matvec_t_kernel(x_ref, e_ref, o_ref, *, m: int, d: int, v: int, bv: int, bd: int):
@@ -210,11 +263,19 @@ def _matvec_t_kernel(x_ref, e_ref, o_ref, *, m: int, d: int, v: int, bv: int, bd
         plgpu.store(o_ref.at[r, rows], jnp.sum(accs[r], axis=1), mask=rmask)
 
 
-@functools.partial(jax.jit, static_argnames=("blocks", "interpret", "eps", "offset"))
+def fixup_override() -> bool | None:
+    """FLASHIT_JAX_GEMV_FIXUP=1/0 forces Blocks.fixup on/off for every shape (A/B benchmarks); unset: None."""
+    v = os.environ.get("FLASHIT_JAX_GEMV_FIXUP", "")
+    if v not in ("", "0", "1"):
+        raise ValueError(f"FLASHIT_JAX_GEMV_FIXUP must be 0 or 1, got {v!r}")
+    return None if v == "" else v == "1"
+
+
 def matvec(x: jax.Array, w: jax.Array, *, blocks: Blocks | None = None, interpret: bool = False,
-           norm_scale: jax.Array | None = None, eps: float = 1e-5, offset: float = 0.0) -> jax.Array:
-    """x [M, K] @ w [K, N] -> fp32 [M, N] for small M (<= 8); w may hold int8 codes (converted in
-    registers; kernels.qmatmul scales the result per column).
+           norm_scale: jax.Array | None = None, eps: float = 1e-5, offset: float = 0.0,
+           out_scale: jax.Array | None = None, out_dtype=jnp.float32) -> jax.Array:
+    """x [M, K] @ w [K, N] -> [M, N] in `out_dtype` (fp32 accumulation) for small M (<= 8); w may hold
+    int8 codes (converted in registers), with `out_scale` [N] their per-column scale (y * out_scale).
 
     With `norm_scale` [K]: rms_norm(x, norm_scale, eps, offset) @ w, the norm computed inside the
     kernel (a decode step then needs no separate normalisation kernels before its projections)."""
@@ -224,23 +285,52 @@ def matvec(x: jax.Array, w: jax.Array, *, blocks: Blocks | None = None, interpre
         raise ValueError(f"matvec: x has {k} features but w is {tuple(w.shape)} ([K, N])")
     if norm_scale is not None and norm_scale.shape != (k,):
         raise ValueError(f"matvec: norm_scale has shape {tuple(norm_scale.shape)}, expected ({k},) like x's features")
+    if out_scale is not None and out_scale.size != n:
+        raise ValueError(f"matvec: out_scale has shape {tuple(out_scale.shape)}, expected one scale per column ({n})")
     blocks = blocks or blocks_for(k, n, "i8" if w.dtype == jnp.int8 else "bf16")
+    force = fixup_override()
+    if force is not None and force != blocks.fixup:
+        blocks = dataclasses.replace(blocks, fixup=force)
+    # resolved here, outside the jit: its trace cache keys on the static arguments, not on the environment
+    return _matvec(x, w, norm_scale, None if out_scale is None else out_scale.reshape(n), blocks=blocks,
+                   interpret=interpret, eps=float(eps), offset=float(offset), out_dtype=jnp.dtype(out_dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("blocks", "interpret", "eps", "offset", "out_dtype"))
+def _matvec(x, w, norm_scale, out_scale, *, blocks: Blocks, interpret: bool, eps: float, offset: float, out_dtype):
+    m, k = x.shape
+    n = w.shape[1]
     # each row keeps its own [bk, bn] fp32 accumulator in registers and the tuned tiles fill the
     # register file at M = 1, so M rows get 1/M of the K tile. Why: with M-row tiles a 5-row verify
     # pass of the Llama-3.2-1B shape cost 4.6 one-row steps on an H200 (2026-12-04), for the same
     # bytes; spilled registers are the likely cause (not yet profiled; `kernels.gemv.bench --rows`)
     bk, bn, ncol, ks, splits = _plan(blocks, m, k, n, _pow2_at_most(k))
-    norm = None if norm_scale is None else (float(eps), float(offset))
+    norm = None if norm_scale is None else (eps, offset)
+    fixup = 0 if not blocks.fixup else (2 if out_scale is not None else 1)
     kernel = functools.partial(_matvec_kernel, m=m, k=k, n=n, ks=ks, bk=bk, bn=bn, norm=norm, convert=blocks.convert,
-                               prefetch=blocks.prefetch)
+                               prefetch=blocks.prefetch, fixup=fixup, splits=splits)
     if norm_scale is None:
         norm_scale = jnp.zeros((1,), x.dtype)  # unread placeholder
-    partial = pl.pallas_call(
-        kernel, grid=(ncol, splits), out_shape=jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
-        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
-        interpret=interpret, name="flashit_matvec",
-    )(x, w, norm_scale)
-    return partial.sum(axis=0) if splits > 1 else partial[0]
+    params = plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+    if not fixup:
+        partial = pl.pallas_call(
+            kernel, grid=(ncol, splits), out_shape=jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
+            compiler_params=params, interpret=interpret, name="flashit_matvec",
+        )(x, w, norm_scale)
+        y = partial.sum(axis=0) if splits > 1 else partial[0]
+        if out_scale is not None:
+            y = y * out_scale.astype(jnp.float32)
+        return y.astype(out_dtype)
+    scale_in = () if out_scale is None else (out_scale,)
+    counters = jnp.zeros((ncol * bn,), jnp.int32)  # start at 0 (the kernel leaves them at 0)
+    y, _, _ = pl.pallas_call(
+        kernel, grid=(ncol, splits),
+        out_shape=[jax.ShapeDtypeStruct((m, n), out_dtype), jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
+                   jax.ShapeDtypeStruct((ncol * bn,), jnp.int32)],
+        input_output_aliases={3 + len(scale_in): 2}, compiler_params=params, interpret=interpret,
+        name="flashit_matvec_fixup",
+    )(x, w, norm_scale, *scale_in, counters)
+    return y
 
 
 @functools.partial(jax.jit, static_argnames=("bv", "bd", "num_warps", "interpret"))

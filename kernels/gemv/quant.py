@@ -5,11 +5,12 @@ one (kernels/qmatmul/reference.py), with a scale (and, asymmetric, a zero) per g
 w = code * s + z, or (code - 8) * s. Each program owns `bn` byte columns, so both halves of the
 output, and a K range; every [bk, bn] byte tile is unpacked and dequantized in registers
 (a tile lies in one group: bk divides the group size) and accumulated elementwise in fp32, one
-reduction at the end, partial sums over K splits added by XLA, as in the bf16 kernel. The
-dequantized matrix never exists; HBM sees the codes, scales and zeros once.
+reduction at the end, partial sums over K splits added as in the bf16 kernel (by XLA, or in the
+kernel: Blocks.fixup). The dequantized matrix never exists; HBM sees the codes, scales and zeros once.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.gemv.gpu import Blocks, _plan, _pow2_at_most, blocks_for, int_to_f32
+from kernels.gemv.gpu import Blocks, _finish_splits, _plan, _pow2_at_most, blocks_for, fixup_override, int_to_f32
 
 
 def q4_supported(k: int, n: int, groups: int) -> str:
@@ -30,8 +31,8 @@ def q4_supported(k: int, n: int, groups: int) -> str:
     return ""
 
 
-def _q4_kernel(x_ref, q_ref, s_ref, z_ref, o_ref, *, m: int, k: int, half: int, ks: int, bk: int, bn: int,
-               group: int, offset: int, has_zeros: bool, convert: str):
+def _q4_kernel(x_ref, q_ref, s_ref, z_ref, *refs, m: int, k: int, half: int, ks: int, bk: int, bn: int,
+               group: int, offset: int, has_zeros: bool, convert: str, fixup: bool, splits: int):
     f32 = jnp.float32
     col = pl.program_id(0) * bn + jnp.arange(bn)  # byte columns: outputs col and col + half
     cmask = col < half
@@ -61,17 +62,18 @@ def _q4_kernel(x_ref, q_ref, s_ref, z_ref, o_ref, *, m: int, k: int, half: int, 
 
     zero = jnp.zeros((bk, bn), f32)
     accs = jax.lax.fori_loop(0, pl.cdiv(ks, bk), body, tuple(zero for _ in range(2 * m)))
-    split = pl.program_id(1)
-    for r in range(m):
-        plgpu.store(o_ref.at[split, r, col], jnp.sum(accs[2 * r], axis=0), mask=cmask)
-        plgpu.store(o_ref.at[split, r, col + half], jnp.sum(accs[2 * r + 1], axis=0), mask=cmask)
+    # refs: partials [S, M, N]; or (fixup) counters in, out [M, N], workspace [S, M, N], counters
+    o_ref, fix_refs = (refs[-3], (None, refs[-2], refs[-1])) if fixup else (refs[0], None)
+    ncol = pl.num_programs(0)
+    for h in range(2):  # low-nibble columns, then high (their own counters: tiles ncol..2 ncol - 1)
+        _finish_splits([jnp.sum(accs[2 * r + h], axis=0) for r in range(m)], o_ref, fix_refs, col + h * half, cmask,
+                       splits=splits, counter_tile=pl.program_id(0) + h * ncol)
 
 
-@functools.partial(jax.jit, static_argnames=("n", "offset", "blocks", "interpret"))
 def matvec_q4(x: jax.Array, q: jax.Array, scales: jax.Array, zeros: jax.Array | None = None, *, n: int,
-              offset: int = 8, blocks: Blocks | None = None, interpret: bool = False) -> jax.Array:
-    """x [M, K] @ W [K, N] -> fp32 [M, N] for W stored `u4x2` (q uint8 [K, N/2]) with scales (and zeros)
-    [K / group, N]; `offset` is subtracted from the codes of symmetric weights (zeros None)."""
+              offset: int = 8, blocks: Blocks | None = None, interpret: bool = False, out_dtype=jnp.float32) -> jax.Array:
+    """x [M, K] @ W [K, N] -> [M, N] in `out_dtype` (fp32 accumulation) for W stored `u4x2` (q uint8 [K, N/2])
+    with scales (and zeros) [K / group, N]; `offset` is subtracted from the codes of symmetric weights (zeros None)."""
     m, k = x.shape
     groups = scales.shape[0]
     if q.shape != (k, n // 2) or scales.shape[1] != n or k % groups:
@@ -79,16 +81,37 @@ def matvec_q4(x: jax.Array, q: jax.Array, scales: jax.Array, zeros: jax.Array | 
                          f"{tuple(q.shape)} and {tuple(scales.shape)}")
     if why := q4_supported(k, n, groups):
         raise ValueError(f"matvec_q4: {why}")
-    group = k // groups
-    blocks = blocks or blocks_for(k, n, f"u4g{group}")
+    blocks = blocks or blocks_for(k, n, f"u4g{k // groups}")
+    force = fixup_override()
+    if force is not None and force != blocks.fixup:
+        blocks = dataclasses.replace(blocks, fixup=force)
+    return _matvec_q4(x, q, scales, zeros, n=n, offset=int(offset), blocks=blocks, interpret=interpret,
+                      out_dtype=jnp.dtype(out_dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("n", "offset", "blocks", "interpret", "out_dtype"))
+def _matvec_q4(x, q, scales, zeros, *, n: int, offset: int, blocks: Blocks, interpret: bool, out_dtype):
+    m, k = x.shape
+    group = k // scales.shape[0]
     half = n // 2
     # bk divides the (power-of-two) group, and splits hold whole bk tiles: no tile straddles two groups
     bk, bn, ncol, ks, splits = _plan(blocks, m, k, half, _pow2_at_most(group))
     kernel = functools.partial(_q4_kernel, m=m, k=k, half=half, ks=ks, bk=bk, bn=bn, group=group,
-                               offset=int(offset), has_zeros=zeros is not None, convert=blocks.convert)
-    partial = pl.pallas_call(
-        kernel, grid=(ncol, splits), out_shape=jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
-        compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
-        interpret=interpret, name="flashit_matvec_q4",
-    )(x, q, scales, scales if zeros is None else zeros)
-    return partial.sum(axis=0) if splits > 1 else partial[0]
+                               offset=offset, has_zeros=zeros is not None, convert=blocks.convert,
+                               fixup=blocks.fixup, splits=splits)
+    params = plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+    args = (x, q, scales, scales if zeros is None else zeros)
+    if not blocks.fixup:
+        partial = pl.pallas_call(
+            kernel, grid=(ncol, splits), out_shape=jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
+            compiler_params=params, interpret=interpret, name="flashit_matvec_q4",
+        )(*args)
+        return (partial.sum(axis=0) if splits > 1 else partial[0]).astype(out_dtype)
+    counters = jnp.zeros((2 * ncol * bn,), jnp.int32)  # low and high halves' column tiles, all 0 (and left 0)
+    y, _, _ = pl.pallas_call(
+        kernel, grid=(ncol, splits),
+        out_shape=[jax.ShapeDtypeStruct((m, n), out_dtype), jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
+                   jax.ShapeDtypeStruct((2 * ncol * bn,), jnp.int32)],
+        input_output_aliases={4: 2}, compiler_params=params, interpret=interpret, name="flashit_matvec_q4_fixup",
+    )(*args, counters)
+    return y

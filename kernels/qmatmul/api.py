@@ -101,11 +101,12 @@ def _kernel_call(which: str, x2, q, scales, zeros, *, bits, packing, n, out_dtyp
             from kernels.gemv.quant import matvec_q4
 
             off = reference.code_offset(packing, bits, zeros is not None)
-            return matvec_q4(x2, q, scales, zeros, n=n, offset=off, interpret=interp).astype(out_dtype)
+            return matvec_q4(x2, q, scales, zeros, n=n, offset=off, interpret=interp, out_dtype=out_dtype)
         from kernels.gemv import gpu as gemv_gpu
 
-        y = gemv_gpu.matvec(x2, q, interpret=interp)  # int8 codes, fp32 out
-        return (y * scales.astype(jnp.float32)).astype(out_dtype)
+        # int8 codes; the per-column scale and the output dtype applied after the K sum (in the kernel
+        # with Blocks.fixup, else by XLA)
+        return gemv_gpu.matvec(x2, q, out_scale=scales.astype(jnp.float32), out_dtype=out_dtype, interpret=interp)
     if which in ("gpu", "interpret"):
         from kernels.qmatmul import gpu
 
@@ -154,6 +155,59 @@ def qmatmul(x, q, scales, zeros=None, *, bits: int, packing: str, n: int, out_dt
     if which == "xla":
         return reference.qmatmul(x, q, scales, zeros, bits=bits, packing=packing, n=n, out_dtype=out_dtype)
     y = _kernel_vjp(x.reshape(m, k), q, scales, zeros, which, bits, packing, n, jnp.dtype(out_dtype))
+    return y.reshape(*lead, n)
+
+
+def _norm_ref(x2, q, scales, norm_scale, eps, offset, n, out_dtype):
+    from flashit_jax.nn.norms import rms_norm
+
+    w = reference.dequantize(q, scales, None, bits=8, packing="i8", n=n, dtype=jnp.float32)
+    return jnp.dot(rms_norm(x2, norm_scale, eps, offset).astype(jnp.float32), w).astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _norm_vjp(x2, q, scales, norm_scale, interpret, eps, offset, n, out_dtype):
+    from kernels.gemv import gpu as gemv_gpu
+
+    return gemv_gpu.matvec(x2, q, norm_scale=norm_scale.astype(x2.dtype), eps=eps, offset=offset,
+                           out_scale=scales.astype(jnp.float32), out_dtype=out_dtype, interpret=interpret)
+
+
+def _norm_fwd(x2, q, scales, norm_scale, interpret, eps, offset, n, out_dtype):
+    return _norm_vjp(x2, q, scales, norm_scale, interpret, eps, offset, n, out_dtype), (x2, q, scales, norm_scale)
+
+
+def _norm_bwd(interpret, eps, offset, n, out_dtype, res, dy):
+    x2, q, scales, norm_scale = res
+    _, vjp = jax.vjp(lambda x, g: _norm_ref(x, q, scales, g, eps, offset, n, out_dtype), x2, norm_scale)
+    dx, dg = vjp(dy)
+    return dx, _zero_cotangent(q), _zero_cotangent(scales), dg
+
+
+_norm_vjp.defvjp(_norm_fwd, _norm_bwd)
+
+
+def qmatmul_norm(x, q, scales, zeros, norm, *, bits: int, packing: str, n: int, out_dtype=None, impl: str = "auto"):
+    """rms_norm(x, *norm) @ W with the norm inside the decode GEMV (norm = (scale, eps, offset)), where the
+    GEMV route serves W (symmetric per-column int8); None elsewhere (the caller normalises, then `qmatmul`).
+    Why: a w8 decode step on an H200 ran ~2 norm kernels per layer that the bf16 step fuses into its GEMVs
+    (324 against 275 kernels a step, 2026-12-05)."""
+    out_dtype = out_dtype or x.dtype
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    m = int(np.prod(lead)) if lead else 1
+    if packing != "i8" or not gemv_fits(m, packing, scales.shape[0], zeros is not None, x.dtype, k, n):
+        return None
+    which = choose(m, k, n, packing, scales.shape[0], x.dtype, impl, has_zeros=zeros is not None)
+    if which not in ("gemv", "interpret-gemv"):
+        return None
+    from kernels.gemv import api as gemv_api
+
+    if which == "gemv" and not gemv_api.use_norm_kernel(m, x.dtype):
+        return None
+    scale, eps, offset = norm
+    y = _norm_vjp(x.reshape(m, k), q, scales, scale, which == "interpret-gemv", float(eps), float(offset), n,
+                  jnp.dtype(out_dtype))
     return y.reshape(*lead, n)
 
 

@@ -247,3 +247,55 @@ def test_int4_gemv_route_interpret(m, k, n, group, symmetric, dtype):
                             blocks=quant.Blocks(bk=16, bn=16, target_programs=64, convert="cvt"), interpret=True)
     # the same codes either way; code * s + z may be contracted to one fma in one and not the other: 1 ulp
     assert rel(plain, small) < 1e-6
+
+
+def _primitives_outside_kernels(jaxpr) -> set[str]:
+    """Primitive names of a jaxpr and its sub-jaxprs (jit, custom_vjp, ...), not looking inside Pallas kernels."""
+    out = set()
+    for eqn in jaxpr.eqns:
+        out.add(eqn.primitive.name)
+        if eqn.primitive.name == "pallas_call":
+            continue
+        for v in eqn.params.values():
+            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    out |= _primitives_outside_kernels(inner)
+    return out
+
+
+@pytest.mark.parametrize("m,offset", [(1, 0.0), (2, 1.0)])
+def test_int8_gemv_route_fuses_the_norm(m, offset):
+    """linear(x, int8 QArray, norm=...) on the decode GEMV route runs the RMSNorm inside the kernel (no norm
+    outside the Pallas call, as for bf16 weights): the value of normalise-then-qmatmul, and the gradients
+    of x and the norm scale; on the XLA route it normalises first."""
+    from flashit_jax.nn.linear import linear
+    from flashit_jax.nn.norms import rms_norm
+    from flashit_jax.nn.qarray import matmul_impl
+    from flashit_jax.quant import RTN, quantize
+
+    rng = np.random.default_rng(5 + m)
+    w = quantize({"w": jnp.asarray(rng.normal(size=(200, 72)), jnp.float32)}, [(r"w", RTN(bits=8))])["w"]
+    assert (w.packing, w.groups, w.zeros) == ("i8", 1, None)  # what the GEMV route serves
+    x = jnp.asarray(3 * rng.normal(size=(m, 200)), jnp.float32)
+    g = jnp.asarray(rng.uniform(0.5, 1.5, 200), jnp.float32)
+
+    def f(x, g):
+        return linear(x, w, norm=(g, 1e-5, offset))
+
+    def unfused(x, g):
+        return linear(rms_norm(x, g, 1e-5, offset), w)
+
+    with matmul_impl("interpret-gemv"):
+        prims = _primitives_outside_kernels(jax.make_jaxpr(f)(x, g).jaxpr)
+        assert "pallas_call" in prims and "rsqrt" not in prims
+        got = f(x, g)
+        want = unfused(x, g)
+        assert rel(got, want) < 1e-5
+        loss = lambda fn: jax.grad(lambda x, g: jnp.sum(fn(x, g) ** 2), argnums=(0, 1))(x, g)  # noqa: E731
+        for a, b in zip(loss(f), loss(unfused)):
+            assert rel(a, b) < 1e-4
+    with matmul_impl("xla"):  # (a new function: make_jaxpr's trace cache does not key on matmul_impl)
+        prims = _primitives_outside_kernels(jax.make_jaxpr(lambda x, g: f(x, g))(x, g).jaxpr)
+        assert "pallas_call" not in prims and "rsqrt" in prims
+        assert rel(f(x, g), want) < 1e-5
