@@ -14,7 +14,7 @@
 #   quant   [240] issue 7: quantized decode, warmed rows: int8 and 4-bit on the GEMV route (auto; int8 with the
 #                 norm in the GEMV since session 10), each also with the K splits summed in the kernel (:fixup),
 #                 beside @xla
-#   gemvfix [120+200] issue 7: each decode GEMV with its K splits summed by XLA vs in the kernel (Blocks.fixup),
+#   gemvfix [90+120+200] issue 7: the GEMV GPU tests (the in-kernel split sum's atomics for real), each decode GEMV with its K splits summed by XLA vs in the kernel (Blocks.fixup),
 #                 same blocks, one run; then the int8 tiles re-tuned with fixup on (written to tuned.json)
 #   scan2   [200] issue 5: the tile layout with 8-16 channels per program (N across the lanes of one warp, no
 #                 shared-memory reduction), one pass and 2-4 segments, beside auto
@@ -67,7 +67,8 @@ for part in ${PARTS//,/ }; do
         quant) run quant 240 python -m eval.quant_speed --model random:llama-3.2-1b --budget-s 210 --json /tmp/owed_quant.json \
                    --variants "bf16,w8+emb8,w8+emb8:fixup,bf16:fixup,w4g128+emb8,w4g128+emb8:fixup,w8+emb8@xla,w4g128+emb8@xla"
                cp /tmp/owed_quant.json "$OUT/" 2>/dev/null ;;
-        gemvfix) run gemvfix 120 python -m kernels.gemv.bench --weights bf16,i8,u4g128 --models llama-3.2-1b \
+        gemvfix) run gemvfix_tests 90 python -m pytest tests/test_gemv.py -q -k "on_gpu"
+                 run gemvfix 120 python -m kernels.gemv.bench --weights bf16,i8,u4g128 --models llama-3.2-1b \
                      --json /tmp/owed_gemvfix.json
                  run gemvfixtune 200 python -m kernels.gemv.bench --tune --grid fixup --weights i8 --models llama-3.2-1b \
                      --write --json /tmp/owed_gemvfixtune.json

@@ -112,6 +112,33 @@ def test_matvec_on_gpu(m, k, n):
     assert float(jnp.linalg.norm(gpu.matvec_t(x, e) - want_t) / jnp.linalg.norm(want_t)) < 1e-5
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="runs the atomics of the in-kernel split sum for real")
+@pytest.mark.parametrize("k,n,fmt", [(2048, 3072, "bf16"), (8192, 2048, "i8"), (2048, 16384, "i8"), (2048, 4096, "u4")])
+def test_matvec_fixup_on_gpu(k, n, fmt):
+    """Blocks.fixup with programs really running concurrently (interpret mode runs them one after another):
+    every one of 20 calls gives the same bits (the last split adds the partials in split order) and the
+    value of XLA's sum of the partials."""
+    from kernels.gemv.quant import matvec_q4
+
+    rng = np.random.default_rng(k + n)
+    x = jnp.asarray(rng.standard_normal((1, k)), jnp.bfloat16)
+    b = gpu.Blocks(bk=64, bn=128, target_programs=2112)
+    if fmt == "u4":
+        q = jnp.asarray(rng.integers(0, 256, (k, n // 2)), jnp.uint8)
+        s = jnp.asarray(rng.uniform(0.01, 0.02, (k // 128, n)), jnp.float16)
+        run = lambda blocks: matvec_q4(x, q, s, n=n, blocks=blocks)  # noqa: E731
+    else:
+        w = jnp.asarray(rng.integers(-128, 128, (k, n)), jnp.int8) if fmt == "i8" else \
+            jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
+        run = lambda blocks: gpu.matvec(x, w, blocks=blocks)  # noqa: E731
+    want = np.asarray(run(b))
+    got = [np.asarray(run(dataclasses.replace(b, fixup=True))) for _ in range(20)]
+    for g in got[1:]:
+        np.testing.assert_array_equal(g, got[0])
+    np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
 def test_tuned_blocks_are_correct():
     """Every entry of tuned.json is a valid Blocks, and those blocks compute the product (on a
     K and N cut down so interpret mode stays quick: the masking paths are the same)."""

@@ -38,10 +38,11 @@ class Blocks:
     # two tiles of loads in flight; costs the tile's registers (matvec only)
     prefetch: bool = False
     # K splits summed inside the kernel: each program stores its partial sums, counts itself in per-column
-    # counters (atomic add, release/acquire), and the last of a column's splits adds the partials in split
-    # order, applies the per-column scale and writes the output dtype (deterministic). Off: the partials
-    # ([S, M, N] fp32) are summed, scaled and converted by XLA, one to three more kernels per product (on an
-    # H200 a w8 decode step spent 154 us of ~1000 in them, 2026-12-05; the in-kernel sum is not timed yet).
+    # counters (block barrier, then atomic add, release/acquire), and the last of a column's splits adds
+    # the partials in split order, applies the per-column scale and writes the output dtype (deterministic).
+    # Off: XLA sums the [S, M, N] fp32 partials, scales and converts them: one to three more kernels per
+    # product (a w8 decode step on an H200 spent 154 us of its 1016 in such reduce/convert kernels,
+    # 2026-12-05, some of them likely the unfused norm's). Not timed yet, so off by default;
     # FLASHIT_JAX_GEMV_FIXUP=1/0 overrides it for every shape (benchmarks).
     fixup: bool = False
 
@@ -146,11 +147,12 @@ def _plan(blocks: Blocks, m: int, k: int, n: int, bk_cap: int, programs: int | N
     return bk, bn, ncol, ks, pl.cdiv(k, ks)
 
 
-def _finish_splits(parts, o_ref, fix_refs, col, cmask, *, splits: int, counter_tile=None):
+def _finish_splits(parts, o_ref, fix_refs, col, cmask, *, splits: int, counter_tile=None, barrier: bool = True):
     """Write a program's per-row sums `parts` ([bn] fp32 each): as partials o_ref [S, M, N] (XLA adds them),
-    or with `fix_refs` = (column scale [N] or None, workspace [S, M, N] fp32, counters [column tiles x bn] int32, all zero):
-    the final o_ref [M, N], by whichever split of each column finishes last (see Blocks.fixup).
-    counter_tile: which bn counters these columns use (default: the program's column tile)."""
+    or with `fix_refs` = (column scale [N] or None, workspace [S, M, N] fp32, counters [column tiles x bn]
+    int32, all zero): the final o_ref [M, N], by whichever split of each column finishes last (Blocks.fixup).
+    counter_tile: which bn counters these columns use (default: the program's column tile). barrier=False
+    only in Pallas' interpreter, which has no barrier (and runs programs one after another)."""
     split = pl.program_id(1)
     if fix_refs is None:
         for r, part in enumerate(parts):
@@ -169,8 +171,11 @@ def _finish_splits(parts, o_ref, fix_refs, col, cmask, *, splits: int, counter_t
         return
     for r, part in enumerate(parts):
         plgpu.store(ws_ref.at[split, r, col], part, mask=cmask)
-    # one counter per column, bumped by the thread that stored that column's partials: the atomic's
-    # release orders its own stores, its acquire the loads below (no block-wide barrier needed)
+    # Triton decides which thread stores a column and which one bumps its counter (they may differ), so a
+    # block barrier first: with it, the atomic's release (gpu scope) covers every store of the program,
+    # the CUDA split-K pattern (__syncthreads, fence, atomicAdd); its acquire orders the loads below.
+    if barrier:
+        plgpu.debug_barrier()
     # (counters are padded to whole column tiles, so the atomic needs no mask: Pallas' interpreter has none)
     tile = pl.program_id(0) if counter_tile is None else counter_tile
     tile_cols = pl.ds(tile * col.shape[0], col.shape[0])
@@ -186,7 +191,8 @@ def _finish_splits(parts, o_ref, fix_refs, col, cmask, *, splits: int, counter_t
 
 
 def _matvec_kernel(x_ref, w_ref, s_ref, *refs, m: int, k: int, n: int, ks: int, bk: int, bn: int,
-                   norm: tuple[float, float] | None, convert: str, prefetch: bool, fixup: int, splits: int):
+                   norm: tuple[float, float] | None, convert: str, prefetch: bool, fixup: int, splits: int,
+                   interpret: bool):
     # refs: partials [S, M, N]; or (fixup) [column scale], counters in, then out [M, N], workspace, counters
     if fixup:
         has_scale = fixup == 2
@@ -240,7 +246,8 @@ def _matvec_kernel(x_ref, w_ref, s_ref, *refs, m: int, k: int, n: int, ks: int, 
         accs = jax.lax.fori_loop(0, steps, body, (*zeros, tile(0)))[:-1]
     else:
         accs = jax.lax.fori_loop(0, steps, lambda i, a: accumulate(i, tile(i), a), zeros)
-    _finish_splits([jnp.sum(accs[r], axis=0) for r in range(m)], o_ref, fix_refs, col, cmask, splits=splits)
+    _finish_splits([jnp.sum(accs[r], axis=0) for r in range(m)], o_ref, fix_refs, col, cmask, splits=splits,
+                   barrier=not interpret)
 
 
 def _matvec_t_kernel(x_ref, e_ref, o_ref, *, m: int, d: int, v: int, bv: int, bd: int):
@@ -308,7 +315,7 @@ def _matvec(x, w, norm_scale, out_scale, *, blocks: Blocks, interpret: bool, eps
     norm = None if norm_scale is None else (eps, offset)
     fixup = 0 if not blocks.fixup else (2 if out_scale is not None else 1)
     kernel = functools.partial(_matvec_kernel, m=m, k=k, n=n, ks=ks, bk=bk, bn=bn, norm=norm, convert=blocks.convert,
-                               prefetch=blocks.prefetch, fixup=fixup, splits=splits)
+                               prefetch=blocks.prefetch, fixup=fixup, splits=splits, interpret=bool(interpret))
     if norm_scale is None:
         norm_scale = jnp.zeros((1,), x.dtype)  # unread placeholder
     params = plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)

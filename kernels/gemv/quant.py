@@ -32,7 +32,7 @@ def q4_supported(k: int, n: int, groups: int) -> str:
 
 
 def _q4_kernel(x_ref, q_ref, s_ref, z_ref, *refs, m: int, k: int, half: int, ks: int, bk: int, bn: int,
-               group: int, offset: int, has_zeros: bool, convert: str, fixup: bool, splits: int):
+               group: int, offset: int, has_zeros: bool, convert: str, fixup: bool, splits: int, interpret: bool):
     f32 = jnp.float32
     col = pl.program_id(0) * bn + jnp.arange(bn)  # byte columns: outputs col and col + half
     cmask = col < half
@@ -67,11 +67,12 @@ def _q4_kernel(x_ref, q_ref, s_ref, z_ref, *refs, m: int, k: int, half: int, ks:
     ncol = pl.num_programs(0)
     for h in range(2):  # low-nibble columns, then high (their own counters: tiles ncol..2 ncol - 1)
         _finish_splits([jnp.sum(accs[2 * r + h], axis=0) for r in range(m)], o_ref, fix_refs, col + h * half, cmask,
-                       splits=splits, counter_tile=pl.program_id(0) + h * ncol)
+                       splits=splits, counter_tile=pl.program_id(0) + h * ncol, barrier=not interpret)
 
 
 def matvec_q4(x: jax.Array, q: jax.Array, scales: jax.Array, zeros: jax.Array | None = None, *, n: int,
-              offset: int = 8, blocks: Blocks | None = None, interpret: bool = False, out_dtype=jnp.float32) -> jax.Array:
+              offset: int = 8, blocks: Blocks | None = None, interpret: bool = False,
+              out_dtype=jnp.float32) -> jax.Array:
     """x [M, K] @ W [K, N] -> [M, N] in `out_dtype` (fp32 accumulation) for W stored `u4x2` (q uint8 [K, N/2])
     with scales (and zeros) [K / group, N]; `offset` is subtracted from the codes of symmetric weights (zeros None)."""
     m, k = x.shape
@@ -98,7 +99,7 @@ def _matvec_q4(x, q, scales, zeros, *, n: int, offset: int, blocks: Blocks, inte
     bk, bn, ncol, ks, splits = _plan(blocks, m, k, half, _pow2_at_most(group))
     kernel = functools.partial(_q4_kernel, m=m, k=k, half=half, ks=ks, bk=bk, bn=bn, group=group,
                                offset=offset, has_zeros=zeros is not None, convert=blocks.convert,
-                               fixup=blocks.fixup, splits=splits)
+                               fixup=blocks.fixup, splits=splits, interpret=bool(interpret))
     params = plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
     args = (x, q, scales, scales if zeros is None else zeros)
     if not blocks.fixup:
