@@ -227,20 +227,24 @@ def _heads(w, head_dim: int) -> int:
     return nn.weight_shape(w)[-1] // head_dim
 
 
-def _proj(p: dict, x, tap: dict | None, path: str, norm=None):
+def _proj(p: dict, x, tap: dict | None, path: str, norm=None, glu=None, residual=None):
     """nn.linear; norm=(scale, eps, offset) means x is the raw residual and the projection's
-    input is rms_norm(x) (fused into the decode GEMV where it runs)."""
-    if tap is not None:
+    input is rms_norm(x); glu="silu" means x is gate | up and the input silu(gate) * up; residual is
+    added to the result (all three fused into the decode GEMV where it runs)."""
+    if tap is not None:  # the layer's actual input is recorded
         if norm is not None:
             x, norm = nn.rms_norm(x, *norm), None
+        if glu is not None:
+            x, glu = nn.glu_input(x, glu), None
         tap[path] = x
-    return nn.linear(x, p["w"], p.get("b"), norm=norm)
+    return nn.linear(x, p["w"], p.get("b"), norm=norm, glu=glu, residual=residual)
 
 
 def _attention(p, x, positions, q_slots, kv_lengths, cache, layer: int, c: LlamaConfig, tap, pre, attn_impl,
-               segment_ids=None, attn_mask=None, norm=None):
+               segment_ids=None, attn_mask=None, norm=None, residual=None):
     """Self-attention of one layer; with a cache, also returns the layer's new cache entry.
-    norm: (scale, eps, offset) when x is the un-normalised residual (see `_proj`)."""
+    norm: (scale, eps, offset) when x is the un-normalised residual (see `_proj`); residual: added to the
+    output (residual + attention, the decode GEMV's epilogue where it runs)."""
     b, t, _ = x.shape
     hd = c.head_dim
     if "qkv" in p:  # the fused decode layout of `fuse_projections`
@@ -262,19 +266,23 @@ def _attention(p, x, positions, q_slots, kv_lengths, cache, layer: int, c: Llama
         q_slots, kv_lengths = None, None
     o = nn.attention(q, k, v, q_positions=q_slots, kv_lengths=kv_lengths, causal=True, window=c.sliding_window,
                      segment_ids=segment_ids, softcap=c.attn_softcap, mask=attn_mask, impl=attn_impl)
-    return _proj(p["o"], o.reshape(b, t, -1), tap, pre + "o"), entry
+    return _proj(p["o"], o.reshape(b, t, -1), tap, pre + "o", residual=residual), entry
 
 
-def _mlp(p, x, c: LlamaConfig, tap, pre, norm=None):
+def _mlp(p, x, c: LlamaConfig, tap, pre, norm=None, residual=None):
+    """The gated MLP; residual, when given, is added to its output (see `_proj`)."""
     if "gate_up" in p:
-        g, u = jnp.split(_proj(p["gate_up"], x, tap, pre + "gate_up", norm), 2, axis=-1)
+        gu = _proj(p["gate_up"], x, tap, pre + "gate_up", norm)
+        if c.act == "silu":  # the down projection takes gate | up and applies the activation itself
+            return _proj(p["down"], gu, tap, pre + "down", glu="silu", residual=residual)
+        g, u = jnp.split(gu, 2, axis=-1)
     else:
         if norm is not None:
             x = nn.rms_norm(x, *norm)
         g = _proj(p["gate"], x, tap, pre + "gate")
         u = _proj(p["up"], x, tap, pre + "up")
     a = jax.nn.silu(g) if c.act == "silu" else jax.nn.gelu(g, approximate=True)
-    return _proj(p["down"], a * u, tap, pre + "down")
+    return _proj(p["down"], a * u, tap, pre + "down", residual=residual)
 
 
 def forward(params, tokens, positions=None, cache: nn.KVCache | None = None, *, config: LlamaConfig,
@@ -293,10 +301,11 @@ def forward(params, tokens, positions=None, cache: nn.KVCache | None = None, *, 
     attn_mask: bool [B, 1, T, Tk], ANDed with the causal mask (tree attention over draft candidates).
     Returns (logits, cache, aux).
     """
-    def ffn(lp, h, layer, tap, pre, norm=None):
-        return _mlp(lp["mlp"], h, config, tap, pre + "mlp/", norm), None
+    def ffn(lp, h, layer, tap, pre, norm=None, residual=None):
+        return _mlp(lp["mlp"], h, config, tap, pre + "mlp/", norm, residual), None
 
     ffn.takes_norm = True  # gets the raw residual and the norm (fused into its first GEMV)
+    ffn.takes_residual = True  # returns residual + its output (the add fused into its last GEMV)
 
     logits, new_cache, aux, _ = decoder_forward(
         params, tokens, positions, cache, config=config, ffn=ffn, collect=collect, segment_ids=segment_ids,
@@ -327,7 +336,8 @@ def decoder_forward(params, tokens, positions, cache, *, config, ffn, collect=()
 
     ffn(layer_params, h, layer_index, tap, path_prefix) -> (output, ffn_aux); returns
     (logits, cache, aux, [ffn_aux of each layer]). An ffn with `takes_norm = True` is called with
-    the raw residual and `norm=(scale, eps, offset)` instead of h.
+    the raw residual and `norm=(scale, eps, offset)` instead of h; one with `takes_residual = True` gets
+    `residual=` (the stream before it) and returns residual + its output.
     """
     c = config
     b, t = tokens.shape
@@ -356,17 +366,18 @@ def decoder_forward(params, tokens, positions, cache, *, config, ffn, collect=()
         lp = layers[i]
         pre = f"layers/{i}/"
         norm = (lp["attn_norm"]["scale"], c.norm_eps, c.norm_offset)
-        a, entry = _attention(lp["attn"], x, positions, q_slots, kv_lengths, cache, i, c, tap, pre + "attn/",
-                              attn_impl, segment_ids, attn_mask, norm=norm)
+        # x + attention(x): the add is the o projection's epilogue (in the decode GEMV where it runs)
+        x, entry = _attention(lp["attn"], x, positions, q_slots, kv_lengths, cache, i, c, tap, pre + "attn/",
+                              attn_impl, segment_ids, attn_mask, norm=norm, residual=x)
         entries.append(entry)
-        x = x + a
         norm = (lp["mlp_norm"]["scale"], c.norm_eps, c.norm_offset)
+        kw = {"residual": x} if getattr(ffn, "takes_residual", False) else {}
         if getattr(ffn, "takes_norm", False):
-            y, extra = ffn(lp, x, i, tap, pre, norm=norm)
+            y, extra = ffn(lp, x, i, tap, pre, norm=norm, **kw)
         else:
-            y, extra = ffn(lp, nn.rms_norm(x, *norm), i, tap, pre)
+            y, extra = ffn(lp, nn.rms_norm(x, *norm), i, tap, pre, **kw)
         ffn_aux.append(extra)
-        x = constrain_batch(x + y)
+        x = constrain_batch(y if kw else x + y)
         if "hidden" in collect:
             hidden.append(x)
     logits = output_logits(params, x, c, tap, logits_at)

@@ -269,7 +269,8 @@ def test_matvec_fixup_switch(monkeypatch):
 
 
 def test_matvec_fixup_lowers_to_triton():
-    """The in-kernel split sum (atomics, aliased counters) passes the Triton lowering on CPU."""
+    """The in-kernel split sum (atomics, aliased counters), the norm, gate and residual fusions pass the
+    Triton lowering on CPU."""
     S = jax.ShapeDtypeStruct
     b = gpu.Blocks(bk=64, bn=128, target_programs=528, fixup=True)
     exp = jax.export.export(
@@ -281,10 +282,18 @@ def test_matvec_fixup_lowers_to_triton():
     from kernels.gemv.quant import matvec_q4
 
     exp = jax.export.export(
-        jax.jit(lambda x, q, s: matvec_q4(x, q, s, n=4096, blocks=b, out_dtype=jnp.bfloat16)),
+        jax.jit(lambda x, q, s, g: matvec_q4(x, q, s, n=4096, blocks=b, out_dtype=jnp.bfloat16, norm_scale=g)),
         platforms=("cuda",), disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
-        S((1, 2048), jnp.bfloat16), S((2048, 2048), jnp.uint8), S((16, 4096), jnp.float16))
+        S((1, 2048), jnp.bfloat16), S((2048, 2048), jnp.uint8), S((16, 4096), jnp.float16), S((2048,), jnp.bfloat16))
     assert "output_operand_alias" in exp.mlir_module()
+    # the down projection's fusions: silu(gate) * up in the prologue, the residual add in the epilogue
+    for fn, w in ((lambda x, w, r: gpu.matvec(x, w, blocks=b, glu="silu", residual=r, out_dtype=jnp.bfloat16),
+                   S((8192, 2048), jnp.bfloat16)),
+                  (lambda x, w, r: matvec_q4(x, w, jnp.ones((64, 2048), jnp.float16), n=2048, blocks=b, glu="silu",
+                                             residual=r, out_dtype=jnp.bfloat16), S((8192, 1024), jnp.uint8))):
+        jax.export.export(jax.jit(fn), platforms=("cuda",), disabled_checks=[
+            jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+            S((1, 16384), jnp.bfloat16), w, S((1, 2048), jnp.bfloat16))
 
 
 @pytest.mark.parametrize("m,k,n,group,zeros", [(1, 256, 96, 64, True), (2, 512, 200, 128, False)])
@@ -306,3 +315,65 @@ def test_matvec_q4_fixup(m, k, n, group, zeros):
     np.testing.assert_allclose(np.asarray(got), np.asarray(plain), rtol=1e-5, atol=1e-5 * float(jnp.abs(plain).max()))
     bf = matvec_q4(x, q, s, z, n=n, blocks=dataclasses.replace(b, fixup=True), interpret=True, out_dtype=jnp.bfloat16)
     np.testing.assert_allclose(np.asarray(bf, np.float32), np.asarray(plain), rtol=2 ** -7)
+
+
+@pytest.mark.parametrize("fixup", [False, True])
+@pytest.mark.parametrize("m,k,n,dtype", [(1, 576, 200, jnp.bfloat16), (2, 200, 96, jnp.float32)])
+def test_matvec_glu_and_residual(m, k, n, dtype, fixup):
+    """glu="silu" (x = gate | up, the product of silu(gate) * up) and residual (residual + y) inside the GEMV:
+    the values of `residual + (jax.nn.silu(g) * u) @ w`, computed in the same dtype, for bf16 weights and int8
+    codes with a per-column scale, the K splits summed by XLA or in the kernel."""
+    rng = np.random.default_rng(k + m)
+    gu = jnp.asarray(2 * rng.standard_normal((m, 2 * k)), dtype)
+    res = jnp.asarray(rng.standard_normal((m, n)), dtype)
+    b = gpu.Blocks(bk=32, bn=64, target_programs=24, fixup=fixup)
+    for w, scale in ((jnp.asarray(rng.standard_normal((k, n)) / 8, dtype), None),
+                     (jnp.asarray(rng.integers(-128, 128, (k, n)), jnp.int8), jnp.asarray(rng.uniform(1e-3, 2e-3, n), jnp.float32))):
+        got = gpu.matvec(gu, w, blocks=b, glu="silu", residual=res, out_scale=scale, out_dtype=dtype, interpret=True)
+        a = jax.nn.silu(gu[:, :k]) * gu[:, k:]
+        y = reference.matvec(a, w.astype(dtype))
+        want = res + (y if scale is None else y * scale).astype(dtype)
+        assert got.dtype == dtype and got.shape == (m, n)
+        err = np.abs(np.asarray(got, np.float32) - np.asarray(want, np.float32)).max()
+        # fp32: sum order only; bf16: the sum's order can flip the rounding of y, then of the add (2 ulps)
+        tol = 1e-5 if dtype == jnp.float32 else 2 * 2 ** -8
+        assert err <= tol * float(np.abs(np.asarray(want, np.float32)).max()), err
+
+
+def test_matvec_glu_bad_input():
+    x = jnp.ones((1, 16), jnp.float32)
+    with pytest.raises(ValueError, match="glu must be one of"):
+        gpu.matvec(x, jnp.ones((8, 4), jnp.float32), glu="relu", interpret=True)
+    with pytest.raises(ValueError, match=r"takes x as \[M, 2K\]"):
+        gpu.matvec(x, jnp.ones((16, 4), jnp.float32), glu="silu", interpret=True)
+    with pytest.raises(ValueError, match="do not combine"):
+        gpu.matvec(x, jnp.ones((8, 4), jnp.float32), glu="silu", norm_scale=jnp.ones(8), interpret=True)
+    with pytest.raises(ValueError, match="residual has shape"):
+        gpu.matvec(x, jnp.ones((16, 4), jnp.float32), residual=jnp.ones((1, 5)), interpret=True)
+
+
+@pytest.mark.parametrize("fixup", [False, True])
+def test_matvec_q4_fusions(fixup):
+    """The 4-bit GEMV's prologue and epilogue fusions (the same helpers as the bf16/int8 kernel's): the norm,
+    then silu(gate) * up with a residual add, against the XLA expressions on the dequantized weight."""
+    from kernels.gemv.quant import matvec_q4
+    from kernels.qmatmul.reference import dequantize
+
+    rng = np.random.default_rng(3)
+    k, n, group = 256, 96, 64
+    q = jnp.asarray(rng.integers(0, 256, (k, n // 2)), jnp.uint8)
+    s = jnp.asarray(rng.uniform(0.01, 0.02, (k // group, n)), jnp.float16)
+    w = dequantize(q, s, None, bits=4, packing="u4x2", n=n, dtype=jnp.float32)  # the kernel's fp32 weights
+    hi = jax.lax.Precision.HIGHEST
+    b = gpu.Blocks(bk=32, bn=32, target_programs=24, fixup=fixup)
+    x = jnp.asarray(2 * rng.standard_normal((1, k)), jnp.bfloat16)
+    g = jnp.asarray(rng.uniform(0.5, 1.5, k), jnp.bfloat16)
+    got = matvec_q4(x, q, s, n=n, blocks=b, norm_scale=g, eps=1e-6, out_dtype=jnp.float32, interpret=True)
+    want = jnp.dot(rms_norm(x, g, 1e-6, 0.0).astype(jnp.float32), w, precision=hi)
+    assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-5
+    gu = jnp.asarray(2 * rng.standard_normal((1, 2 * k)), jnp.bfloat16)
+    res = jnp.asarray(rng.standard_normal((1, n)), jnp.bfloat16)
+    got = matvec_q4(gu, q, s, n=n, blocks=b, glu="silu", residual=res, out_dtype=jnp.bfloat16, interpret=True)
+    want = res + jnp.dot((jax.nn.silu(gu[:, :k]) * gu[:, k:]).astype(jnp.float32), w, precision=hi).astype(jnp.bfloat16)
+    err = np.abs(np.asarray(got, np.float32) - np.asarray(want, np.float32)).max()
+    assert err <= 2 * 2 ** -8 * float(np.abs(np.asarray(want, np.float32)).max()), err

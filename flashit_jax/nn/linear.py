@@ -22,8 +22,9 @@ class WeightOps(NamedTuple):
     linear: Callable[[jax.Array, Any], jax.Array] | None = None  # (x [..., in], w) -> [..., out]
     embed: Callable[[jax.Array, Any], jax.Array] | None = None  # (ids [...], w) -> [..., dim]
     unembed: Callable[[jax.Array, Any], jax.Array] | None = None  # (x [..., dim], w) -> [..., vocab] fp32
-    # (x [..., in], w, norm) -> rms_norm(x, *norm) @ w with the norm fused, or None where it cannot fuse
-    linear_norm: Callable[[jax.Array, Any, tuple], jax.Array | None] | None = None
+    # (x, w, *, norm, glu, residual) -> `linear`'s result with those fused into the decode GEMV, or None
+    # where this weight's kernel cannot take them (linear then computes them around `linear`)
+    linear_fused: Callable[..., jax.Array | None] | None = None
 
 
 _OPS: dict[type, WeightOps] = {}
@@ -117,24 +118,65 @@ def _dense_matmul(x, w, out_dtype=jnp.float32):
     return lowp_einsum("...i,io->...o", x, _dense(w, x.dtype)).astype(out_dtype)
 
 
-def linear(x: jax.Array, w, b: jax.Array | None = None, *, norm: tuple | None = None) -> jax.Array:
+GLUS = ("silu",)  # linear(glu=...): the gated activations a decode GEMV computes in its prologue
+
+
+def glu_input(x: jax.Array, glu: str) -> jax.Array:
+    """silu(gate) * up for x = gate | up (the input of a gated MLP's down projection), in x's dtype."""
+    if glu not in GLUS:
+        raise ValueError(f"linear: glu must be one of {GLUS}, got {glu!r}")
+    g, u = jnp.split(x, 2, axis=-1)
+    return jax.nn.silu(g) * u
+
+
+def _fused_gemv(x, w, ops, norm, glu, residual):
+    """The decode GEMV with the norm (prologue), the gated activation (prologue) or the residual add
+    (epilogue) inside, where a kernel takes this product; else None."""
+    if ops is not None:
+        return None if ops.linear_fused is None else ops.linear_fused(x, w, norm=norm, glu=glu, residual=residual)
+    k, n = w.shape
+    if x.shape[-1] != k * (2 if glu is not None else 1) or not gemv.use_norm_kernel(_rows(x), x.dtype):
+        return None  # (the fused variants have no partitioning rule: off under a split mesh)
+    if residual is not None and (residual.dtype != x.dtype or residual.shape != (*x.shape[:-1], n)):
+        return None
+    x2 = x.reshape(-1, x.shape[-1])
+    if norm is not None:
+        if residual is not None:
+            return None
+        y = gemv.matvec_norm(x2, w, norm[0], float(norm[1]), float(norm[2]), jnp.dtype(x.dtype))
+    else:
+        y = gemv.matvec_epi(x2, w, None if residual is None else residual.reshape(-1, n), glu, jnp.dtype(x.dtype))
+    return y.reshape(*x.shape[:-1], n)
+
+
+def linear(x: jax.Array, w, b: jax.Array | None = None, *, norm: tuple | None = None, glu: str | None = None,
+           residual: jax.Array | None = None) -> jax.Array:
     """y = x @ w + b with w `[in, out]`; the result has x's dtype, accumulated in fp32.
 
-    norm=(scale, eps, offset): y = rms_norm(x, ...) @ w + b. Decode-sized inputs with a plain weight, or
-    a weight type whose `linear_norm` takes it (int8 QArrays on the GEMV route), then run the norm inside
-    the GEMV kernel; every other case normalises first."""
+    norm=(scale, eps, offset): y = rms_norm(x, ...) @ w + b.
+    glu="silu": x is [..., 2 in] = gate | up and y = (silu(gate) * up) @ w + b (a gated MLP's down projection).
+    residual: returns residual + y (the residual stream's add).
+    Decode-sized inputs with a plain weight, or a weight type whose `linear_fused` takes it (int8 QArrays on
+    the GEMV route), run these inside the GEMV kernel (no separate norm, activation or add kernels in a
+    decode step); every other case computes them around the product, with the same roundings."""
+    if norm is not None and glu is not None:
+        raise ValueError("linear: norm and glu do not combine (the norm is the input of gate|up, glu of down)")
+    if glu is not None and glu not in GLUS:
+        raise ValueError(f"linear: glu must be one of {GLUS}, got {glu!r}")
     ops = _ops(w)
+    y = None
+    if norm is not None or glu is not None or residual is not None:
+        # a bias goes between the product and the residual add: the kernels add a residual only without one
+        y = _fused_gemv(x, w, ops, norm, glu, residual if b is None else None)
+    if y is not None:
+        if b is not None:
+            y = y + b.astype(y.dtype)
+            return y if residual is None else residual + y
+        return y
     if norm is not None:
-        if ops is None and x.shape[-1] == w.shape[0] and gemv.use_norm_kernel(_rows(x), x.dtype):
-            y = gemv.matvec_norm(x.reshape(-1, x.shape[-1]), w, norm[0], float(norm[1]), float(norm[2]),
-                                 jnp.dtype(x.dtype))
-            y = y.reshape(*x.shape[:-1], w.shape[1])
-            return y if b is None else y + b.astype(y.dtype)
-        if ops is not None and ops.linear_norm is not None:
-            y = ops.linear_norm(x, w, norm)
-            if y is not None:
-                return y if b is None else y + b.astype(y.dtype)
         x = rms_norm(x, *norm)
+    if glu is not None:
+        x = glu_input(x, glu)
     if ops is not None and ops.linear is not None:
         y = ops.linear(x, w)
     else:
@@ -143,7 +185,7 @@ def linear(x: jax.Array, w, b: jax.Array | None = None, *, norm: tuple | None = 
         y = _dense_matmul(x, w, x.dtype)
     if b is not None:
         y = y + b.astype(y.dtype)
-    return y
+    return y if residual is None else residual + y
 
 
 def _vocab_axes(vocab: int) -> tuple[str, ...]:

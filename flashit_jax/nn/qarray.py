@@ -179,12 +179,12 @@ def _linear(x, w: QArray):
     return _matmul_kn(x, w, x.dtype)
 
 
-def _linear_norm(x, w: QArray, norm):
-    """rms_norm(x, *norm) @ w inside the decode GEMV where that route serves w, else None (see nn.linear)."""
-    if w.axis != 0 or w.act is not None or x.shape[-1] != w.k:
+def _linear_fused(x, w: QArray, *, norm=None, glu=None, residual=None):
+    """The decode GEMV with its fusions (see nn.linear) where that route serves w, else None."""
+    if w.axis != 0 or w.act is not None or x.shape[-1] != w.k * (2 if glu is not None else 1):
         return None
-    return qapi.qmatmul_norm(x, w.qvalues, w.scales, w.zeros, norm, bits=w.bits, packing=w.packing, n=w.n,
-                             out_dtype=x.dtype, impl=_IMPL[-1])
+    return qapi.qmatmul_fused(x, w.qvalues, w.scales, w.zeros, bits=w.bits, packing=w.packing, n=w.n, norm=norm,
+                              glu=glu, residual=residual, out_dtype=x.dtype, impl=_IMPL[-1])
 
 
 def _columns(w: QArray, ids):
@@ -231,4 +231,4 @@ def _unembed(x, w: QArray):
     return _matmul_kn(x, w, jnp.float32)
 
 
-register_weight_type(QArray, WeightOps(linear=_linear, embed=_embed, unembed=_unembed, linear_norm=_linear_norm))
+register_weight_type(QArray, WeightOps(linear=_linear, embed=_embed, unembed=_unembed, linear_fused=_linear_fused))

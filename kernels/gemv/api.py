@@ -94,6 +94,33 @@ matvec_norm.defvjp(lambda x, w, s, eps, offset, out_dtype: (matvec_norm(x, w, s,
                    _matvec_norm_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def matvec_epi(x, w, residual, glu, out_dtype):
+    """[residual +] (glu(x) if glu else x) [M, K or 2K] @ w [K, N] -> [M, N] in out_dtype, the gated
+    activation in the kernel's prologue and the residual add in its epilogue (kernels.gemv.gpu.matvec)."""
+    from kernels.gemv import gpu
+
+    return gpu.matvec(x, w.astype(x.dtype), glu=glu, residual=residual, out_dtype=out_dtype,
+                      interpret=_mode() == "interpret")
+
+
+def _epi_ref(x, w, residual, glu, out_dtype):
+    if glu is not None:
+        k = x.shape[-1] // 2
+        x = jax.nn.silu(x[:, :k]) * x[:, k:]
+    y = reference.matvec(x, w.astype(x.dtype)).astype(out_dtype)
+    return y if residual is None else residual + y
+
+
+def _matvec_epi_bwd(glu, out_dtype, res, g):
+    x, w, residual = res
+    _, vjp = jax.vjp(lambda x, w, r: _epi_ref(x, w, r, glu, out_dtype), x, w, residual)
+    return vjp(g)
+
+
+matvec_epi.defvjp(lambda x, w, r, glu, out_dtype: (matvec_epi(x, w, r, glu, out_dtype), (x, w, r)), _matvec_epi_bwd)
+
+
 @jax.custom_vjp
 def matvec_t(x, e):
     """x [M, D] @ e [V, D].T -> fp32 [M, V]."""
@@ -106,4 +133,4 @@ def matvec_t(x, e):
 
 matvec_t.defvjp(lambda x, e: (matvec_t(x, e), (x, e)), lambda res, g: _grads(*res, g, transposed=True))
 
-__all__ = ["use_kernel", "matvec", "matvec_norm", "matvec_t", "reference"]
+__all__ = ["use_kernel", "matvec", "matvec_norm", "matvec_epi", "matvec_t", "reference"]

@@ -149,8 +149,9 @@ def _plan(blocks: Blocks, m: int, k: int, n: int, bk_cap: int, programs: int | N
 
 def _finish_splits(parts, o_ref, fix_refs, col, cmask, *, splits: int, counter_tile=None, barrier: bool = True):
     """Write a program's per-row sums `parts` ([bn] fp32 each): as partials o_ref [S, M, N] (XLA adds them),
-    or with `fix_refs` = (column scale [N] or None, workspace [S, M, N] fp32, counters [column tiles x bn]
-    int32, all zero): the final o_ref [M, N], by whichever split of each column finishes last (Blocks.fixup).
+    or with `fix_refs` = (column scale [N] or None, residual [M, N] or None, workspace [S, M, N] fp32, counters
+    [column tiles x bn] int32, all zero): the final o_ref [M, N] (residual + y if given), by whichever split of
+    each column finishes last (Blocks.fixup).
     counter_tile: which bn counters these columns use (default: the program's column tile). barrier=False
     only in Pallas' interpreter, which has no barrier (and runs programs one after another)."""
     split = pl.program_id(1)
@@ -158,12 +159,15 @@ def _finish_splits(parts, o_ref, fix_refs, col, cmask, *, splits: int, counter_t
         for r, part in enumerate(parts):
             plgpu.store(o_ref.at[split, r, col], part, mask=cmask)
         return
-    scale_ref, ws_ref, cnt_ref = fix_refs
+    scale_ref, res_ref, ws_ref, cnt_ref = fix_refs
     scale = None if scale_ref is None else plgpu.load(scale_ref.at[col], mask=cmask, other=0.0).astype(jnp.float32)
 
     def put(r, total, mask):
-        y = total if scale is None else total * scale
-        plgpu.store(o_ref.at[r, col], y.astype(o_ref.dtype), mask=mask)
+        y = (total if scale is None else total * scale).astype(o_ref.dtype)
+        if res_ref is not None:  # residual + y, y rounded first: what `x + linear(...)` computes
+            y = (plgpu.load(res_ref.at[r, col], mask=mask, other=0.0).astype(jnp.float32)
+                 + y.astype(jnp.float32)).astype(o_ref.dtype)
+        plgpu.store(o_ref.at[r, col], y, mask=mask)
 
     if splits == 1:
         for r, part in enumerate(parts):
@@ -190,19 +194,19 @@ def _finish_splits(parts, o_ref, fix_refs, col, cmask, *, splits: int, counter_t
     plgpu.store(cnt_ref.at[tile_cols], jnp.zeros(col.shape, jnp.int32), mask=done)  # all zero again on exit
 
 
-def _matvec_kernel(x_ref, w_ref, s_ref, *refs, m: int, k: int, n: int, ks: int, bk: int, bn: int,
-                   norm: tuple[float, float] | None, convert: str, prefetch: bool, fixup: int, splits: int,
-                   interpret: bool):
-    # refs: partials [S, M, N]; or (fixup) [column scale], counters in, then out [M, N], workspace, counters
-    if fixup:
-        has_scale = fixup == 2
-        o_ref, ws_ref, cnt_ref = refs[-3:]
-        fix_refs = (refs[0] if has_scale else None, ws_ref, cnt_ref)
-    else:
-        o_ref, fix_refs = refs[0], None
-    col = pl.program_id(0) * bn + jnp.arange(bn)
-    cmask = col < n
-    k0 = pl.program_id(1) * ks
+def _silu_glu(g, u, dtype):
+    """silu(g) * u rounded as XLA computes `jax.nn.silu(g) * u` in `dtype` (each op's result rounded)."""
+    def rnd(v):
+        return v.astype(dtype).astype(jnp.float32)
+
+    g, u = g.astype(jnp.float32), u.astype(jnp.float32)
+    return rnd(rnd(g * rnd(1.0 / (1.0 + jnp.exp(-g)))) * u)
+
+
+def _x_prologue(x_ref, s_ref, *, m: int, k: int, norm: tuple[float, float] | None, glu: str | None):
+    """fn(rows, rmask) -> the product's input at K rows `rows` of each of the m rows of x, fp32 [bk] each:
+    x itself; rms_norm(x) with the scale in s_ref (norm = (eps, offset)); or silu(gate) * up (glu, x = gate | up),
+    rounded to x's dtype as the XLA expressions they replace round them."""
     if norm is not None:  # RMSNorm of each row, recomputed per program: x is a few KB in L2
         eps, offset = norm
         kp = 1 << (k - 1).bit_length()
@@ -211,6 +215,39 @@ def _matvec_kernel(x_ref, w_ref, s_ref, *refs, m: int, k: int, n: int, ks: int, 
         for r in range(m):
             xs = plgpu.load(x_ref.at[r, allk], mask=allk < k, other=0.0).astype(jnp.float32)
             inv.append(jax.lax.rsqrt(jnp.sum(xs * xs) / k + eps))
+
+    def rows_in(rows, rmask):
+        if norm is not None:
+            scale = plgpu.load(s_ref.at[rows], mask=rmask, other=0.0).astype(jnp.float32) + offset
+        out = []
+        for r in range(m):
+            xr = plgpu.load(x_ref.at[r, rows], mask=rmask, other=0.0)
+            if glu is not None:
+                xr = _silu_glu(xr, plgpu.load(x_ref.at[r, rows + k], mask=rmask, other=0.0), x_ref.dtype)
+            elif norm is None:
+                xr = xr.astype(jnp.float32)
+            else:  # rounded to x's dtype as nn.rms_norm returns it, so both paths multiply the same values
+                xr = ((xr.astype(jnp.float32) * inv[r]) * scale).astype(x_ref.dtype).astype(jnp.float32)
+            out.append(xr)
+        return out
+
+    return rows_in
+
+
+def _matvec_kernel(x_ref, w_ref, s_ref, *refs, m: int, k: int, n: int, ks: int, bk: int, bn: int,
+                   norm: tuple[float, float] | None, convert: str, prefetch: bool, fixup: bool, has_scale: bool,
+                   has_residual: bool, glu: str | None, splits: int, interpret: bool):
+    # refs: partials [S, M, N]; or (fixup) [column scale], [residual], counters in; then out [M, N], workspace,
+    # counters. glu="silu": x_ref is [M, 2K], gate | up, and the product's input is silu(gate) * up.
+    if fixup:
+        o_ref, ws_ref, cnt_ref = refs[-3:]
+        fix_refs = (refs[0] if has_scale else None, refs[int(has_scale)] if has_residual else None, ws_ref, cnt_ref)
+    else:
+        o_ref, fix_refs = refs[0], None
+    col = pl.program_id(0) * bn + jnp.arange(bn)
+    cmask = col < n
+    k0 = pl.program_id(1) * ks
+    x_rows = _x_prologue(x_ref, s_ref, m=m, k=k, norm=norm, glu=glu)
 
     def rows_of(i):  # K tile i of this program's range: its rows and which of them exist
         rows = k0 + i * bk + jnp.arange(bk)
@@ -224,17 +261,7 @@ def _matvec_kernel(x_ref, w_ref, s_ref, *refs, m: int, k: int, n: int, ks: int, 
         rows, rmask = rows_of(i)
         # bf16/fp16/fp32 weights, or int8 codes (qmatmul's W8)
         w = int_to_f32(w, convert=convert) if w.dtype == jnp.int8 else w.astype(jnp.float32)
-        if norm is not None:
-            scale = plgpu.load(s_ref.at[rows], mask=rmask, other=0.0).astype(jnp.float32) + offset
-        out = []
-        for r in range(m):
-            xr = plgpu.load(x_ref.at[r, rows], mask=rmask, other=0.0)
-            if norm is None:
-                xr = xr.astype(jnp.float32)
-            else:  # rounded to x's dtype as nn.rms_norm returns it, so both paths multiply the same values
-                xr = ((xr.astype(jnp.float32) * inv[r]) * scale).astype(x_ref.dtype).astype(jnp.float32)
-            out.append(accs[r] + xr[:, None] * w)
-        return tuple(out)
+        return tuple(acc + xr[:, None] * w for acc, xr in zip(accs, x_rows(rows, rmask)))
 
     steps = pl.cdiv(ks, bk)
     zeros = tuple(jnp.zeros((bk, bn), jnp.float32) for _ in range(m))
@@ -278,18 +305,36 @@ def fixup_override() -> bool | None:
     return None if v == "" else v == "1"
 
 
+GLUS = ("silu",)  # matvec(glu=...): gated activations computed in the kernel's prologue
+
+
 def matvec(x: jax.Array, w: jax.Array, *, blocks: Blocks | None = None, interpret: bool = False,
            norm_scale: jax.Array | None = None, eps: float = 1e-5, offset: float = 0.0,
-           out_scale: jax.Array | None = None, out_dtype=jnp.float32) -> jax.Array:
+           out_scale: jax.Array | None = None, out_dtype=jnp.float32, glu: str | None = None,
+           residual: jax.Array | None = None) -> jax.Array:
     """x [M, K] @ w [K, N] -> [M, N] in `out_dtype` (fp32 accumulation) for small M (<= 8); w may hold
     int8 codes (converted in registers), with `out_scale` [N] their per-column scale (y * out_scale).
 
     With `norm_scale` [K]: rms_norm(x, norm_scale, eps, offset) @ w, the norm computed inside the
-    kernel (a decode step then needs no separate normalisation kernels before its projections)."""
+    kernel (a decode step then needs no separate normalisation kernels before its projections).
+    glu="silu": x is [M, 2K] (gate | up) and the product is (silu(gate) * up) @ w, the activation computed
+    in the kernel (the down projection of a gated MLP). residual [M, N]: residual + y (y rounded to
+    out_dtype first, as `residual + linear(...)`); with Blocks.fixup inside the kernel."""
     m, k = x.shape
     n = w.shape[1]
+    if glu is not None:
+        if glu not in GLUS:
+            raise ValueError(f"matvec: glu must be one of {GLUS}, got {glu!r}")
+        if norm_scale is not None:
+            raise ValueError("matvec: glu and norm_scale do not combine (the norm is the input of gate|up, not down)")
+        if k != 2 * w.shape[0]:
+            raise ValueError(f"matvec: glu={glu!r} takes x as [M, 2K] (gate | up) for w [K, N]; got x {tuple(x.shape)} "
+                             f"and w {tuple(w.shape)}")
+        k = w.shape[0]
     if w.shape[0] != k:
         raise ValueError(f"matvec: x has {k} features but w is {tuple(w.shape)} ([K, N])")
+    if residual is not None and residual.shape != (m, n):
+        raise ValueError(f"matvec: residual has shape {tuple(residual.shape)}, expected the output's {(m, n)}")
     if norm_scale is not None and norm_scale.shape != (k,):
         raise ValueError(f"matvec: norm_scale has shape {tuple(norm_scale.shape)}, expected ({k},) like x's features")
     if out_scale is not None and out_scale.size != n:
@@ -299,23 +344,25 @@ def matvec(x: jax.Array, w: jax.Array, *, blocks: Blocks | None = None, interpre
     if force is not None and force != blocks.fixup:
         blocks = dataclasses.replace(blocks, fixup=force)
     # resolved here, outside the jit: its trace cache keys on the static arguments, not on the environment
-    return _matvec(x, w, norm_scale, None if out_scale is None else out_scale.reshape(n), blocks=blocks,
-                   interpret=interpret, eps=float(eps), offset=float(offset), out_dtype=jnp.dtype(out_dtype))
+    return _matvec(x, w, norm_scale, None if out_scale is None else out_scale.reshape(n), residual, blocks=blocks,
+                   interpret=interpret, eps=float(eps), offset=float(offset), out_dtype=jnp.dtype(out_dtype), glu=glu)
 
 
-@functools.partial(jax.jit, static_argnames=("blocks", "interpret", "eps", "offset", "out_dtype"))
-def _matvec(x, w, norm_scale, out_scale, *, blocks: Blocks, interpret: bool, eps: float, offset: float, out_dtype):
-    m, k = x.shape
-    n = w.shape[1]
+@functools.partial(jax.jit, static_argnames=("blocks", "interpret", "eps", "offset", "out_dtype", "glu"))
+def _matvec(x, w, norm_scale, out_scale, residual, *, blocks: Blocks, interpret: bool, eps: float, offset: float,
+            out_dtype, glu):
+    m = x.shape[0]
+    k, n = w.shape
     # each row keeps its own [bk, bn] fp32 accumulator in registers and the tuned tiles fill the
     # register file at M = 1, so M rows get 1/M of the K tile. Why: with M-row tiles a 5-row verify
     # pass of the Llama-3.2-1B shape cost 4.6 one-row steps on an H200 (2026-12-04), for the same
     # bytes; spilled registers are the likely cause (not yet profiled; `kernels.gemv.bench --rows`)
     bk, bn, ncol, ks, splits = _plan(blocks, m, k, n, _pow2_at_most(k))
     norm = None if norm_scale is None else (eps, offset)
-    fixup = 0 if not blocks.fixup else (2 if out_scale is not None else 1)
+    fixup = blocks.fixup
     kernel = functools.partial(_matvec_kernel, m=m, k=k, n=n, ks=ks, bk=bk, bn=bn, norm=norm, convert=blocks.convert,
-                               prefetch=blocks.prefetch, fixup=fixup, splits=splits, interpret=bool(interpret))
+                               prefetch=blocks.prefetch, fixup=fixup, has_scale=out_scale is not None,
+                               has_residual=residual is not None, glu=glu, splits=splits, interpret=bool(interpret))
     if norm_scale is None:
         norm_scale = jnp.zeros((1,), x.dtype)  # unread placeholder
     params = plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
@@ -327,8 +374,9 @@ def _matvec(x, w, norm_scale, out_scale, *, blocks: Blocks, interpret: bool, eps
         y = partial.sum(axis=0) if splits > 1 else partial[0]
         if out_scale is not None:
             y = y * out_scale.astype(jnp.float32)
-        return y.astype(out_dtype)
-    scale_in = () if out_scale is None else (out_scale,)
+        y = y.astype(out_dtype)
+        return y if residual is None else (residual.astype(jnp.float32) + y.astype(jnp.float32)).astype(out_dtype)
+    scale_in = (() if out_scale is None else (out_scale,)) + (() if residual is None else (residual,))
     counters = jnp.zeros((ncol * bn,), jnp.int32)  # start at 0 (the kernel leaves them at 0)
     y, _, _ = pl.pallas_call(
         kernel, grid=(ncol, splits),

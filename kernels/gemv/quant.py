@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.gemv.gpu import Blocks, _finish_splits, _plan, _pow2_at_most, blocks_for, fixup_override, int_to_f32
+from kernels.gemv.gpu import (GLUS, Blocks, _finish_splits, _plan, _pow2_at_most, _x_prologue, blocks_for,
+                              fixup_override, int_to_f32)
 
 
 def q4_supported(k: int, n: int, groups: int) -> str:
@@ -31,12 +32,14 @@ def q4_supported(k: int, n: int, groups: int) -> str:
     return ""
 
 
-def _q4_kernel(x_ref, q_ref, s_ref, z_ref, *refs, m: int, k: int, half: int, ks: int, bk: int, bn: int,
-               group: int, offset: int, has_zeros: bool, convert: str, fixup: bool, splits: int, interpret: bool):
+def _q4_kernel(x_ref, q_ref, s_ref, z_ref, g_ref, *refs, m: int, k: int, half: int, ks: int, bk: int, bn: int,
+               group: int, offset: int, has_zeros: bool, convert: str, fixup: bool, splits: int, interpret: bool,
+               norm, glu, has_residual: bool):
     f32 = jnp.float32
     col = pl.program_id(0) * bn + jnp.arange(bn)  # byte columns: outputs col and col + half
     cmask = col < half
     k0 = pl.program_id(1) * ks
+    x_rows = _x_prologue(x_ref, g_ref, m=m, k=k, norm=norm, glu=glu)  # g_ref: the norm's scale
 
     def body(i, accs):
         start = k0 + i * bk
@@ -54,16 +57,16 @@ def _q4_kernel(x_ref, q_ref, s_ref, z_ref, *refs, m: int, k: int, half: int, ks:
             else:
                 ws.append(int_to_f32(codes, offset=offset, convert=convert) * s[None, :])
         out = []
-        for r in range(m):
-            xr = plgpu.load(x_ref.at[r, rows], mask=rmask, other=0).astype(f32)
+        for r, xr in enumerate(x_rows(rows, rmask)):
             out.append(accs[2 * r] + xr[:, None] * ws[0])
             out.append(accs[2 * r + 1] + xr[:, None] * ws[1])
         return tuple(out)
 
     zero = jnp.zeros((bk, bn), f32)
     accs = jax.lax.fori_loop(0, pl.cdiv(ks, bk), body, tuple(zero for _ in range(2 * m)))
-    # refs: partials [S, M, N]; or (fixup) counters in, out [M, N], workspace [S, M, N], counters
-    o_ref, fix_refs = (refs[-3], (None, refs[-2], refs[-1])) if fixup else (refs[0], None)
+    # refs: partials [S, M, N]; or (fixup) [residual], counters in, out [M, N], workspace [S, M, N], counters
+    o_ref, fix_refs = (refs[-3], (None, refs[0] if has_residual else None, refs[-2], refs[-1])) if fixup else \
+        (refs[0], None)
     ncol = pl.num_programs(0)
     for h in range(2):  # low-nibble columns, then high (their own counters: tiles ncol..2 ncol - 1)
         _finish_splits([jnp.sum(accs[2 * r + h], axis=0) for r in range(m)], o_ref, fix_refs, col + h * half, cmask,
@@ -72,47 +75,65 @@ def _q4_kernel(x_ref, q_ref, s_ref, z_ref, *refs, m: int, k: int, half: int, ks:
 
 def matvec_q4(x: jax.Array, q: jax.Array, scales: jax.Array, zeros: jax.Array | None = None, *, n: int,
               offset: int = 8, blocks: Blocks | None = None, interpret: bool = False,
-              out_dtype=jnp.float32) -> jax.Array:
+              out_dtype=jnp.float32, norm_scale: jax.Array | None = None, eps: float = 1e-5, norm_offset: float = 0.0,
+              glu: str | None = None, residual: jax.Array | None = None) -> jax.Array:
     """x [M, K] @ W [K, N] -> [M, N] in `out_dtype` (fp32 accumulation) for W stored `u4x2` (q uint8 [K, N/2])
-    with scales (and zeros) [K / group, N]; `offset` is subtracted from the codes of symmetric weights (zeros None)."""
-    m, k = x.shape
+    with scales (and zeros) [K / group, N]; `offset` is subtracted from the codes of symmetric weights (zeros None).
+    norm_scale / eps / norm_offset, glu and residual: as `gpu.matvec`'s (norm_offset is its `offset`)."""
+    m = x.shape[0]
+    k = q.shape[0]
     groups = scales.shape[0]
-    if q.shape != (k, n // 2) or scales.shape[1] != n or k % groups:
-        raise ValueError(f"matvec_q4: x [M, {k}], q [K, N/2] = {(k, n // 2)}, scales [groups, {n}]; got "
-                         f"{tuple(q.shape)} and {tuple(scales.shape)}")
+    if q.shape != (k, n // 2) or scales.shape[1] != n or k % groups or x.shape[1] != k * (2 if glu else 1):
+        raise ValueError(f"matvec_q4: x [M, K{' * 2 (glu)' if glu else ''}], q [K, N/2] = {(k, n // 2)}, scales "
+                         f"[groups, {n}]; got x {tuple(x.shape)}, q {tuple(q.shape)}, scales {tuple(scales.shape)}")
     if why := q4_supported(k, n, groups):
         raise ValueError(f"matvec_q4: {why}")
+    if glu is not None and (glu not in GLUS or norm_scale is not None):
+        raise ValueError(f"matvec_q4: glu must be one of {GLUS}, without norm_scale; got {glu!r}")
+    if norm_scale is not None and norm_scale.shape != (k,):
+        raise ValueError(f"matvec_q4: norm_scale has shape {tuple(norm_scale.shape)}, expected ({k},)")
+    if residual is not None and residual.shape != (m, n):
+        raise ValueError(f"matvec_q4: residual has shape {tuple(residual.shape)}, expected {(m, n)}")
     blocks = blocks or blocks_for(k, n, f"u4g{k // groups}")
     force = fixup_override()
     if force is not None and force != blocks.fixup:
         blocks = dataclasses.replace(blocks, fixup=force)
-    return _matvec_q4(x, q, scales, zeros, n=n, offset=int(offset), blocks=blocks, interpret=interpret,
-                      out_dtype=jnp.dtype(out_dtype))
+    norm = None if norm_scale is None else (float(eps), float(norm_offset))
+    return _matvec_q4(x, q, scales, zeros, norm_scale, residual, n=n, offset=int(offset), blocks=blocks,
+                      interpret=interpret, out_dtype=jnp.dtype(out_dtype), norm=norm, glu=glu)
 
 
-@functools.partial(jax.jit, static_argnames=("n", "offset", "blocks", "interpret", "out_dtype"))
-def _matvec_q4(x, q, scales, zeros, *, n: int, offset: int, blocks: Blocks, interpret: bool, out_dtype):
-    m, k = x.shape
+@functools.partial(jax.jit, static_argnames=("n", "offset", "blocks", "interpret", "out_dtype", "norm", "glu"))
+def _matvec_q4(x, q, scales, zeros, norm_scale, residual, *, n: int, offset: int, blocks: Blocks, interpret: bool,
+               out_dtype, norm, glu):
+    m = x.shape[0]
+    k = q.shape[0]
     group = k // scales.shape[0]
     half = n // 2
     # bk divides the (power-of-two) group, and splits hold whole bk tiles: no tile straddles two groups
     bk, bn, ncol, ks, splits = _plan(blocks, m, k, half, _pow2_at_most(group))
     kernel = functools.partial(_q4_kernel, m=m, k=k, half=half, ks=ks, bk=bk, bn=bn, group=group,
                                offset=offset, has_zeros=zeros is not None, convert=blocks.convert,
-                               fixup=blocks.fixup, splits=splits, interpret=bool(interpret))
+                               fixup=blocks.fixup, splits=splits, interpret=bool(interpret), norm=norm, glu=glu,
+                               has_residual=residual is not None)
     params = plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
-    args = (x, q, scales, scales if zeros is None else zeros)
+    if norm_scale is None:
+        norm_scale = jnp.zeros((1,), x.dtype)  # unread placeholder
+    args = (x, q, scales, scales if zeros is None else zeros, norm_scale.astype(x.dtype))
     if not blocks.fixup:
         partial = pl.pallas_call(
             kernel, grid=(ncol, splits), out_shape=jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
             compiler_params=params, interpret=interpret, name="flashit_matvec_q4",
         )(*args)
-        return (partial.sum(axis=0) if splits > 1 else partial[0]).astype(out_dtype)
+        y = (partial.sum(axis=0) if splits > 1 else partial[0]).astype(out_dtype)
+        return y if residual is None else (residual.astype(jnp.float32) + y.astype(jnp.float32)).astype(out_dtype)
+    extra = () if residual is None else (residual,)
     counters = jnp.zeros((2 * ncol * bn,), jnp.int32)  # low and high halves' column tiles, all 0 (and left 0)
     y, _, _ = pl.pallas_call(
         kernel, grid=(ncol, splits),
         out_shape=[jax.ShapeDtypeStruct((m, n), out_dtype), jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
                    jax.ShapeDtypeStruct((2 * ncol * bn,), jnp.int32)],
-        input_output_aliases={4: 2}, compiler_params=params, interpret=interpret, name="flashit_matvec_q4_fixup",
-    )(*args, counters)
+        input_output_aliases={len(args) + len(extra): 2}, compiler_params=params, interpret=interpret,
+        name="flashit_matvec_q4_fixup",
+    )(*args, *extra, counters)
     return y

@@ -158,56 +158,82 @@ def qmatmul(x, q, scales, zeros=None, *, bits: int, packing: str, n: int, out_dt
     return y.reshape(*lead, n)
 
 
-def _norm_ref(x2, q, scales, norm_scale, eps, offset, n, out_dtype):
+def _fused_ref(x2, q, scales, zeros, norm_scale, residual, norm, glu, fmt, out_dtype):
+    """What `_fused_vjp` computes, in XLA (its backward differentiates this)."""
     from flashit_jax.nn.norms import rms_norm
 
-    w = reference.dequantize(q, scales, None, bits=8, packing="i8", n=n, dtype=jnp.float32)
-    return jnp.dot(rms_norm(x2, norm_scale, eps, offset).astype(jnp.float32), w).astype(out_dtype)
+    bits, packing, n = fmt
+    if norm is not None:
+        x2 = rms_norm(x2, norm_scale, *norm)
+    if glu is not None:
+        k = x2.shape[-1] // 2
+        x2 = jax.nn.silu(x2[:, :k]) * x2[:, k:]
+    w = reference.dequantize(q, scales, zeros, bits=bits, packing=packing, n=n, dtype=jnp.float32)
+    y = jnp.dot(x2.astype(jnp.float32), w).astype(out_dtype)
+    return y if residual is None else residual + y
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _norm_vjp(x2, q, scales, norm_scale, interpret, eps, offset, n, out_dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _fused_vjp(x2, q, scales, zeros, norm_scale, residual, interpret, norm, glu, fmt, out_dtype):
+    bits, packing, n = fmt
+    if packing == "u4x2":
+        from kernels.gemv.quant import matvec_q4
+
+        kw = {} if norm is None else dict(norm_scale=norm_scale, eps=norm[0], norm_offset=norm[1])
+        return matvec_q4(x2, q, scales, zeros, n=n, offset=reference.code_offset(packing, bits, zeros is not None),
+                         out_dtype=out_dtype, glu=glu, residual=residual, interpret=interpret, **kw)
     from kernels.gemv import gpu as gemv_gpu
 
-    return gemv_gpu.matvec(x2, q, norm_scale=norm_scale.astype(x2.dtype), eps=eps, offset=offset,
-                           out_scale=scales.astype(jnp.float32), out_dtype=out_dtype, interpret=interpret)
+    kw = {} if norm is None else dict(norm_scale=norm_scale.astype(x2.dtype), eps=norm[0], offset=norm[1])
+    return gemv_gpu.matvec(x2, q, out_scale=scales.astype(jnp.float32), out_dtype=out_dtype, glu=glu,
+                           residual=residual, interpret=interpret, **kw)
 
 
-def _norm_fwd(x2, q, scales, norm_scale, interpret, eps, offset, n, out_dtype):
-    return _norm_vjp(x2, q, scales, norm_scale, interpret, eps, offset, n, out_dtype), (x2, q, scales, norm_scale)
+def _fused_fwd(x2, q, scales, zeros, norm_scale, residual, interpret, norm, glu, fmt, out_dtype):
+    y = _fused_vjp(x2, q, scales, zeros, norm_scale, residual, interpret, norm, glu, fmt, out_dtype)
+    return y, (x2, q, scales, zeros, norm_scale, residual)
 
 
-def _norm_bwd(interpret, eps, offset, n, out_dtype, res, dy):
-    x2, q, scales, norm_scale = res
-    _, vjp = jax.vjp(lambda x, g: _norm_ref(x, q, scales, g, eps, offset, n, out_dtype), x2, norm_scale)
-    dx, dg = vjp(dy)
-    return dx, _zero_cotangent(q), _zero_cotangent(scales), dg
+def _fused_bwd(interpret, norm, glu, fmt, out_dtype, res, dy):
+    x2, q, scales, zeros, norm_scale, residual = res
+    _, vjp = jax.vjp(lambda x, g, r: _fused_ref(x, q, scales, zeros, g, r, norm, glu, fmt, out_dtype), x2,
+                     norm_scale, residual)
+    dx, dg, dr = vjp(dy)
+    return dx, _zero_cotangent(q), _zero_cotangent(scales), _zero_cotangent(zeros), dg, dr
 
 
-_norm_vjp.defvjp(_norm_fwd, _norm_bwd)
+_fused_vjp.defvjp(_fused_fwd, _fused_bwd)
 
 
-def qmatmul_norm(x, q, scales, zeros, norm, *, bits: int, packing: str, n: int, out_dtype=None, impl: str = "auto"):
-    """rms_norm(x, *norm) @ W with the norm inside the decode GEMV (norm = (scale, eps, offset)), where the
-    GEMV route serves W (symmetric per-column int8); None elsewhere (the caller normalises, then `qmatmul`).
-    Why: a w8 decode step on an H200 ran ~2 norm kernels per layer that the bf16 step fuses into its GEMVs
-    (324 against 275 kernels a step, 2026-12-05)."""
-    out_dtype = out_dtype or x.dtype
-    k = x.shape[-1]
+def qmatmul_fused(x, q, scales, zeros, *, bits: int, packing: str, n: int, norm=None, glu: str | None = None,
+                  residual=None, out_dtype=None, impl: str = "auto"):
+    """The decode GEMV with its fusions, where the GEMV route serves W (symmetric per-column int8, or u4x2
+    groups), else None (the caller runs them in XLA around `qmatmul`): norm = (scale, eps, offset):
+    rms_norm(x) @ W, the norm in the kernel's prologue; glu="silu": x is gate | up and the product's input
+    silu(gate) * up; residual: residual + y. Why: a w8 decode step on an H200 ran ~2 norm kernels per layer
+    that the bf16 step fuses into its GEMVs (324 against 275 kernels a step, 2026-12-05)."""
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    k = x.shape[-1] // (2 if glu is not None else 1)
     lead = x.shape[:-1]
     m = int(np.prod(lead)) if lead else 1
-    if packing != "i8" or not gemv_fits(m, packing, scales.shape[0], zeros is not None, x.dtype, k, n):
+    if not gemv_fits(m, packing, scales.shape[0], zeros is not None, x.dtype, k, n):
+        return None
+    if residual is not None and (residual.dtype != out_dtype or residual.shape != (*lead, n)):
         return None
     which = choose(m, k, n, packing, scales.shape[0], x.dtype, impl, has_zeros=zeros is not None)
     if which not in ("gemv", "interpret-gemv"):
         return None
     from kernels.gemv import api as gemv_api
+    from kernels.gemv import gpu as gemv_gpu
 
     if which == "gemv" and not gemv_api.use_norm_kernel(m, x.dtype):
         return None
-    scale, eps, offset = norm
-    y = _norm_vjp(x.reshape(m, k), q, scales, scale, which == "interpret-gemv", float(eps), float(offset), n,
-                  jnp.dtype(out_dtype))
+    if glu is not None and glu not in gemv_gpu.GLUS:
+        return None
+    scale, statics = (None, None) if norm is None else (norm[0], (float(norm[1]), float(norm[2])))
+    r2 = None if residual is None else residual.reshape(m, n)
+    y = _fused_vjp(x.reshape(m, x.shape[-1]), q, scales, zeros, scale, r2, which == "interpret-gemv", statics, glu,
+                   (bits, packing, n), out_dtype)
     return y.reshape(*lead, n)
 
 

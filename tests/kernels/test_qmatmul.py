@@ -4,6 +4,8 @@ Tolerances: codes and bf16/fp32 activations are exact in the kernels' input dtyp
 product accumulates in fp32, so kernel and reference differ only in summation order:
 ~1e-6 relative for fp32 and bf16 inputs alike (both compute on the same bf16-rounded x).
 """
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -249,18 +251,19 @@ def test_int4_gemv_route_interpret(m, k, n, group, symmetric, dtype):
     assert rel(plain, small) < 1e-6
 
 
-def _primitives_outside_kernels(jaxpr) -> set[str]:
-    """Primitive names of a jaxpr and its sub-jaxprs (jit, custom_vjp, ...), not looking inside Pallas kernels."""
-    out = set()
+def _primitives_outside_kernels(jaxpr) -> collections.Counter:
+    """Primitive names of a jaxpr and its sub-jaxprs (jit, custom_vjp, ...) with their counts, not looking
+    inside Pallas kernels."""
+    out = collections.Counter()
     for eqn in jaxpr.eqns:
-        out.add(eqn.primitive.name)
+        out[eqn.primitive.name] += 1
         if eqn.primitive.name == "pallas_call":
             continue
         for v in eqn.params.values():
             for sub in (v if isinstance(v, (tuple, list)) else (v,)):
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
-                    out |= _primitives_outside_kernels(inner)
+                    out += _primitives_outside_kernels(inner)
     return out
 
 
@@ -299,3 +302,42 @@ def test_int8_gemv_route_fuses_the_norm(m, offset):
         prims = _primitives_outside_kernels(jax.make_jaxpr(lambda x, g: f(x, g))(x, g).jaxpr)
         assert "pallas_call" not in prims and "rsqrt" in prims
         assert rel(f(x, g), want) < 1e-5
+
+
+@pytest.mark.parametrize("recipe", [None, "w8+emb8", "w4g32-asym"])
+def test_decode_step_fuses_norms_activation_and_residual_adds(monkeypatch, recipe):
+    """A bf16 decode step of the fused layout (q|k|v, gate|up) through the GEMV kernels (interpreted, K splits
+    summed in the kernel): no layer's RMSNorm or SiLU left outside the kernels (the final norm before the
+    tied head stays), for bf16 weights and for the int8 (`w8+emb8`) and 4-bit (`w4g32-asym`) routes, and the
+    logits of the unfused XLA step (bf16: within a few bf16 roundings)."""
+    from flashit_jax.nn.qarray import matmul_impl
+    from flashit_jax.quant import named_recipe, quantize
+    from models import Model
+    from models.llama import LlamaConfig, fuse_projections
+
+    cfg = LlamaConfig(vocab_size=256, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, tie_embeddings=True)
+    m = Model(cfg)
+    p = fuse_projections(m.init_params(jax.random.key(0), jnp.bfloat16), cfg)
+    if recipe:
+        p = quantize(p, named_recipe(recipe))
+    cache = m.init_cache(1, 8, jnp.bfloat16, params=p)
+    monkeypatch.setenv("FLASHIT_JAX_GEMV", "0")
+    _, cache, _ = m.forward(p, jnp.array([[5, 17, 100]]), cache=cache)
+    tok = jnp.array([[42]])
+    want = m.forward(p, tok, cache=cache)[0]
+    monkeypatch.setenv("FLASHIT_JAX_GEMV", "interpret")
+    monkeypatch.setenv("FLASHIT_JAX_GEMV_FIXUP", "1")
+
+    def step(p, c):  # int8 weights take the GEMV route through qarray.matmul_impl (interpreted here)
+        with matmul_impl("interpret-gemv" if recipe else "auto"):
+            return m.forward(p, tok, cache=c)[0]
+
+    prims = _primitives_outside_kernels(jax.make_jaxpr(step)(p, cache).jaxpr)
+    assert prims["pallas_call"] >= 4 * cfg.n_layers and prims["rsqrt"] == 1 and prims["logistic"] == 0, prims
+    monkeypatch.setenv("FLASHIT_JAX_GEMV", "0")
+    unfused = _primitives_outside_kernels(jax.make_jaxpr(lambda p, c: m.forward(p, tok, cache=c)[0])(p, cache).jaxpr)
+    assert unfused["rsqrt"] == 1 + 2 * cfg.n_layers and unfused["logistic"] == cfg.n_layers  # what was fused
+    monkeypatch.setenv("FLASHIT_JAX_GEMV", "interpret")
+    got = step(p, cache)
+    assert rel(got, want) < 2e-2  # bf16 logits of two programs that round at different points
+    assert int(jnp.argmax(got)) == int(jnp.argmax(want))
