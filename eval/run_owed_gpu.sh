@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The GPU measurements docs/DEVELOPING.md lists as owed, one part after another, each under its own
 # time limit (seconds in brackets: the limit each part gets, compiles included), results under $OUT.
-# A device call allows ~560 s, so pick the parts that fit with PARTS. Owed after 2026-12-05 (docs/DEVELOPING.md):
-#   OUT=$OUT PARTS=quant,attnbench bash eval/run_owed_gpu.sh          # one call (carry out/whl_tk for tokamax)
+# A device call allows ~560 s, so pick the parts that fit with PARTS. Owed after session 10 (docs/DEVELOPING.md):
+#   OUT=$OUT PARTS=train,scan2 bash eval/run_owed_gpu.sh              # issues 8 and 5 (530 s)
+#   OUT=$OUT PARTS=quant,profile bash eval/run_owed_gpu.sh            # issue 7
+#   OUT=$OUT PARTS=gemvfix bash eval/run_owed_gpu.sh                  # issue 7 (writes kernels/gemv/tuned.json)
 #   OUT=$OUT PARTS=decode bash eval/run_owed_gpu.sh                   # issue 3, on an H100
+#   OUT=$OUT PARTS=attnfull bash eval/run_owed_gpu.sh                 # issue 4 (closed; carry out/whl_tk)
 # Parts:
 #   gemvwide [170] issues 3, 7: GEMV tiles over the wide grid (bf16, tied head, int8), written to tuned.json
 #   moe     [170] issue 6: eval.bench_moe in one run with tokamax beside ours (its wheels in out/whl_tk, carried)
@@ -16,8 +19,9 @@
 #                 beside @xla
 #   gemvfix [90+120+200] issue 7: the GEMV GPU tests (the in-kernel split sum's atomics for real), each decode GEMV with its K splits summed by XLA vs in the kernel (Blocks.fixup),
 #                 same blocks, one run; then the int8 tiles re-tuned with fixup on (written to tuned.json)
-#   scan2   [200] issue 5: the tile layout with 8-16 channels per program (N across the lanes of one warp, no
-#                 shared-memory reduction), one pass and 2-4 segments, beside auto
+#   scan2   [280] issue 5: the chunk-parallel forward (GpuBlocks.parallel: each chunk scanned along time with
+#                 Triton's scan, flag c) and the tile layout with 8-16 channels per program, beside auto, then the
+#                 best one's forward + backward beside associative_scan and lax.scan (the issue's table, one run)
 #   attndec [200] issue 4: decode attention timed back to back, with the flash-decoding tile sweep
 #   attnbwd [440] issue 4: the Mosaic GPU backward compiled: its GPU tests (pairwise, 9 cases) [240], then the
 #                 prefill bench, ours (Mosaic fwd+bwd) beside Mosaic fwd + Triton bwd, cuDNN and tokamax [200]
@@ -73,8 +77,9 @@ for part in ${PARTS//,/ }; do
                  run gemvfixtune 200 python -m kernels.gemv.bench --tune --grid fixup --weights i8 --models llama-3.2-1b \
                      --write --json /tmp/owed_gemvfixtune.json
                  cp /tmp/owed_gemvfix.json /tmp/owed_gemvfixtune.json kernels/gemv/tuned.json "$OUT/" 2>/dev/null ;;
-        scan2) run scan2 200 python -m kernels.ssm_scan.bench --alternatives "" --reps 5 --out /tmp/owed_scan2.json \
-                   --configs auto,8x8pt,16x8pt,8x16pt,16x16pt,8x8pts2,16x8pts2,8x8pts4,16x8pts4
+        scan2) run scan2 280 python -m kernels.ssm_scan.bench --alternatives associative,reference --reps 5 \
+                   --out /tmp/owed_scan2.json \
+                   --configs auto,16x8c,8x8c,32x8c,16x16c,8x16c,16x8cw8,32x16cw8,8x8pt,16x8pt,8x8pts2,16x8pts2
                cp /tmp/owed_scan2.json "$OUT/" 2>/dev/null ;;
         attndec) run attndec 200 python -m kernels.attention.bench --only decode --decode-sweep --budget-s 170 --out /tmp/owed_attn
                  cp /tmp/owed_attn/bench.json "$OUT/owed_attn_decode.json" 2>/dev/null ;;

@@ -4,8 +4,9 @@ associative_scan, sequential lax.scan), forward and forward+backward, against th
     python -m kernels.ssm_scan.bench                      # B8 L4096 D1536 N16 fp32 (Mamba-130m's mixer)
     python -m kernels.ssm_scan.bench --out bench.json --configs 32x8,32x8p,32x8ps4,64x8b
 
-A config is block_p x chunk, then flags: b (batch_stores), p (prefetch), t (tile), sN (N segments;
-none: 1), or `auto` (the default GpuBlocks: segments and prefetch chosen per shape); see
+A config is block_p x chunk, then flags: b (batch_stores), p (prefetch), t (tile), c (parallel: the
+chunk scanned along time with Triton's scan), sN (N segments; none: 1), or `auto` (the default
+GpuBlocks: segments and prefetch chosen per shape); see
 kernels.ssm_scan.gpu.GpuBlocks. Every config is timed forward, then the XLA alternatives; the
 fastest config is then timed forward + backward and checked against the reference.
 
@@ -82,16 +83,17 @@ def parse_config(text: str, n: int) -> GpuBlocks:
     """'32x8ps4' -> GpuBlocks(block_p=32, chunk=8, prefetch=True, segments=4); 'wN' sets num_warps."""
     if text == "auto":
         return GpuBlocks()
-    m = re.fullmatch(r"(\d+)x(\d+)(b?)(p?)(t?)(?:s(\d+))?(?:w(\d+))?", text)
+    m = re.fullmatch(r"(\d+)x(\d+)(b?)(p?)(t?)(c?)(?:s(\d+))?(?:w(\d+))?", text)
     if not m:
-        raise SystemExit(f"bad --configs entry {text!r}: want block_p x chunk [b][p][t][sN][wN], e.g. 32x8ps4 "
-                         "or 32x8tw4")
+        raise SystemExit(f"bad --configs entry {text!r}: want block_p x chunk [b][p][t][c][sN][wN], e.g. 32x8ps4, "
+                         "32x8tw4 or 16x8c")
     bp, ch = int(m[1]), int(m[2])
-    warps = int(m[7] or 0)
+    warps = int(m[8] or 0)
     if warps & (warps - 1):
         raise SystemExit(f"bad --configs entry {text!r}: num_warps (w{warps}) must be a power of 2")
     return GpuBlocks(block_p=bp, chunk=ch, max_state_regs=max(128, ch * n), batch_stores=bool(m[3]),
-                     prefetch=bool(m[4]), tile=bool(m[5]), segments=int(m[6] or 1), num_warps=warps)
+                     prefetch=bool(m[4]), tile=bool(m[5]), parallel=bool(m[6]), segments=int(m[7] or 1),
+                     num_warps=warps)
 
 
 def rel_err(got, want) -> float:

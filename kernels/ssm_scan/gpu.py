@@ -70,12 +70,24 @@ class GpuBlocks:
     # (4 x 16-byte loads for N = 16 instead of 16 scalar ones) and the y reduction over N is a tile
     # sum. Needs N a power of 2.
     tile: bool = False
+    # Forward only, experimental (not yet timed on a GPU): each program loads a chunk's x, Δ, B and C as
+    # [chunk, .] tiles and scans the chunk's [chunk, N, block_p] recurrence in parallel along time with
+    # Triton's own scan (kernels/ssm_scan/linrec.py), then carries the state to the next chunk. One pass
+    # (the decays computed once), no per-step loads or dependent steps: the sequential kernels above wait
+    # on each step (one pass ran at ~1450 cycles a step on an H100). Needs N a power of 2.
+    parallel: bool = False
 
     def resolve(self, p: int, n: int) -> "GpuBlocks":
         if self.segments < 0:
             raise ValueError(f"GpuBlocks.segments must be >= 0 (0: auto), got {self.segments}")
-        if self.tile and (n & (n - 1) or n < 2):
-            raise ValueError(f"GpuBlocks(tile=True) needs a power-of-two state size N (Triton tiles), got N={n}")
+        if (self.tile or self.parallel) and (n & (n - 1) or n < 2):
+            raise ValueError(f"GpuBlocks(tile=True / parallel=True) needs a power-of-two state size N (Triton "
+                             f"tiles), got N={n}")
+        if self.parallel:
+            from kernels.ssm_scan.linrec import TRITON_UNAVAILABLE
+
+            if TRITON_UNAVAILABLE:
+                raise ValueError(f"GpuBlocks(parallel=True) needs Triton's scan: {TRITON_UNAVAILABLE}")
         bp = min(self.block_p, 1 << max(0, p - 1).bit_length())
         chunk = max(1, min(self.chunk, self.max_state_regs // n))
         chunk = 1 << (chunk.bit_length() - 1)
@@ -235,6 +247,38 @@ def _fwd_kernel_tile(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, h
     hT_ref[bi, hi, :, cols] = h
 
 
+def _fwd_kernel_parallel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, hT_ref, *ck, n_state, chunk,
+                         block_p, heads_per_group, batch_stores=False, prefetch=False):
+    """`_fwd_kernel` scanning each chunk in parallel along time (GpuBlocks.parallel)."""
+    from kernels.ssm_scan.linrec import linrec
+
+    del batch_stores, prefetch, n_state
+    f32 = jnp.float32
+    bi, hi, pj = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    gi = hi // heads_per_group
+    cols = pl.ds(pj * block_p, block_p)
+    a2 = a_ref[hi, :, cols].astype(f32)  # [N, P], A * log2(e)
+    dd = d_ref[hi, cols].astype(f32)
+    n_chunks = x_ref.shape[1] // chunk
+    last = (jnp.arange(chunk, dtype=jnp.int32) == chunk - 1)[:, None, None]
+
+    def body(i, h):  # h [N, P]: the state before chunk i
+        if ck:
+            ck[0][bi, hi, i, :, cols] = h
+        ts = pl.ds(i * chunk, chunk)
+        xs = x_ref[bi, ts, hi, cols].astype(f32)  # [T, P]
+        dts = dt_ref[bi, ts, hi, cols].astype(f32)
+        bs = b_ref[bi, ts, gi, :].astype(f32)  # [T, N]
+        cs = c_ref[bi, ts, gi, :].astype(f32)
+        decay = jnp.exp2(dts[:, None, :] * a2[None])  # [T, N, P]
+        decay_to, h_from_zero = linrec(decay, (dts * xs)[:, None, :] * bs[:, :, None], axis=0)
+        hs = decay_to * h[None] + h_from_zero  # the state after each step of the chunk
+        y_ref[bi, ts, hi, cols] = (jnp.sum(hs * cs[:, :, None], axis=1) + dd[None] * xs).astype(y_ref.dtype)
+        return jnp.sum(jnp.where(last, hs, 0.0), axis=0)  # the last step's state (no slicing in Triton)
+
+    hT_ref[bi, hi, :, cols] = jax.lax.fori_loop(0, n_chunks, body, h0_ref[bi, hi, :, cols].astype(f32))
+
+
 def _states_kernel_tile(x_ref, dt_ref, a_ref, b_ref, hT_ref, dts_ref, *, n_state, chunk, block_p, heads_per_group,
                         segments):
     """`_states_kernel` with the state as one [N, block_p] tile (GpuBlocks.tile)."""
@@ -334,7 +378,8 @@ def _forward(x, dt, At, B, C, D, h0T, blocks: GpuBlocks, interpret: bool, save: 
     outs = [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((bt, h, n, p), f32)]
     if save:
         outs.append(jax.ShapeDtypeStruct((bt, h, l // blocks.chunk, n, p), f32))
-    kernel = functools.partial(_fwd_kernel_tile if blocks.tile else _fwd_kernel, n_state=n, chunk=blocks.chunk,
+    fwd = _fwd_kernel_parallel if blocks.parallel else _fwd_kernel_tile if blocks.tile else _fwd_kernel
+    kernel = functools.partial(fwd, n_state=n, chunk=blocks.chunk,
                                block_p=blocks.block_p, heads_per_group=h // g, batch_stores=blocks.batch_stores,
                                prefetch=blocks.prefetch)
     return pl.pallas_call(kernel, out_shape=tuple(outs), grid=grid, interpret=interpret,

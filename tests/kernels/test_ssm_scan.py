@@ -91,8 +91,11 @@ def test_pallas_matches_reference(impl, blocks, layout, l, n, dtype):
                                                  marks=pytest.mark.slow),
                                     GpuBlocks(block_p=16, chunk=4, prefetch=True, segments=3),
                                     pytest.param(GpuBlocks(block_p=16, chunk=4, segments=3, tile=True),
+                                                 marks=pytest.mark.slow),
+                                    GpuBlocks(block_p=16, chunk=4, segments=1, parallel=True),
+                                    pytest.param(GpuBlocks(block_p=8, chunk=8, segments=3, parallel=True),
                                                  marks=pytest.mark.slow)],
-                         ids=["prefetch", "prefetch-segments3", "tile-segments3"])
+                         ids=["prefetch", "prefetch-segments3", "tile-segments3", "parallel", "parallel-segments3"])
 @pytest.mark.parametrize("layout,l,n,dtype", [("mamba1", 29, 16, jnp.float32), ("multihead", 11, 8, jnp.bfloat16)],
                          ids=["mamba1-L29-N16-fp32", "multihead-L11-N8-bf16"])
 def test_gpu_pipelined_variants_match_reference(blocks, layout, l, n, dtype):
@@ -178,8 +181,9 @@ def test_canonical_layouts_agree():
     np.testing.assert_allclose(got[:, :, 0], want, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("blocks", [GpuBlocks(), GpuBlocks(segments=1, prefetch=False), GpuBlocks(tile=True)],
-                         ids=["default-segmented", "one-pass", "tile"])
+@pytest.mark.parametrize("blocks", [GpuBlocks(), GpuBlocks(segments=1, prefetch=False), GpuBlocks(tile=True),
+                                    GpuBlocks(block_p=16, chunk=8, segments=1, parallel=True)],
+                         ids=["default-segmented", "one-pass", "tile", "parallel"])
 def test_gpu_forward_lowers_to_triton(blocks):
     """The Triton lowering runs on CPU (cross-platform export), so ops the GPU backend lacks fail here,
     not on the device: the forward at Mamba-130m's mixer shape (8 segments by default: two kernels)."""
@@ -201,6 +205,8 @@ def test_bench_config_names():
 
     b = parse_config("32x8ptw4", 16)
     assert (b.block_p, b.chunk, b.prefetch, b.tile, b.segments, b.num_warps) == (32, 8, True, True, 1, 4)
+    b = parse_config("16x8cw8", 16)
+    assert (b.block_p, b.chunk, b.parallel, b.tile, b.segments, b.num_warps) == (16, 8, True, False, 1, 8)
     b = parse_config("64x16bs8", 16)
     assert (b.block_p, b.chunk, b.batch_stores, b.segments, b.num_warps, b.max_state_regs) == (64, 16, True, 8, 0, 256)
     for bad in ("32x8w3", "32x", "x8", "32x8q"):
