@@ -6,9 +6,10 @@
 
 Variants: `bf16` (all weights bf16), `RECIPE` (quantized, each product on what `auto` picks:
 kernels/qmatmul/api.py), `RECIPE@xla` (the same weights, dequantized before each dot by XLA),
-`RECIPE@pallas` (our kernels for every quantized product); a `:fixup` suffix (`bf16:fixup`, `w8+emb8:fixup`)
-runs the row with FLASHIT_JAX_GEMV_FIXUP=1 (the decode GEMVs sum their K splits in the kernel, kernels/gemv/gpu.py
-Blocks.fixup), `:nofixup` with =0. Speed recipes quantize the tied
+`RECIPE@pallas` (our kernels for every quantized product); suffixes set switches for the row: `:fixup`
+FLASHIT_JAX_GEMV_FIXUP=1 (the decode GEMVs sum their K splits in the kernel, kernels/gemv/gpu.py Blocks.fixup),
+`:nofixup` =0, `:rope` FLASHIT_JAX_ROPE_KERNEL=1 (rotary + KV write in one kernel,
+kernels/attention/rope_cache.py), e.g. `w8+emb8:fixup:rope`. Speed recipes quantize the tied
 embedding / lm_head to int8 (`+emb8`); norms and the KV cache stay bf16. Quantization here is
 RTN: speed does not depend on how the codes were chosen. Every variant runs the decode layout
 (`--layout fused`, as eval.bench_decode: q|k|v and gate|up concatenated before quantizing, two
@@ -25,18 +26,21 @@ import time
 from pathlib import Path
 
 DEFAULT_VARIANTS = "bf16,w8+emb8,w8+emb8@xla,w4g128+emb8,w4g128+emb8@xla"
-SUFFIXES = {"fixup": "1", "nofixup": "0"}  # VARIANT:SUFFIX -> FLASHIT_JAX_GEMV_FIXUP for that row
+# VARIANT:SUFFIX[:SUFFIX...] -> environment switches for that row (generate keys its programs on FLASHIT_JAX_*)
+SUFFIXES = {"fixup": ("FLASHIT_JAX_GEMV_FIXUP", "1"), "nofixup": ("FLASHIT_JAX_GEMV_FIXUP", "0"),
+            "rope": ("FLASHIT_JAX_ROPE_KERNEL", "1")}
 
 
-def parse_variant(variant: str) -> tuple[str, str | None, str | None]:
-    """'w8+emb8@xla:fixup' -> ('w8+emb8', 'xla', '1'): recipe, '@' implementation, FLASHIT_JAX_GEMV_FIXUP."""
-    rest, _, suffix = variant.partition(":")
+def parse_variant(variant: str) -> tuple[str, str | None, dict[str, str]]:
+    """'w8+emb8@xla:fixup:rope' -> ('w8+emb8', 'xla', {switch: value}): recipe, '@' implementation, env switches."""
+    rest, *suffixes = variant.split(":")
     recipe, _, impl = rest.partition("@")
     if impl and impl not in ("xla", "pallas"):
         raise ValueError(f"variant {variant!r} ends in an unknown '@{impl}'; use RECIPE, RECIPE@xla or RECIPE@pallas")
-    if suffix and suffix not in SUFFIXES:
-        raise ValueError(f"variant {variant!r} has an unknown ':{suffix}'; known: {sorted(SUFFIXES)}")
-    return recipe, impl or None, SUFFIXES.get(suffix)
+    bad = [f":{x}" for x in suffixes if x not in SUFFIXES]
+    if bad:
+        raise ValueError(f"variant {variant!r} has an unknown {', '.join(bad)}; known: {sorted(SUFFIXES)}")
+    return recipe, impl or None, dict(SUFFIXES[x] for x in suffixes)
 
 
 def weight_bytes(params) -> int:
@@ -46,19 +50,18 @@ def weight_bytes(params) -> int:
 
 
 @contextlib.contextmanager
-def _env(name: str, value: str | None):
-    """Set an environment switch for one row (None: leave it); `generate` keys its programs on FLASHIT_JAX_*."""
-    old = os.environ.get(name)
-    if value is not None:
-        os.environ[name] = value
+def _env(switches: dict[str, str]):
+    """Set environment switches for one row; `generate` keys its programs on FLASHIT_JAX_*."""
+    old = {k: os.environ.get(k) for k in switches}
+    os.environ.update(switches)
     try:
         yield
     finally:
-        if value is not None:
-            if old is None:
-                os.environ.pop(name, None)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
             else:
-                os.environ[name] = old
+                os.environ[k] = v
 
 
 def decode_row(model, params, variant: str, *, prompt_len: int, new_tokens: int, log, kernel_impl="auto",
@@ -68,10 +71,10 @@ def decode_row(model, params, variant: str, *, prompt_len: int, new_tokens: int,
     from flashit_jax.generate import generate
     from flashit_jax.nn.qarray import matmul_impl
 
-    _, impl, fixup = parse_variant(variant)
+    _, impl, switches = parse_variant(variant)
     impl = impl or kernel_impl
     prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, prompt_len).tolist()
-    with matmul_impl(impl), _env("FLASHIT_JAX_GEMV_FIXUP", fixup):
+    with matmul_impl(impl), _env(switches):
         # an untimed run first, of the same program (the same arguments: another max_new_tokens sizes another
         # cache, so another executable): its first calls cost more (on an H200 the second run of a program
         # decoded 12-14% faster than its first, 2026-12-05), and every row gets the same treatment

@@ -257,13 +257,18 @@ def _attention(p, x, positions, q_slots, kv_lengths, cache, layer: int, c: Llama
         q, k, v = (_proj(p[n], x, tap, pre + n) for n in ("q", "k", "v"))
     q, k, v = (a.reshape(b, t, -1, hd) for a in (q, k, v))
     inv_freq = nn.inv_frequencies(hd, c.rope_theta, c.rope_scaling, c.rope_freq_factors)
-    q = nn.apply_rope(q, positions, inv_freq)
-    k = nn.apply_rope(k, positions, inv_freq)
+    # a decode step's rotation and cache write as one kernel, where it applies (opt-in, nn.KVCache)
+    fused = None if cache is None else cache.rope_update_layer(layer, q, k, v, positions, inv_freq)
     entry = None
-    if cache is not None:
-        k, v, entry = cache.update_layer(layer, k, v)
-    else:  # query i at slot i, every key valid: the layout cuDNN / Mosaic GPU kernels serve
-        q_slots, kv_lengths = None, None
+    if fused is not None:
+        q, k, v, entry = fused
+    else:
+        q = nn.apply_rope(q, positions, inv_freq)
+        k = nn.apply_rope(k, positions, inv_freq)
+        if cache is not None:
+            k, v, entry = cache.update_layer(layer, k, v)
+        else:  # query i at slot i, every key valid: the layout cuDNN / Mosaic GPU kernels serve
+            q_slots, kv_lengths = None, None
     o = nn.attention(q, k, v, q_positions=q_slots, kv_lengths=kv_lengths, causal=True, window=c.sliding_window,
                      segment_ids=segment_ids, softcap=c.attn_softcap, mask=attn_mask, impl=attn_impl)
     return _proj(p["o"], o.reshape(b, t, -1), tap, pre + "o", residual=residual), entry

@@ -340,12 +340,13 @@ def test_generate_compiles_per_matmul_impl(tiny):
 
 
 def test_quant_speed_variant_syntax():
-    """eval.quant_speed rows: RECIPE[@xla|@pallas][:fixup|:nofixup]; anything else is refused by name."""
+    """eval.quant_speed rows: RECIPE[@xla|@pallas][:fixup|:nofixup|:rope ...]; anything else is refused by name."""
     from eval.quant_speed import main, parse_variant
 
-    assert parse_variant("w8+emb8@xla:fixup") == ("w8+emb8", "xla", "1")
-    assert parse_variant("bf16:nofixup") == ("bf16", None, "0")
-    assert parse_variant("w4g128+emb8") == ("w4g128+emb8", None, None)
+    assert parse_variant("w8+emb8@xla:fixup") == ("w8+emb8", "xla", {"FLASHIT_JAX_GEMV_FIXUP": "1"})
+    assert parse_variant("bf16:nofixup:rope") == ("bf16", None, {"FLASHIT_JAX_GEMV_FIXUP": "0",
+                                                                  "FLASHIT_JAX_ROPE_KERNEL": "1"})
+    assert parse_variant("w4g128+emb8") == ("w4g128+emb8", None, {})
     for bad, what in (("w8@cuda", "@cuda"), ("w8:fast", ":fast")):
         with pytest.raises(ValueError, match=what):
             parse_variant(bad)

@@ -37,6 +37,23 @@ class KVCache:
         vc = write_slots(self.v[i], v, self.lengths)
         return kc.astype(k.dtype), vc.astype(v.dtype), (kc, vc)
 
+    def rope_update_layer(self, i: int, q, k, v, positions, inv_freq):
+        """A one-token decode step's rotary embedding of q and k and layer i's cache write in one kernel
+        (kernels/attention/rope_cache.py), where FLASHIT_JAX_ROPE_KERNEL turns it on and it applies:
+        (rotated q, keys, values, entry) as `update_layer` gives them; else None (the caller rotates, then
+        calls `update_layer`). Cache variants that transform what they store (int8) return None."""
+        from kernels import under_split_mesh
+        from kernels.attention import rope_cache
+
+        mode = rope_cache.mode()
+        if not mode or type(self) is not KVCache or under_split_mesh():
+            return None
+        if rope_cache.supported(q, k, v, self.k[i], inv_freq):
+            return None
+        qr, kc, vc = rope_cache.rope_and_write(q, k, v, positions, self.lengths, self.k[i], self.v[i], inv_freq,
+                                               interpret=mode == "interpret")
+        return qr, kc, vc, (kc, vc)
+
     def advance(self, entries: list, lengths: jax.Array) -> "KVCache":
         """The cache holding every layer's new entry, with `lengths` valid slots."""
         return dataclasses.replace(self, k=[e[0] for e in entries], v=[e[1] for e in entries], lengths=lengths)
