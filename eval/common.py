@@ -1,8 +1,10 @@
 """What every report records: the device, versions and date that produced a figure."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -23,3 +25,18 @@ def write_json(path: str | Path | None, obj: dict) -> None:
 def setup_jax() -> None:
     """fp32 matmuls at full precision on GPU/TPU too (perplexity parity); bf16 runs are unaffected."""
     jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@contextlib.contextmanager
+def env_switches(switches: dict[str, str]):
+    """Set environment variables for a block (a benchmark row, a notebook's kernel) and restore them after."""
+    old = {k: os.environ.get(k) for k in switches}
+    os.environ.update(switches)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

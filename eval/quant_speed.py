@@ -18,10 +18,8 @@ input projections per layer instead of five); `--layout plain` keeps the separat
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
-import os
 import time
 from pathlib import Path
 
@@ -49,32 +47,18 @@ def weight_bytes(params) -> int:
     return size_bytes(params, float_bytes=None)
 
 
-@contextlib.contextmanager
-def _env(switches: dict[str, str]):
-    """Set environment switches for one row; `generate` keys its programs on FLASHIT_JAX_*."""
-    old = {k: os.environ.get(k) for k in switches}
-    os.environ.update(switches)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def decode_row(model, params, variant: str, *, prompt_len: int, new_tokens: int, log, kernel_impl="auto",
                steps_per_call: int = 16) -> dict:
     import numpy as np
 
+    from eval.common import env_switches
     from flashit_jax.generate import generate
     from flashit_jax.nn.qarray import matmul_impl
 
     _, impl, switches = parse_variant(variant)
     impl = impl or kernel_impl
     prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, prompt_len).tolist()
-    with matmul_impl(impl), _env(switches):
+    with matmul_impl(impl), env_switches(switches):
         # an untimed run first, of the same program (the same arguments: another max_new_tokens sizes another
         # cache, so another executable): its first calls cost more (on an H200 the second run of a program
         # decoded 12-14% faster than its first, 2026-12-05), and every row gets the same treatment

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,23 +25,18 @@ def execute(name: str, env: dict[str, str], out: Path, timeout: int) -> dict:
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
+    from eval.common import env_switches
+
     nb = nbformat.read(HERE / f"{name}.ipynb", as_version=4)
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the kernel inherits this process's environment
     t0, error = time.perf_counter(), None
-    try:
-        NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                       resources={"metadata": {"path": str(HERE)}}).execute()
-    except CellExecutionError as e:
-        error = str(e).strip().splitlines()[-1][:300]
-    except Exception as e:  # a timeout or a dead kernel: record it, run the next notebook
-        error = f"{type(e).__name__}: {e}"[:300]
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with env_switches(env):  # the kernel inherits this process's environment
+        try:
+            NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                           resources={"metadata": {"path": str(HERE)}}).execute()
+        except CellExecutionError as e:
+            error = str(e).strip().splitlines()[-1][:300]
+        except Exception as e:  # a timeout or a dead kernel: record it, run the next notebook
+            error = f"{type(e).__name__}: {e}"[:300]
     seconds = time.perf_counter() - t0
     # the failing cell's own exception says more than nbclient's wrapper (a timeout, a dead kernel)
     cell_error = next((f"{o.get('ename')}: {o.get('evalue', '')}" for c in nb.cells if c.cell_type == "code"
