@@ -115,12 +115,13 @@ def test_matvec_on_gpu(m, k, n):
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="runs the atomics of the in-kernel split sum for real")
 @pytest.mark.parametrize("k,n,fmt", [(2048, 3072, "bf16"), (8192, 2048, "i8"), (2048, 16384, "i8"), (2048, 4096, "u4")])
-def test_matvec_fixup_on_gpu(k, n, fmt):
+def test_matvec_fixup_on_gpu(k, n, fmt, monkeypatch):
     """Blocks.fixup with programs really running concurrently (interpret mode runs them one after another):
     every one of 20 calls gives the same bits (the last split adds the partials in split order) and the
     value of XLA's sum of the partials."""
     from kernels.gemv.quant import matvec_q4
 
+    monkeypatch.setenv("FLASHIT_JAX_GEMV_FIXUP_UNVERIFIED", "1")  # what this test verifies
     rng = np.random.default_rng(k + n)
     x = jnp.asarray(rng.standard_normal((1, k)), jnp.bfloat16)
     b = gpu.Blocks(bk=64, bn=128, target_programs=2112)
@@ -245,6 +246,18 @@ def test_matvec_fixup(m, k, n, bk, bn, programs):
                 np.testing.assert_allclose(got32, plain32, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
             else:  # one bf16 rounding of (nearly) the same value: at most one ulp apart
                 np.testing.assert_allclose(got32, plain32, rtol=2 ** -7, atol=0)
+
+
+def test_fixup_needs_the_unverified_switch_on_a_gpu(monkeypatch):
+    """Measured wrong on an H100 before its fix: on a GPU backend Blocks.fixup is an error naming the switch."""
+    monkeypatch.setattr(gpu.jax, "default_backend", lambda: "gpu")
+    monkeypatch.delenv("FLASHIT_JAX_GEMV_FIXUP_UNVERIFIED", raising=False)
+    with pytest.raises(ValueError, match="FLASHIT_JAX_GEMV_FIXUP_UNVERIFIED=1"):
+        gpu.check_fixup(gpu.Blocks(fixup=True), interpret=False)
+    gpu.check_fixup(gpu.Blocks(fixup=True), interpret=True)  # the interpreter: fine
+    gpu.check_fixup(gpu.Blocks(), interpret=False)
+    monkeypatch.setenv("FLASHIT_JAX_GEMV_FIXUP_UNVERIFIED", "1")
+    gpu.check_fixup(gpu.Blocks(fixup=True), interpret=False)
 
 
 def test_matvec_fixup_switch(monkeypatch):

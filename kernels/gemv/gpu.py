@@ -38,7 +38,7 @@ class Blocks:
     # two tiles of loads in flight; costs the tile's registers (matvec only)
     prefetch: bool = False
     # K splits summed inside the kernel: each program stores its partial sums, counts itself in per-column
-    # counters (block barrier, then atomic add, release/acquire), and the last of a column's splits adds
+    # counters (block barrier, then one atomic add per column tile), and the last of a tile's splits adds
     # the partials in split order, applies the per-column scale and writes the output dtype (deterministic).
     # Off: XLA sums the [S, M, N] fp32 partials, scales and converts them: one to three more kernels per
     # product (a w8 decode step on an H200 spent 154 us of its 1016 in such reduce/convert kernels,
@@ -150,9 +150,9 @@ def _plan(blocks: Blocks, m: int, k: int, n: int, bk_cap: int, programs: int | N
 def _finish_splits(parts, o_ref, fix_refs, col, cmask, *, splits: int, counter_tile=None, barrier: bool = True):
     """Write a program's per-row sums `parts` ([bn] fp32 each): as partials o_ref [S, M, N] (XLA adds them),
     or with `fix_refs` = (column scale [N] or None, residual [M, N] or None, workspace [S, M, N] fp32, counters
-    [column tiles x bn] int32, all zero): the final o_ref [M, N] (residual + y if given), by whichever split of
-    each column finishes last (Blocks.fixup).
-    counter_tile: which bn counters these columns use (default: the program's column tile). barrier=False
+    [column tiles] int32, all zero): the final o_ref [M, N] (residual + y if given), by whichever split of
+    each column tile finishes last (Blocks.fixup).
+    counter_tile: which counter these columns use (default: the program's column tile). barrier=False
     only in Pallas' interpreter, which has no barrier (and runs programs one after another)."""
     split = pl.program_id(1)
     if fix_refs is None:
@@ -175,15 +175,14 @@ def _finish_splits(parts, o_ref, fix_refs, col, cmask, *, splits: int, counter_t
         return
     for r, part in enumerate(parts):
         plgpu.store(ws_ref.at[split, r, col], part, mask=cmask)
-    # Triton decides which thread stores a column and which one bumps its counter (they may differ), so a
-    # block barrier first: with it, the atomic's release (gpu scope) covers every store of the program,
-    # the CUDA split-K pattern (__syncthreads, fence, atomicAdd); its acquire orders the loads below.
+    # One counter per column tile, bumped by one scalar atomic (one thread; a [bn] atomic in a layout that
+    # holds each column in several threads bumped it several times on an H100, 2026-12-05). The block
+    # barrier first makes that thread's release (gpu scope) cover every store of the program, the CUDA
+    # split-K pattern (__syncthreads, fence, atomicAdd); its acquire orders the loads below.
     if barrier:
         plgpu.debug_barrier()
-    # (counters are padded to whole column tiles, so the atomic needs no mask: Pallas' interpreter has none)
     tile = pl.program_id(0) if counter_tile is None else counter_tile
-    tile_cols = pl.ds(tile * col.shape[0], col.shape[0])
-    before = plgpu.atomic_add(cnt_ref, tile_cols, jnp.ones(col.shape, jnp.int32))
+    before = plgpu.atomic_add(cnt_ref, tile, jnp.int32(1))
     done = before == splits - 1
     last = cmask & done
     for r in range(len(parts)):
@@ -191,7 +190,8 @@ def _finish_splits(parts, o_ref, fix_refs, col, cmask, *, splits: int, counter_t
         for s in range(1, splits):  # split order: the same sum whichever program finishes last
             total = total + plgpu.load(ws_ref.at[s, r, col], mask=last, other=0.0)
         put(r, total, last)
-    plgpu.store(cnt_ref.at[tile_cols], jnp.zeros(col.shape, jnp.int32), mask=done)  # all zero again on exit
+    # zero again on exit (no other program touches this counter once the last one has counted)
+    plgpu.store(cnt_ref.at[pl.ds(tile, 1)], jnp.zeros((1,), jnp.int32), mask=jnp.broadcast_to(done, (1,)))
 
 
 def _silu_glu(g, u, dtype):
@@ -305,6 +305,18 @@ def fixup_override() -> bool | None:
     return None if v == "" else v == "1"
 
 
+def check_fixup(blocks: Blocks, interpret) -> None:
+    """Blocks.fixup gave wrong decode tokens on an H100 (2026-12-05: its per-column counters were bumped by
+    every thread holding a column; one scalar atomic per tile since, not yet re-run on a GPU) and ran slower
+    than XLA's sums (857 against 992 tokens/s for w8+emb8): on a GPU it runs only with
+    FLASHIT_JAX_GEMV_FIXUP_UNVERIFIED=1 (its GPU test, benchmarks), never silently."""
+    if blocks.fixup and not interpret and jax.default_backend() == "gpu" \
+            and os.environ.get("FLASHIT_JAX_GEMV_FIXUP_UNVERIFIED") != "1":
+        raise ValueError("Blocks.fixup (the in-kernel K-split sum) is not verified on a GPU since its fix; set "
+                         "FLASHIT_JAX_GEMV_FIXUP_UNVERIFIED=1 to run it (tests/test_gemv.py::test_matvec_fixup_on_gpu "
+                         "checks it), else leave FLASHIT_JAX_GEMV_FIXUP unset")
+
+
 GLUS = ("silu",)  # matvec(glu=...): gated activations computed in the kernel's prologue
 
 
@@ -343,6 +355,7 @@ def matvec(x: jax.Array, w: jax.Array, *, blocks: Blocks | None = None, interpre
     force = fixup_override()
     if force is not None and force != blocks.fixup:
         blocks = dataclasses.replace(blocks, fixup=force)
+    check_fixup(blocks, interpret)
     # resolved here, outside the jit: its trace cache keys on the static arguments, not on the environment
     return _matvec(x, w, norm_scale, None if out_scale is None else out_scale.reshape(n), residual, blocks=blocks,
                    interpret=interpret, eps=float(eps), offset=float(offset), out_dtype=jnp.dtype(out_dtype), glu=glu)
@@ -377,11 +390,11 @@ def _matvec(x, w, norm_scale, out_scale, residual, *, blocks: Blocks, interpret:
         y = y.astype(out_dtype)
         return y if residual is None else (residual.astype(jnp.float32) + y.astype(jnp.float32)).astype(out_dtype)
     scale_in = (() if out_scale is None else (out_scale,)) + (() if residual is None else (residual,))
-    counters = jnp.zeros((ncol * bn,), jnp.int32)  # start at 0 (the kernel leaves them at 0)
+    counters = jnp.zeros((ncol,), jnp.int32)  # start at 0 (the kernel leaves them at 0)
     y, _, _ = pl.pallas_call(
         kernel, grid=(ncol, splits),
         out_shape=[jax.ShapeDtypeStruct((m, n), out_dtype), jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
-                   jax.ShapeDtypeStruct((ncol * bn,), jnp.int32)],
+                   jax.ShapeDtypeStruct((ncol,), jnp.int32)],
         input_output_aliases={3 + len(scale_in): 2}, compiler_params=params, interpret=interpret,
         name="flashit_matvec_fixup",
     )(x, w, norm_scale, *scale_in, counters)

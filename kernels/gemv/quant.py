@@ -19,7 +19,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels.gemv.gpu import (GLUS, Blocks, _finish_splits, _plan, _pow2_at_most, _x_prologue, blocks_for,
-                              fixup_override, int_to_f32)
+                              check_fixup, fixup_override, int_to_f32)
 
 
 def q4_supported(k: int, n: int, groups: int) -> str:
@@ -98,6 +98,7 @@ def matvec_q4(x: jax.Array, q: jax.Array, scales: jax.Array, zeros: jax.Array | 
     force = fixup_override()
     if force is not None and force != blocks.fixup:
         blocks = dataclasses.replace(blocks, fixup=force)
+    check_fixup(blocks, interpret)
     norm = None if norm_scale is None else (float(eps), float(norm_offset))
     return _matvec_q4(x, q, scales, zeros, norm_scale, residual, n=n, offset=int(offset), blocks=blocks,
                       interpret=interpret, out_dtype=jnp.dtype(out_dtype), norm=norm, glu=glu)
@@ -128,11 +129,11 @@ def _matvec_q4(x, q, scales, zeros, norm_scale, residual, *, n: int, offset: int
         y = (partial.sum(axis=0) if splits > 1 else partial[0]).astype(out_dtype)
         return y if residual is None else (residual.astype(jnp.float32) + y.astype(jnp.float32)).astype(out_dtype)
     extra = () if residual is None else (residual,)
-    counters = jnp.zeros((2 * ncol * bn,), jnp.int32)  # low and high halves' column tiles, all 0 (and left 0)
+    counters = jnp.zeros((2 * ncol,), jnp.int32)  # low and high halves' column tiles, all 0 (and left 0)
     y, _, _ = pl.pallas_call(
         kernel, grid=(ncol, splits),
         out_shape=[jax.ShapeDtypeStruct((m, n), out_dtype), jax.ShapeDtypeStruct((splits, m, n), jnp.float32),
-                   jax.ShapeDtypeStruct((2 * ncol * bn,), jnp.int32)],
+                   jax.ShapeDtypeStruct((2 * ncol,), jnp.int32)],
         input_output_aliases={len(args) + len(extra): 2}, compiler_params=params, interpret=interpret,
         name="flashit_matvec_q4_fixup",
     )(*args, *extra, counters)
