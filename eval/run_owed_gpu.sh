@@ -10,7 +10,7 @@
 # Parts:
 #   gemvwide [170] issues 3, 7: GEMV tiles over the wide grid (bf16, tied head, int8), written to tuned.json
 #   moe     [170] issue 6: eval.bench_moe in one run with tokamax beside ours (its wheels in out/whl_tk, carried)
-#   train   [250] issue 8: train.bench peak, ours, ours-unfused, plain, distill (never measured on a GPU yet), and
+#   train   [250] issue 8: train.bench peak, ours, ours-fused, plain, distill, and
 #                 ours under the profiler
 #   gemvconv [100] issue 7: GEMVs with one setting flipped, same blocks, one run: int-to-float by bit pattern vs
 #                 the conversion instruction (i8, 4-bit), next tile prefetched or not (bf16, i8) (done 2026-12-05)
@@ -62,7 +62,7 @@ for part in ${PARTS//,/ }; do
                   cp /tmp/owed_gemvwide.json kernels/gemv/tuned.json "$OUT/" 2>/dev/null ;;
         moe) run moe 170 python -m eval.bench_moe --budget 140 --out /tmp/owed_moe.json
              cp /tmp/owed_moe.json "$OUT/" 2>/dev/null ;;
-        train) run train 250 python -m train.bench --only peak,ours,ours-unfused,plain,distill --profile --deadline 180 \
+        train) run train 250 python -m train.bench --only peak,ours,ours-fused,plain,distill --profile --deadline 180 \
                    --json /tmp/owed_train.json
                cp /tmp/owed_train.json "$OUT/" 2>/dev/null ;;
         gemvconv) run gemvconv 100 python -m kernels.gemv.bench --weights bf16,i8,u4g128 --models llama-3.2-1b --json /tmp/owed_gemvconv.json

@@ -135,14 +135,16 @@ def _fused_for_training(student, p, collect):
 
 
 def make_token_loss(obj: Objective, student, teacher=None, *, compute_dtype=jnp.bfloat16, attn_impl="auto",
-                    doc_masking: bool = True, combine: Callable | None = None, fuse_projections: bool = True):
+                    doc_masking: bool = True, combine: Callable | None = None, fuse_projections: bool = False):
     """(trainable, teacher_params, batch, key) -> (per-token loss [B, T] fp32, {metric: [B, T]}).
 
     doc_masking=False: the documents packed in a row attend to each other, positions run 0..T-1
     (GPT-2 / nanoGPT practice); what fused kernels without segment masks (cuDNN) can run.
     combine: (trained, frozen) -> model params, when only part of the model is trained and the
     rest is a frozen input (`trainable["frozen"]`, e.g. LoRA adapters on a frozen, maybe quantized, base).
-    fuse_projections: run the student's forward in its fused q|k|v, gate|up layout where it can
+    fuse_projections: run the student's forward in its fused q|k|v, gate|up layout where it can. Off by
+    default: on an H100 (2026-12-05, train.bench) concatenating the weights every step cost more than the
+    fewer, larger GEMMs gained (259.8 against 249.4 ms a Llama-3.2-1B step; 112 concatenates, 14 ms)
     (`_fused_for_training`); the parameters and their gradients keep the unfused names."""
     if obj.needs_teacher and teacher is None:
         raise FlashitError(f"loss {obj.loss!r} needs a teacher")
