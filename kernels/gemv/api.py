@@ -106,8 +106,9 @@ def matvec_epi(x, w, residual, glu, out_dtype):
 
 def _epi_ref(x, w, residual, glu, out_dtype):
     if glu is not None:
-        k = x.shape[-1] // 2
-        x = jax.nn.silu(x[:, :k]) * x[:, k:]
+        from flashit_jax.nn.linear import glu_input
+
+        x = glu_input(x, glu)
     y = reference.matvec(x, w.astype(x.dtype)).astype(out_dtype)
     return y if residual is None else residual + y
 

@@ -317,6 +317,15 @@ def check_fixup(blocks: Blocks, interpret) -> None:
                          "checks it), else leave FLASHIT_JAX_GEMV_FIXUP unset")
 
 
+def resolve_fixup(blocks: Blocks, interpret) -> Blocks:
+    """`blocks` with FLASHIT_JAX_GEMV_FIXUP applied, checked by `check_fixup` (every GEMV entry point)."""
+    force = fixup_override()
+    if force is not None and force != blocks.fixup:
+        blocks = dataclasses.replace(blocks, fixup=force)
+    check_fixup(blocks, interpret)
+    return blocks
+
+
 GLUS = ("silu",)  # matvec(glu=...): gated activations computed in the kernel's prologue
 
 
@@ -351,11 +360,7 @@ def matvec(x: jax.Array, w: jax.Array, *, blocks: Blocks | None = None, interpre
         raise ValueError(f"matvec: norm_scale has shape {tuple(norm_scale.shape)}, expected ({k},) like x's features")
     if out_scale is not None and out_scale.size != n:
         raise ValueError(f"matvec: out_scale has shape {tuple(out_scale.shape)}, expected one scale per column ({n})")
-    blocks = blocks or blocks_for(k, n, "i8" if w.dtype == jnp.int8 else "bf16")
-    force = fixup_override()
-    if force is not None and force != blocks.fixup:
-        blocks = dataclasses.replace(blocks, fixup=force)
-    check_fixup(blocks, interpret)
+    blocks = resolve_fixup(blocks or blocks_for(k, n, "i8" if w.dtype == jnp.int8 else "bf16"), interpret)
     # resolved here, outside the jit: its trace cache keys on the static arguments, not on the environment
     return _matvec(x, w, norm_scale, None if out_scale is None else out_scale.reshape(n), residual, blocks=blocks,
                    interpret=interpret, eps=float(eps), offset=float(offset), out_dtype=jnp.dtype(out_dtype), glu=glu)

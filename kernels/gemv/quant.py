@@ -10,7 +10,6 @@ kernel: Blocks.fixup). The dequantized matrix never exists; HBM sees the codes, 
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -19,7 +18,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels.gemv.gpu import (GLUS, Blocks, _finish_splits, _plan, _pow2_at_most, _x_prologue, blocks_for,
-                              check_fixup, fixup_override, int_to_f32)
+                              int_to_f32, resolve_fixup)
 
 
 def q4_supported(k: int, n: int, groups: int) -> str:
@@ -94,11 +93,7 @@ def matvec_q4(x: jax.Array, q: jax.Array, scales: jax.Array, zeros: jax.Array | 
         raise ValueError(f"matvec_q4: norm_scale has shape {tuple(norm_scale.shape)}, expected ({k},)")
     if residual is not None and residual.shape != (m, n):
         raise ValueError(f"matvec_q4: residual has shape {tuple(residual.shape)}, expected {(m, n)}")
-    blocks = blocks or blocks_for(k, n, f"u4g{k // groups}")
-    force = fixup_override()
-    if force is not None and force != blocks.fixup:
-        blocks = dataclasses.replace(blocks, fixup=force)
-    check_fixup(blocks, interpret)
+    blocks = resolve_fixup(blocks or blocks_for(k, n, f"u4g{k // groups}"), interpret)
     norm = None if norm_scale is None else (float(eps), float(norm_offset))
     return _matvec_q4(x, q, scales, zeros, norm_scale, residual, n=n, offset=int(offset), blocks=blocks,
                       interpret=interpret, out_dtype=jnp.dtype(out_dtype), norm=norm, glu=glu)

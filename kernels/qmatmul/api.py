@@ -166,8 +166,9 @@ def _fused_ref(x2, q, scales, zeros, norm_scale, residual, norm, glu, fmt, out_d
     if norm is not None:
         x2 = rms_norm(x2, norm_scale, *norm)
     if glu is not None:
-        k = x2.shape[-1] // 2
-        x2 = jax.nn.silu(x2[:, :k]) * x2[:, k:]
+        from flashit_jax.nn.linear import glu_input
+
+        x2 = glu_input(x2, glu)
     w = reference.dequantize(q, scales, zeros, bits=bits, packing=packing, n=n, dtype=jnp.float32)
     y = jnp.dot(x2.astype(jnp.float32), w).astype(out_dtype)
     return y if residual is None else residual + y
