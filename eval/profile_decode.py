@@ -24,7 +24,82 @@ def _device_plane(pd):
     return gpu[0] if gpu else next(p for p in planes if p.name.startswith("/host:CPU"))
 
 
-def summarize(trace_dir: str, n_steps: int, top: int = 30) -> dict:
+def _frames(hlo_text: str) -> dict:
+    """stack_frame_id -> "file:line function" from the tables at the top of HLO text."""
+    tables, cur = collections.defaultdict(dict), None
+    for line in hlo_text.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            cur = line
+        elif not line.strip() or line.startswith("%") or line.startswith("ENTRY"):
+            cur = None if not line.strip() and cur else cur
+            if line.startswith("%") or line.startswith("ENTRY"):
+                break
+        elif cur:
+            k, _, v = line.partition(" ")
+            tables[cur][k] = v
+    out = {}
+    for fid, v in tables["StackFrames"].items():
+        loc = tables["FileLocations"].get(re.search(r"file_location_id=(\d+)", v).group(1), "")
+        m = re.search(r"file_name_id=(\d+) function_name_id=(\d+) line=(\d+)", loc)
+        if m:
+            f = tables["FileNames"].get(m.group(1), "?").strip('"')
+            fn = tables["FunctionNames"].get(m.group(2), "?").strip('"')
+            out[fid] = f"{os.path.basename(f)}:{m.group(3)} {fn.split('.')[-1]}"
+    return out
+
+
+def hlo_origins(hlo_text: str) -> dict:
+    """Instruction name -> (shape, JAX op name, source line) from optimized HLO text; a fusion
+    without metadata takes its fused computation's root's."""
+    frames = _frames(hlo_text)
+    cur, instrs, roots = None, {}, {}
+    for line in hlo_text.splitlines():
+        if not line.startswith(" "):
+            m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+            cur = m.group(1) if m else cur
+            continue
+        m = re.match(r"^\s*(ROOT )?%?([\w.\-]+) = (\S+?)(?:\{[^}]*\})? ", line)
+        if not m:
+            continue
+        calls = re.search(r"calls=%?([\w.\-]+)", line)
+        op = re.search(r'op_name="([^"]*)"', line)
+        fr = re.search(r"stack_frame_id=(\d+)", line)
+        src = re.search(r'source_file="([^"]*)" source_line=(\d+)', line)
+        where = (frames.get(fr.group(1), "") if fr else
+                 f"{os.path.basename(src.group(1))}:{src.group(2)}" if src else "")
+        rec = (m.group(3), op.group(1) if op else "", where, calls.group(1) if calls else None)
+        instrs[m.group(2)] = rec
+        if m.group(1) and cur:
+            roots[cur] = rec[1:3]
+    out = {}
+    for name, (shape, op_name, where, calls) in instrs.items():
+        if not op_name and calls in roots:
+            op_name, where = roots[calls]
+        out[name] = (shape, op_name, where)
+    return out
+
+
+def print_origins(events, origins: dict, kinds: tuple, n_steps: int, top: int = 8) -> None:
+    """For kernels named like `kinds`, total time per (shape, op name, source line)."""
+    for kind in kinds:
+        by = collections.defaultdict(lambda: [0, 0.0])
+        for e in events:
+            if re.sub(r"[._]\d+$", "", e.name) != kind:
+                continue
+            shape, op_name, where = origins.get(e.name, ("?", "?", ""))
+            # the op name's last two path parts say what it is (e.g. transpose(jvp(...))/add_any)
+            key = (shape, "/".join(op_name.split("/")[-2:])[-90:], where)
+            by[key][0] += 1
+            by[key][1] += e.duration_ns
+        if not by:
+            continue
+        print(f"-- {kind}: where from (per step)")
+        for (shape, op, where), (cnt, tot) in sorted(by.items(), key=lambda kv: -kv[1][1])[:top]:
+            print(f"   {cnt / n_steps:6.1f} x {tot / cnt / 1e3:8.1f} us  {shape[:30]:30} {where[:40]:40} {op}")
+
+
+def summarize(trace_dir: str, n_steps: int, top: int = 30, hlo_text: str | None = None,
+              origin_kinds: tuple = ()) -> dict:
     from jax.profiler import ProfileData
 
     from flashit_jax.errors import FlashitError
@@ -53,6 +128,8 @@ def summarize(trace_dir: str, n_steps: int, top: int = 30) -> dict:
     print(f"{'kernel':70} {'per step':>9} {'mean us':>9} {'us/step':>9}")
     for name, (cnt, tot) in rows[:top]:
         print(f"{name[:70]:70} {cnt / n_steps:9.2f} {tot / cnt / 1e3:9.2f} {tot / n_steps / 1e3:9.2f}")
+    if hlo_text and origin_kinds:
+        print_origins(events, hlo_origins(hlo_text), origin_kinds, n_steps)
     return {"kernels_per_step": len(events) / n_steps, "kernel_us_per_step": busy / n_steps / 1e3,
             "span_us_per_step": span / n_steps / 1e3}
 

@@ -70,6 +70,19 @@ for part in ${PARTS//,/ }; do
         quant) run quant 280 python -m eval.quant_speed --model random:llama-3.2-1b --budget-s 250 --json /tmp/owed_quant.json \
                    --variants "bf16,w8+emb8,w8+emb8:rope,bf16:rope,w4g128+emb8,w4g128+emb8:rope,w8+emb8:fixup:unverified"
                cp /tmp/owed_quant.json "$OUT/" 2>/dev/null ;;
+        fixq) export FLASHIT_JAX_GEMV_FIXUP_UNVERIFIED=1  # the fixed in-kernel K-split sum, verified then timed
+              run fixq_tests 90 python -m pytest tests/test_gemv.py -q -k "on_gpu"
+              run fixq 240 python -m eval.quant_speed --model random:llama-3.2-1b --budget-s 215 --json /tmp/owed_fixq.json \
+                  --variants "bf16,w8+emb8,w8+emb8:fixup:unverified,w8+emb8:rope,w4g128+emb8"
+              unset FLASHIT_JAX_GEMV_FIXUP_UNVERIFIED
+              cp /tmp/owed_fixq.json "$OUT/" 2>/dev/null ;;
+        scan3) run scan3 170 python -m kernels.ssm_scan.bench --alternatives "" --no-check --reps 5 \
+                   --configs auto,16x16c,16x32c,32x16c,16x16cw2,16x16cs2,16x16cs4,8x16cs4,16x8cs4,16x16cs8,32x16cs4w2 \
+                   --out /tmp/owed_scan3.json
+               cp /tmp/owed_scan3.json "$OUT/" 2>/dev/null ;;
+        trainprof) run trainprof 260 python -m train.bench --only peak,ours,plain --profile --deadline 200 \
+                       --json /tmp/owed_trainprof.json
+                   cp /tmp/owed_trainprof.json "$OUT/" 2>/dev/null ;;
         gemvfix) export FLASHIT_JAX_GEMV_FIXUP_UNVERIFIED=1  # what this part verifies (kernels/gemv/gpu.py check_fixup)
                  run gemvfix_tests 90 python -m pytest tests/test_gemv.py -q -k "on_gpu"
                  run gemvfix 120 python -m kernels.gemv.bench --weights bf16,i8,u4g128 --models llama-3.2-1b \

@@ -126,7 +126,10 @@ def profile_steps(step, state, args_fn, label: str, n: int = 2):
             state, m = step(state, *args_fn())
         jax.block_until_ready((state, m))
     try:
-        summary = summarize(trace_dir, n, top=25)
+        kinds = ("loop_add_fusion", "loop_multiply_fusion", "loop_convert_fusion", "input_reduce_fusion",
+                 "input_add_reduce_fusion", "wrapped_concatenate", "wrapped_convert", "input_concatenate_fusion",
+                 "loop_select_fusion", "loop_broadcast_fusion")
+        summary = summarize(trace_dir, n, top=25, hlo_text=step.as_text(), origin_kinds=kinds)
         log(f"{label} profile: {summary}")
     except Exception as e:  # a missing plane must not lose the timings
         log(f"{label} profile failed: {type(e).__name__}: {e}")

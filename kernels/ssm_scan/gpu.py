@@ -215,6 +215,37 @@ def _states_kernel(x_ref, dt_ref, a_ref, b_ref, hT_ref, dts_ref, *, n_state, chu
     dts_ref[pid, hi, cols] = acc
 
 
+def _states_kernel_parallel(x_ref, dt_ref, a_ref, b_ref, hT_ref, dts_ref, *, n_state, chunk, block_p,
+                            heads_per_group, segments):
+    """`_states_kernel` scanning each chunk in parallel along time (GpuBlocks.parallel)."""
+    from kernels.ssm_scan.linrec import linrec
+
+    del n_state
+    f32 = jnp.float32
+    pid, hi, pj = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bi = _segment_row(pid, segments)
+    gi = hi // heads_per_group
+    cols = pl.ds(pj * block_p, block_p)
+    a2 = a_ref[hi, :, cols].astype(f32)  # [N, P]
+    n_chunks = x_ref.shape[1] // chunk
+    last = (jnp.arange(chunk, dtype=jnp.int32) == chunk - 1)[:, None, None]
+
+    def body(i, carry):
+        h, acc = carry
+        ts = pl.ds(i * chunk, chunk)
+        xs = x_ref[bi, ts, hi, cols].astype(f32)  # [T, P]
+        dts = dt_ref[bi, ts, hi, cols].astype(f32)
+        bs = b_ref[bi, ts, gi, :].astype(f32)  # [T, N]
+        decay_to, h_from_zero = linrec(jnp.exp2(dts[:, None, :] * a2[None]), (dts * xs)[:, None, :] * bs[:, :, None],
+                                       axis=0)
+        h = jnp.sum(jnp.where(last, decay_to * h[None] + h_from_zero, 0.0), axis=0)
+        return h, acc + jnp.sum(dts, axis=0)
+
+    h, acc = jax.lax.fori_loop(0, n_chunks, body, (jnp.zeros(a2.shape, f32), jnp.zeros((block_p,), f32)))
+    hT_ref[pid, hi, :, cols] = h
+    dts_ref[pid, hi, cols] = acc
+
+
 def _fwd_kernel_tile(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, hT_ref, *ck, n_state, chunk, block_p,
                      heads_per_group, batch_stores=False, prefetch=False):
     """`_fwd_kernel` with the state as one [N, block_p] tile (GpuBlocks.tile)."""
@@ -395,7 +426,8 @@ def _forward_segmented(x, dt, At, B, C, D, h0T, blocks: GpuBlocks, interpret: bo
     f32 = jnp.float32
     seg = lambda a: a.reshape(bt * s, ls, *a.shape[2:])  # free: contiguous
     xs, dts, Bs, Cs = seg(x), seg(dt), seg(B), seg(C)
-    kernel = functools.partial(_states_kernel_tile if blocks.tile else _states_kernel, n_state=n, chunk=blocks.chunk,
+    states = _states_kernel_parallel if blocks.parallel else _states_kernel_tile if blocks.tile else _states_kernel
+    kernel = functools.partial(states, n_state=n, chunk=blocks.chunk,
                                block_p=blocks.block_p, heads_per_group=h // g, segments=s)
     h_loc, dt_sum = pl.pallas_call(
         kernel, out_shape=(jax.ShapeDtypeStruct((bt * (s - 1), h, n, p), f32),

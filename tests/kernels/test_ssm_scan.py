@@ -182,8 +182,9 @@ def test_canonical_layouts_agree():
 
 
 @pytest.mark.parametrize("blocks", [GpuBlocks(), GpuBlocks(segments=1, prefetch=False), GpuBlocks(tile=True),
-                                    GpuBlocks(block_p=16, chunk=8, segments=1, parallel=True)],
-                         ids=["default-segmented", "one-pass", "tile", "parallel"])
+                                    GpuBlocks(block_p=16, chunk=8, segments=1, parallel=True),
+                                    GpuBlocks(block_p=16, chunk=16, segments=4, parallel=True)],
+                         ids=["default-segmented", "one-pass", "tile", "parallel", "parallel-segments4"])
 def test_gpu_forward_lowers_to_triton(blocks):
     """The Triton lowering runs on CPU (cross-platform export), so ops the GPU backend lacks fail here,
     not on the device: the forward at Mamba-130m's mixer shape (8 segments by default: two kernels)."""
