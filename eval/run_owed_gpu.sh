@@ -77,8 +77,8 @@ for part in ${PARTS//,/ }; do
               unset FLASHIT_JAX_GEMV_FIXUP_UNVERIFIED
               cp /tmp/owed_fixq.json "$OUT/" 2>/dev/null ;;
         scan3) run scan3 150 python -m kernels.ssm_scan.bench --alternatives "" --no-check --reps 5 \
-                   --configs auto,16x16c,16x32c,32x16c,16x16cw2,16x16cw4,32x16cw2,32x16cw4,8x16cw2,16x8cw2,32x8cw2,16x32cw2,16x32cw4,\
-16x16cs2,16x16cs4,8x16cs4,16x8cs4,16x16cs8,32x16cs4w2,16x16cs2w2,16x16cs4w2,8x8cs4,8x8cs8,16x8cs8w2 \
+                   --configs auto,16x16ck8,16x32ck8,32x16ck8,16x16ck8w2,16x16ck8w4,32x16ck8w2,32x16ck8w4,8x16ck8w2,16x8cw2,32x8cw2,16x32ck8w2,\
+16x32ck8w4,16x16ck8s2,16x16ck8s4,8x16ck8s4,16x8cs4,16x16ck8s8,32x16ck8s4w2,16x16ck8s2w2,16x16ck8s4w2,8x8cs4,8x8cs8,16x8cs8w2 \
                    --out /tmp/owed_scan3.json
                cp /tmp/owed_scan3.json "$OUT/" 2>/dev/null ;;
         trainprof) run trainprof 260 python -m train.bench --only peak,ours,plain --profile --deadline 200 \

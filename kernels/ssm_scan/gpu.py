@@ -76,6 +76,11 @@ class GpuBlocks:
     # (the decays computed once), no per-step loads or dependent steps: the sequential kernels above wait
     # on each step (one pass ran at ~1450 cycles a step on an H100). Needs N a power of 2.
     parallel: bool = False
+    # Backward chunk (its checkpoint interval), when smaller than `chunk`: the parallel forward stores
+    # the state every this many steps, so a long parallel chunk (16+, the fast forward) does not make
+    # the backward recompute 16 steps x N states in registers (its fwd+bwd was 36 ms at chunk 16 on an
+    # H100, 2026-12-05, against ~14 at 8). 0: `chunk`. Must divide `chunk`; parallel forward only.
+    bwd_chunk: int = 0
 
     def resolve(self, p: int, n: int) -> "GpuBlocks":
         if self.segments < 0:
@@ -92,7 +97,16 @@ class GpuBlocks:
         chunk = max(1, min(self.chunk, self.max_state_regs // n))
         chunk = 1 << (chunk.bit_length() - 1)
         warps = self.num_warps or max(1, bp // 32)
-        return dataclasses.replace(self, block_p=bp, chunk=chunk, num_warps=warps)
+        bc = self.bwd_chunk or chunk
+        if bc & (bc - 1) or bc > chunk or (bc != chunk and not self.parallel):
+            raise ValueError(f"GpuBlocks.bwd_chunk must be a power of 2 dividing chunk={chunk}, and differ from it only "
+                             f"with parallel=True; got {self.bwd_chunk}")
+        return dataclasses.replace(self, block_p=bp, chunk=chunk, num_warps=warps, bwd_chunk=bc)
+
+    @property
+    def ck_every(self) -> int:
+        """Steps between the forward's stored states (the backward's chunk)."""
+        return self.bwd_chunk or self.chunk
 
 
 def auto_segments(blocks: GpuBlocks, programs: int, length: int) -> int:
@@ -279,11 +293,13 @@ def _fwd_kernel_tile(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, h
 
 
 def _fwd_kernel_parallel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, hT_ref, *ck, n_state, chunk,
-                         block_p, heads_per_group, batch_stores=False, prefetch=False):
-    """`_fwd_kernel` scanning each chunk in parallel along time (GpuBlocks.parallel)."""
+                         block_p, heads_per_group, batch_stores=False, prefetch=False, ck_every=0):
+    """`_fwd_kernel` scanning each chunk in parallel along time (GpuBlocks.parallel); the state is
+    stored every `ck_every` steps (default: each chunk) for the backward."""
     from kernels.ssm_scan.linrec import linrec
 
     del batch_stores, prefetch, n_state
+    per = chunk // (ck_every or chunk)  # stored states per chunk
     f32 = jnp.float32
     bi, hi, pj = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     gi = hi // heads_per_group
@@ -295,7 +311,7 @@ def _fwd_kernel_parallel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_re
 
     def body(i, h):  # h [N, P]: the state before chunk i
         if ck:
-            ck[0][bi, hi, i, :, cols] = h
+            ck[0][bi, hi, i * per, :, cols] = h
         ts = pl.ds(i * chunk, chunk)
         xs = x_ref[bi, ts, hi, cols].astype(f32)  # [T, P]
         dts = dt_ref[bi, ts, hi, cols].astype(f32)
@@ -305,7 +321,11 @@ def _fwd_kernel_parallel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_re
         decay_to, h_from_zero = linrec(decay, (dts * xs)[:, None, :] * bs[:, :, None], axis=0)
         hs = decay_to * h[None] + h_from_zero  # the state after each step of the chunk
         y_ref[bi, ts, hi, cols] = (jnp.sum(hs * cs[:, :, None], axis=1) + dd[None] * xs).astype(y_ref.dtype)
-        return jnp.sum(jnp.where(last, hs, 0.0), axis=0)  # the last step's state (no slicing in Triton)
+        if ck:  # the states before steps ck_every, 2 ck_every, ... of the chunk (no slicing in Triton)
+            for j in range(1, per):
+                at = (jnp.arange(chunk, dtype=jnp.int32) == j * ck_every - 1)[:, None, None]
+                ck[0][bi, hi, i * per + j, :, cols] = jnp.sum(jnp.where(at, hs, 0.0), axis=0)
+        return jnp.sum(jnp.where(last, hs, 0.0), axis=0)  # the last step's state
 
     hT_ref[bi, hi, :, cols] = jax.lax.fori_loop(0, n_chunks, body, h0_ref[bi, hi, :, cols].astype(f32))
 
@@ -408,9 +428,10 @@ def _forward(x, dt, At, B, C, D, h0T, blocks: GpuBlocks, interpret: bool, save: 
     f32 = jnp.float32
     outs = [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((bt, h, n, p), f32)]
     if save:
-        outs.append(jax.ShapeDtypeStruct((bt, h, l // blocks.chunk, n, p), f32))
+        outs.append(jax.ShapeDtypeStruct((bt, h, l // blocks.ck_every, n, p), f32))
     fwd = _fwd_kernel_parallel if blocks.parallel else _fwd_kernel_tile if blocks.tile else _fwd_kernel
-    kernel = functools.partial(fwd, n_state=n, chunk=blocks.chunk,
+    extra = {"ck_every": blocks.ck_every} if blocks.parallel else {}
+    kernel = functools.partial(fwd, n_state=n, chunk=blocks.chunk, **extra,
                                block_p=blocks.block_p, heads_per_group=h // g, batch_stores=blocks.batch_stores,
                                prefetch=blocks.prefetch)
     return pl.pallas_call(kernel, out_shape=tuple(outs), grid=grid, interpret=interpret,
@@ -450,7 +471,7 @@ def _forward_segmented(x, dt, At, B, C, D, h0T, blocks: GpuBlocks, interpret: bo
     hT = outs[1].reshape(bt, s, h, n, p)[:, -1]
     if not save:
         return y, hT
-    lc = ls // blocks.chunk  # checkpoints in the layout of the one-pass forward: [Bt, H, L/chunk, N, P]
+    lc = ls // blocks.ck_every  # checkpoints in the layout of the one-pass forward: [Bt, H, L/every, N, P]
     ck = jnp.moveaxis(outs[2].reshape(bt, s, h, lc, n, p), 1, 2).reshape(bt, h, s * lc, n, p)
     return y, hT, ck
 
@@ -463,7 +484,7 @@ def _backward(x, dt, At, B, C, D, ck, dy, dhT, blocks: GpuBlocks, interpret: boo
             jax.ShapeDtypeStruct((bt, l, h, npb, n), f32), jax.ShapeDtypeStruct((bt, l, h, npb, n), f32),
             jax.ShapeDtypeStruct((bt, h, n, p), f32), jax.ShapeDtypeStruct((bt, h, p), f32),
             jax.ShapeDtypeStruct((bt, h, n, p), f32))
-    kernel = functools.partial(_bwd_kernel, n_state=n, chunk=blocks.chunk, block_p=blocks.block_p,
+    kernel = functools.partial(_bwd_kernel, n_state=n, chunk=blocks.ck_every, block_p=blocks.block_p,
                                heads_per_group=h // g, batch_stores=blocks.batch_stores)
     dx, ddt, db, dc, da, dd, dh0 = pl.pallas_call(
         kernel, out_shape=outs, grid=grid, interpret=interpret, compiler_params=_compiler_params(blocks),

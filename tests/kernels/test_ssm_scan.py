@@ -94,8 +94,10 @@ def test_pallas_matches_reference(impl, blocks, layout, l, n, dtype):
                                                  marks=pytest.mark.slow),
                                     GpuBlocks(block_p=16, chunk=4, segments=1, parallel=True),
                                     pytest.param(GpuBlocks(block_p=8, chunk=8, segments=3, parallel=True),
-                                                 marks=pytest.mark.slow)],
-                         ids=["prefetch", "prefetch-segments3", "tile-segments3", "parallel", "parallel-segments3"])
+                                                 marks=pytest.mark.slow),
+                                    GpuBlocks(block_p=8, chunk=8, bwd_chunk=2, segments=2, parallel=True)],
+                         ids=["prefetch", "prefetch-segments3", "tile-segments3", "parallel", "parallel-segments3",
+                              "parallel-bwdchunk2-segments2"])
 @pytest.mark.parametrize("layout,l,n,dtype", [("mamba1", 29, 16, jnp.float32), ("multihead", 11, 8, jnp.bfloat16)],
                          ids=["mamba1-L29-N16-fp32", "multihead-L11-N8-bf16"])
 def test_gpu_pipelined_variants_match_reference(blocks, layout, l, n, dtype):
@@ -208,8 +210,14 @@ def test_bench_config_names():
     assert (b.block_p, b.chunk, b.prefetch, b.tile, b.segments, b.num_warps) == (32, 8, True, True, 1, 4)
     b = parse_config("16x8cw8", 16)
     assert (b.block_p, b.chunk, b.parallel, b.tile, b.segments, b.num_warps) == (16, 8, True, False, 1, 8)
+    b = parse_config("16x16ck8s4", 16)
+    assert (b.block_p, b.chunk, b.parallel, b.bwd_chunk, b.segments) == (16, 16, True, 8, 4)
     b = parse_config("64x16bs8", 16)
     assert (b.block_p, b.chunk, b.batch_stores, b.segments, b.num_warps, b.max_state_regs) == (64, 16, True, 8, 0, 256)
+    with pytest.raises(ValueError, match="bwd_chunk"):
+        parse_config("16x8k4", 16).resolve(64, 16)  # a shorter backward chunk needs the parallel forward
+    with pytest.raises(ValueError, match="bwd_chunk"):
+        parse_config("16x8ck3", 16).resolve(64, 16)
     for bad in ("32x8w3", "32x", "x8", "32x8q"):
         with pytest.raises(SystemExit, match="bad --configs entry"):
             parse_config(bad, 16)
