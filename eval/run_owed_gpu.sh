@@ -76,7 +76,7 @@ for part in ${PARTS//,/ }; do
                   --variants "bf16,w8+emb8,w8+emb8:fixup:unverified,w8+emb8:rope"
               unset FLASHIT_JAX_GEMV_FIXUP_UNVERIFIED
               cp /tmp/owed_fixq.json "$OUT/" 2>/dev/null ;;
-        scan3) run scan3 150 python -m kernels.ssm_scan.bench --alternatives "" --no-check --reps 5 \
+        scan3) run scan3 180 python -m kernels.ssm_scan.bench --alternatives "" --no-check --reps 5 \
                    --configs auto,16x16ck8,16x32ck8,32x16ck8,16x16ck8w2,16x16ck8w4,32x16ck8w2,32x16ck8w4,8x16ck8w2,16x8cw2,32x8cw2,16x32ck8w2,\
 16x32ck8w4,16x16ck8s2,16x16ck8s4,8x16ck8s4,16x8cs4,16x16ck8s8,32x16ck8s4w2,16x16ck8s2w2,16x16ck8s4w2,8x8cs4,8x8cs8,16x8cs8w2 \
                    --out /tmp/owed_scan3.json
