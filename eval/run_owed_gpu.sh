@@ -81,7 +81,11 @@ for part in ${PARTS//,/ }; do
 16x32ck8w4,16x16ck8s2,16x16ck8s4,8x16ck8s4,16x8cs4,16x16ck8s8,32x16ck8s4w2,16x16ck8s2w2,16x16ck8s4w2,8x8cs4,8x8cs8,16x8cs8w2 \
                    --out /tmp/owed_scan3.json
                cp /tmp/owed_scan3.json "$OUT/" 2>/dev/null ;;
-        trainprof) run trainprof 260 python -m train.bench --only peak,ours,plain --profile --deadline 200 \
+        scanfull) run scanfull 330 python -m kernels.ssm_scan.bench --alternatives associative,reference --reps 5 \
+                      --configs auto,16x16ck8,16x32ck8,32x16ck8,16x16ck8w2,16x16ck8w4,32x16ck8w2,8x16ck8w2,16x32ck8w2,\
+16x16ck8s2,16x16ck8s4,8x16ck8s4,16x16ck8s8,16x16ck8s2w2,16x16ck8s4w2,8x8cs8 --out /tmp/owed_scanfull.json
+                  cp /tmp/owed_scanfull.json "$OUT/" 2>/dev/null ;;
+        trainprof) run trainprof 230 python -m train.bench --only peak,ours,plain --profile --deadline 170 \
                        --json /tmp/owed_trainprof.json
                    cp /tmp/owed_trainprof.json "$OUT/" 2>/dev/null ;;
         gemvfix) export FLASHIT_JAX_GEMV_FIXUP_UNVERIFIED=1  # what this part verifies (kernels/gemv/gpu.py check_fixup)
