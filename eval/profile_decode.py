@@ -80,13 +80,28 @@ def hlo_origins(hlo_text: str) -> dict:
 
 
 def print_origins(events, origins: dict, kinds: tuple, n_steps: int, top: int = 8) -> None:
-    """For kernels named like `kinds`, total time per (shape, op name, source line)."""
+    """For kernels named like `kinds`, total time per (shape, op name, source line). A kernel is named
+    for its HLO instruction, with the '.' of the instruction's number as '_' on some backends."""
+    origins = {**{k.replace(".", "_"): v for k, v in origins.items()}, **origins}
+
+    def hlo_op(e):  # GPU kernel events carry their instruction as the `hlo_op` stat
+        try:
+            return next((str(v) for k, v in e.stats if k == "hlo_op"), e.name)
+        except Exception:  # noqa: BLE001 - an event without readable stats keeps its name
+            return e.name
+
+    names = {id(e): hlo_op(e) for e in events}
+    missed = sorted({names[id(e)] for e in events
+                     if names[id(e)] not in origins and re.sub(r"[._]\d+$", "", e.name) in kinds})
+    if missed:
+        print(f"(no HLO instruction for {len(missed)} kernel names, e.g. {missed[:4]}; HLO names look like "
+              f"{[k for k in origins if 'fusion' in k][:4]})")
     for kind in kinds:
         by = collections.defaultdict(lambda: [0, 0.0])
         for e in events:
             if re.sub(r"[._]\d+$", "", e.name) != kind:
                 continue
-            shape, op_name, where = origins.get(e.name, ("?", "?", ""))
+            shape, op_name, where = origins.get(names[id(e)], ("?", re.sub(r"[._]\d+$", "", names[id(e)]), ""))
             # the op name's last two path parts say what it is (e.g. transpose(jvp(...))/add_any)
             key = (shape, "/".join(op_name.split("/")[-2:])[-90:], where)
             by[key][0] += 1

@@ -97,8 +97,8 @@ class GpuBlocks:
         chunk = max(1, min(self.chunk, self.max_state_regs // n))
         chunk = 1 << (chunk.bit_length() - 1)
         warps = self.num_warps or max(1, bp // 32)
-        bc = self.bwd_chunk or chunk
-        if bc & (bc - 1) or bc > chunk or (bc != chunk and not self.parallel):
+        bc = min(self.bwd_chunk or chunk, chunk)  # chunk may have been lowered for a large N
+        if bc & (bc - 1) or (bc != chunk and not self.parallel):
             raise ValueError(f"GpuBlocks.bwd_chunk must be a power of 2 dividing chunk={chunk}, and differ from it only "
                              f"with parallel=True; got {self.bwd_chunk}")
         return dataclasses.replace(self, block_p=bp, chunk=chunk, num_warps=warps, bwd_chunk=bc)
