@@ -26,7 +26,7 @@ from pathlib import Path
 DEFAULT_VARIANTS = "bf16,w8+emb8,w8+emb8@xla,w4g128+emb8,w4g128+emb8@xla"
 # VARIANT:SUFFIX[:SUFFIX...] -> environment switches for that row (generate keys its programs on FLASHIT_JAX_*)
 SUFFIXES = {"fixup": ("FLASHIT_JAX_GEMV_FIXUP", "1"), "nofixup": ("FLASHIT_JAX_GEMV_FIXUP", "0"),
-            "rope": ("FLASHIT_JAX_ROPE_KERNEL", "1"), "unverified": ("FLASHIT_JAX_GEMV_FIXUP_UNVERIFIED", "1")}
+            "rope": ("FLASHIT_JAX_ROPE_KERNEL", "1")}
 
 
 def parse_variant(variant: str) -> tuple[str, str | None, dict[str, str]]:

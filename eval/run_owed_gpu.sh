@@ -15,7 +15,7 @@
 #   gemvconv [100] issue 7: GEMVs with one setting flipped, same blocks, one run: int-to-float by bit pattern vs
 #                 the conversion instruction (i8, 4-bit), next tile prefetched or not (bf16, i8) (done 2026-12-05)
 #   quant   [280] issue 7: quantized decode, warmed rows: bf16, int8 and 4-bit on the GEMV route, each with the
-#                 rotary + KV write kernel (:rope); the fixed in-kernel K-split sum (:fixup:unverified)
+#                 rotary + KV write kernel (:rope); the fixed in-kernel K-split sum (:fixup)
 #   gemvfix [90+120+200] issue 7: the GEMV GPU tests (the in-kernel split sum's atomics for real), each decode GEMV with its K splits summed by XLA vs in the kernel (Blocks.fixup),
 #                 same blocks, one run; then the int8 tiles re-tuned with fixup on (written to tuned.json)
 #   scan2   [280] issue 5: the chunk-parallel forward (GpuBlocks.parallel: each chunk scanned along time with
@@ -68,13 +68,12 @@ for part in ${PARTS//,/ }; do
         gemvconv) run gemvconv 100 python -m kernels.gemv.bench --weights bf16,i8,u4g128 --models llama-3.2-1b --json /tmp/owed_gemvconv.json
                   cp /tmp/owed_gemvconv.json "$OUT/" 2>/dev/null ;;
         quant) run quant 280 python -m eval.quant_speed --model random:llama-3.2-1b --budget-s 250 --json /tmp/owed_quant.json \
-                   --variants "bf16,w8+emb8,w8+emb8:rope,bf16:rope,w4g128+emb8,w4g128+emb8:rope,w8+emb8:fixup:unverified"
+                   --variants "bf16,w8+emb8,w8+emb8:rope,bf16:rope,w4g128+emb8,w4g128+emb8:rope,w8+emb8:fixup"
                cp /tmp/owed_quant.json "$OUT/" 2>/dev/null ;;
-        fixq) export FLASHIT_JAX_GEMV_FIXUP_UNVERIFIED=1  # the fixed in-kernel K-split sum, verified then timed
+        fixq) # the fixed in-kernel K-split sum, verified then timed (done 2026-12-05, session 11)
               run fixq_tests 80 python -m pytest tests/test_gemv.py -q -k "on_gpu"
               run fixq 200 python -m eval.quant_speed --model random:llama-3.2-1b --budget-s 180 --json /tmp/owed_fixq.json \
-                  --variants "bf16,w8+emb8,w8+emb8:fixup:unverified,w8+emb8:rope"
-              unset FLASHIT_JAX_GEMV_FIXUP_UNVERIFIED
+                  --variants "bf16,w8+emb8,w8+emb8:fixup,w8+emb8:rope"
               cp /tmp/owed_fixq.json "$OUT/" 2>/dev/null ;;
         scan3) run scan3 180 python -m kernels.ssm_scan.bench --alternatives "" --no-check --reps 5 \
                    --configs auto,16x16ck8,16x32ck8,32x16ck8,16x16ck8w2,16x16ck8w4,32x16ck8w2,32x16ck8w4,8x16ck8w2,16x8cw2,32x8cw2,16x32ck8w2,\
@@ -92,7 +91,7 @@ for part in ${PARTS//,/ }; do
         trainprof) run trainprof 230 python -m train.bench --only peak,ours,plain --profile --deadline 170 \
                        --json /tmp/owed_trainprof.json
                    cp /tmp/owed_trainprof.json "$OUT/" 2>/dev/null ;;
-        gemvfix) export FLASHIT_JAX_GEMV_FIXUP_UNVERIFIED=1  # what this part verifies (kernels/gemv/gpu.py check_fixup)
+        gemvfix)
                  run gemvfix_tests 90 python -m pytest tests/test_gemv.py -q -k "on_gpu"
                  run gemvfix 120 python -m kernels.gemv.bench --weights bf16,i8,u4g128 --models llama-3.2-1b \
                      --json /tmp/owed_gemvfix.json

@@ -121,7 +121,6 @@ def test_matvec_fixup_on_gpu(k, n, fmt, monkeypatch):
     value of XLA's sum of the partials."""
     from kernels.gemv.quant import matvec_q4
 
-    monkeypatch.setenv("FLASHIT_JAX_GEMV_FIXUP_UNVERIFIED", "1")  # what this test verifies
     rng = np.random.default_rng(k + n)
     x = jnp.asarray(rng.standard_normal((1, k)), jnp.bfloat16)
     b = gpu.Blocks(bk=64, bn=128, target_programs=2112)
@@ -246,18 +245,6 @@ def test_matvec_fixup(m, k, n, bk, bn, programs):
                 np.testing.assert_allclose(got32, plain32, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
             else:  # one bf16 rounding of (nearly) the same value: at most one ulp apart
                 np.testing.assert_allclose(got32, plain32, rtol=2 ** -7, atol=0)
-
-
-def test_fixup_needs_the_unverified_switch_on_a_gpu(monkeypatch):
-    """Measured wrong on an H100 before its fix: on a GPU backend Blocks.fixup is an error naming the switch."""
-    monkeypatch.setattr(gpu.jax, "default_backend", lambda: "gpu")
-    monkeypatch.delenv("FLASHIT_JAX_GEMV_FIXUP_UNVERIFIED", raising=False)
-    with pytest.raises(ValueError, match="FLASHIT_JAX_GEMV_FIXUP_UNVERIFIED=1"):
-        gpu.check_fixup(gpu.Blocks(fixup=True), interpret=False)
-    gpu.check_fixup(gpu.Blocks(fixup=True), interpret=True)  # the interpreter: fine
-    gpu.check_fixup(gpu.Blocks(), interpret=False)
-    monkeypatch.setenv("FLASHIT_JAX_GEMV_FIXUP_UNVERIFIED", "1")
-    gpu.check_fixup(gpu.Blocks(fixup=True), interpret=False)
 
 
 def test_matvec_fixup_switch(monkeypatch):

@@ -305,24 +305,15 @@ def fixup_override() -> bool | None:
     return None if v == "" else v == "1"
 
 
-def check_fixup(blocks: Blocks, interpret) -> None:
-    """Blocks.fixup gave wrong decode tokens on an H100 (2026-12-05: its per-column counters were bumped by
-    every thread holding a column; one scalar atomic per tile since, not yet re-run on a GPU) and ran slower
-    than XLA's sums (857 against 992 tokens/s for w8+emb8): on a GPU it runs only with
-    FLASHIT_JAX_GEMV_FIXUP_UNVERIFIED=1 (its GPU test, benchmarks), never silently."""
-    if blocks.fixup and not interpret and jax.default_backend() == "gpu" \
-            and os.environ.get("FLASHIT_JAX_GEMV_FIXUP_UNVERIFIED") != "1":
-        raise ValueError("Blocks.fixup (the in-kernel K-split sum) is not verified on a GPU since its fix; set "
-                         "FLASHIT_JAX_GEMV_FIXUP_UNVERIFIED=1 to run it (tests/test_gemv.py::test_matvec_fixup_on_gpu "
-                         "checks it), else leave FLASHIT_JAX_GEMV_FIXUP unset")
-
-
 def resolve_fixup(blocks: Blocks, interpret) -> Blocks:
-    """`blocks` with FLASHIT_JAX_GEMV_FIXUP applied, checked by `check_fixup` (every GEMV entry point)."""
+    """`blocks` with FLASHIT_JAX_GEMV_FIXUP applied (every GEMV entry point). The in-kernel sum is off by
+    default: on an H200 (2026-12-05, after its fix to one scalar atomic per column tile) it gave the same
+    bits 20 calls in a row and XLA's values (tests/test_gemv.py::test_matvec_fixup_on_gpu) and the same
+    decode tokens, but ran slower than XLA's sums of the partials (831 against 954 tokens/s for w8+emb8)."""
+    del interpret
     force = fixup_override()
     if force is not None and force != blocks.fixup:
         blocks = dataclasses.replace(blocks, fixup=force)
-    check_fixup(blocks, interpret)
     return blocks
 
 
