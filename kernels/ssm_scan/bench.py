@@ -83,17 +83,17 @@ def parse_config(text: str, n: int) -> GpuBlocks:
     """'32x8ps4' -> GpuBlocks(block_p=32, chunk=8, prefetch=True, segments=4); 'wN' sets num_warps."""
     if text == "auto":
         return GpuBlocks()
-    m = re.fullmatch(r"(\d+)x(\d+)(b?)(p?)(t?)(c?)(?:k(\d+))?(?:s(\d+))?(?:w(\d+))?", text)
+    m = re.fullmatch(r"(\d+)x(\d+)(b?)(p?)(t?)(c?)(?:k(\d+))?(?:j(\d+))?(?:s(\d+))?(?:w(\d+))?", text)
     if not m:
-        raise SystemExit(f"bad --configs entry {text!r}: want block_p x chunk [b][p][t][c][kN][sN][wN], e.g. 32x8ps4, "
-                         "32x8tw4, 16x8c or 16x16ck8 (backward chunk 8)")
+        raise SystemExit(f"bad --configs entry {text!r}: want block_p x chunk [b][p][t][c][kN][jN][sN][wN], e.g. "
+                         "32x8ps4, 32x8tw4, 16x8c or 16x16ck8j32 (backward chunk 8, 32 channels per backward program)")
     bp, ch = int(m[1]), int(m[2])
-    warps = int(m[9] or 0)
+    warps = int(m[10] or 0)
     if warps & (warps - 1):
         raise SystemExit(f"bad --configs entry {text!r}: num_warps (w{warps}) must be a power of 2")
     return GpuBlocks(block_p=bp, chunk=ch, max_state_regs=max(128, ch * n), batch_stores=bool(m[3]),
                      prefetch=bool(m[4]), tile=bool(m[5]), parallel=bool(m[6]), bwd_chunk=int(m[7] or 0),
-                     segments=int(m[8] or 1), num_warps=warps)
+                     bwd_block_p=int(m[8] or 0), segments=int(m[9] or 1), num_warps=warps)
 
 
 def rel_err(got, want) -> float:

@@ -81,6 +81,10 @@ class GpuBlocks:
     # the backward recompute 16 steps x N states in registers (its fwd+bwd was 36 ms at chunk 16 on an
     # H100, 2026-12-05, against ~14 at 8). 0: `chunk`. Must divide `chunk`; parallel forward only.
     bwd_chunk: int = 0
+    # Channels per backward program (0: block_p), a power of 2. The backward keeps one channel per
+    # thread, so the parallel forward's narrow programs (16 channels over 2 warps) would leave most
+    # of its threads idle; its checkpoints do not depend on the forward's blocks.
+    bwd_block_p: int = 0
 
     def resolve(self, p: int, n: int) -> "GpuBlocks":
         if self.segments < 0:
@@ -101,7 +105,17 @@ class GpuBlocks:
         if bc & (bc - 1) or (bc != chunk and not self.parallel):
             raise ValueError(f"GpuBlocks.bwd_chunk must be a power of 2 dividing chunk={chunk}, and differ from it only "
                              f"with parallel=True; got {self.bwd_chunk}")
-        return dataclasses.replace(self, block_p=bp, chunk=chunk, num_warps=warps, bwd_chunk=bc)
+        bbp = min(self.bwd_block_p, 1 << max(0, p - 1).bit_length()) if self.bwd_block_p else bp
+        if bbp & (bbp - 1):
+            raise ValueError(f"GpuBlocks.bwd_block_p must be a power of 2, got {self.bwd_block_p}")
+        return dataclasses.replace(self, block_p=bp, chunk=chunk, num_warps=warps, bwd_chunk=bc, bwd_block_p=bbp)
+
+    def backward_blocks(self) -> "GpuBlocks":
+        """The blocks the backward kernel runs with (a resolved self)."""
+        if self.bwd_block_p == self.block_p and self.ck_every == self.chunk:
+            return self
+        bp = self.bwd_block_p or self.block_p
+        return dataclasses.replace(self, block_p=bp, chunk=self.ck_every, num_warps=max(1, bp // 32), parallel=False)
 
     @property
     def ck_every(self) -> int:
@@ -477,6 +491,7 @@ def _forward_segmented(x, dt, At, B, C, D, h0T, blocks: GpuBlocks, interpret: bo
 
 
 def _backward(x, dt, At, B, C, D, ck, dy, dhT, blocks: GpuBlocks, interpret: bool):
+    blocks = blocks.backward_blocks()
     bt, l, h, p, g, n, grid = _statics(x, B, blocks)
     f32 = jnp.float32
     npb = p // blocks.block_p
@@ -484,7 +499,7 @@ def _backward(x, dt, At, B, C, D, ck, dy, dhT, blocks: GpuBlocks, interpret: boo
             jax.ShapeDtypeStruct((bt, l, h, npb, n), f32), jax.ShapeDtypeStruct((bt, l, h, npb, n), f32),
             jax.ShapeDtypeStruct((bt, h, n, p), f32), jax.ShapeDtypeStruct((bt, h, p), f32),
             jax.ShapeDtypeStruct((bt, h, n, p), f32))
-    kernel = functools.partial(_bwd_kernel, n_state=n, chunk=blocks.ck_every, block_p=blocks.block_p,
+    kernel = functools.partial(_bwd_kernel, n_state=n, chunk=blocks.chunk, block_p=blocks.block_p,
                                heads_per_group=h // g, batch_stores=blocks.batch_stores)
     dx, ddt, db, dc, da, dd, dh0 = pl.pallas_call(
         kernel, out_shape=outs, grid=grid, interpret=interpret, compiler_params=_compiler_params(blocks),
@@ -524,7 +539,7 @@ def scan_canonical(x, dt, A, B, C, D, h0, *, blocks: GpuBlocks = GpuBlocks(), in
         blocks = dataclasses.replace(blocks, segments=auto_segments(blocks, bt * h * -(-p // blocks.block_p), l))
     if blocks.prefetch is None:
         blocks = dataclasses.replace(blocks, prefetch=blocks.segments > 1)
-    pad_l, pad_p = (-l) % (blocks.chunk * blocks.segments), (-p) % blocks.block_p
+    pad_l, pad_p = (-l) % (blocks.chunk * blocks.segments), (-p) % max(blocks.block_p, blocks.bwd_block_p)
     At, h0T = jnp.swapaxes(A, 1, 2), jnp.swapaxes(h0, 2, 3)
     if pad_l:  # Δ = 0 and x = 0 past the end leave the state unchanged
         x, dt, B, C = (jnp.pad(a, [(0, 0), (0, pad_l), (0, 0), (0, 0)]) for a in (x, dt, B, C))

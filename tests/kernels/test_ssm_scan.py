@@ -95,9 +95,10 @@ def test_pallas_matches_reference(impl, blocks, layout, l, n, dtype):
                                     GpuBlocks(block_p=16, chunk=4, segments=1, parallel=True),
                                     pytest.param(GpuBlocks(block_p=8, chunk=8, segments=3, parallel=True),
                                                  marks=pytest.mark.slow),
-                                    GpuBlocks(block_p=8, chunk=8, bwd_chunk=2, segments=2, parallel=True)],
+                                    GpuBlocks(block_p=8, chunk=8, bwd_chunk=2, bwd_block_p=16, segments=2,
+                                              parallel=True)],
                          ids=["prefetch", "prefetch-segments3", "tile-segments3", "parallel", "parallel-segments3",
-                              "parallel-bwdchunk2-segments2"])
+                              "parallel-bwdchunk2-bwdblock16-segments2"])
 @pytest.mark.parametrize("layout,l,n,dtype", [("mamba1", 29, 16, jnp.float32), ("multihead", 11, 8, jnp.bfloat16)],
                          ids=["mamba1-L29-N16-fp32", "multihead-L11-N8-bf16"])
 def test_gpu_pipelined_variants_match_reference(blocks, layout, l, n, dtype):
@@ -210,8 +211,8 @@ def test_bench_config_names():
     assert (b.block_p, b.chunk, b.prefetch, b.tile, b.segments, b.num_warps) == (32, 8, True, True, 1, 4)
     b = parse_config("16x8cw8", 16)
     assert (b.block_p, b.chunk, b.parallel, b.tile, b.segments, b.num_warps) == (16, 8, True, False, 1, 8)
-    b = parse_config("16x16ck8s4", 16)
-    assert (b.block_p, b.chunk, b.parallel, b.bwd_chunk, b.segments) == (16, 16, True, 8, 4)
+    b = parse_config("16x16ck8j32s4", 16)
+    assert (b.block_p, b.chunk, b.parallel, b.bwd_chunk, b.bwd_block_p, b.segments) == (16, 16, True, 8, 32, 4)
     b = parse_config("64x16bs8", 16)
     assert (b.block_p, b.chunk, b.batch_stores, b.segments, b.num_warps, b.max_state_regs) == (64, 16, True, 8, 0, 256)
     with pytest.raises(ValueError, match="bwd_chunk"):
