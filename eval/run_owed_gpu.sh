@@ -80,6 +80,10 @@ for part in ${PARTS//,/ }; do
 16x32ck8w4,16x16ck8s2,16x16ck8s4,8x16ck8s4,16x8cs4,16x16ck8s8,32x16ck8s4w2,16x16ck8s2w2,16x16ck8s4w2,8x8cs4,8x8cs8,16x8cs8w2 \
                    --out /tmp/owed_scan3.json
                cp /tmp/owed_scan3.json "$OUT/" 2>/dev/null ;;
+        scan4) run scan4 190 python -m kernels.ssm_scan.bench --alternatives associative,reference --reps 5 --bwd auto \
+                   --configs auto,16x16ck8j32w2,16x16ck8w2,16x16ck8j32,8x16ck8j32w2,32x16ck8j32w2,16x8cj32w2,16x16ck8j32s2w2 \
+                   --out /tmp/owed_scan4.json
+               cp /tmp/owed_scan4.json "$OUT/" 2>/dev/null ;;
         trainab) run trainab_prof 150 python -m train.bench --only peak,ours --profile --json /tmp/owed_trainab.json
                  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
                      run trainab_notriton 100 python -m train.bench --only peak,ours --json /tmp/owed_trainab_nt.json

@@ -128,6 +128,8 @@ def main(argv=None):
     ap.add_argument("--alternatives", default="xla,associative,reference")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--bwd", default="", help="configs whose forward + backward is timed too (the fastest "
+                    "forward's always is), e.g. auto: the default beside the best")
     ap.add_argument("--copy-bytes", type=int, default=1 << 30)
     ap.add_argument("--interpret", action="store_true", help="run the Pallas GPU kernel in interpret mode (CPU dry run)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -173,8 +175,9 @@ def main(argv=None):
         print(json.dumps(row), flush=True)
         return row
 
+    with_bwd = {f"pallas {c}" for c in args.bwd.split(",") if c}
     for name, impl, blocks in configs:
-        report["rows"].append(run_row(name, impl, blocks, with_bwd=False))
+        report["rows"].append(run_row(name, impl, blocks, with_bwd=name in with_bwd))
         save()
     for name, impl, blocks in alternatives:
         report["rows"].append(run_row(name, impl, blocks, with_bwd=True))
@@ -182,8 +185,9 @@ def main(argv=None):
     timed_ok = [(r, c) for r, c in zip(report["rows"], configs) if r.get("fwd_ms")]
     if timed_ok:
         best_row, (name, impl, blocks) = min(timed_ok, key=lambda rc: rc[0]["fwd_ms"])
-        best_row.update(run_row(name, impl, blocks, with_bwd=True))
-        save()
+        if not best_row.get("fwd_bwd_ms"):
+            best_row.update(run_row(name, impl, blocks, with_bwd=True))
+            save()
         if not args.no_check:
             tol = 1e-4 if dtype == jnp.float32 else 2e-2
             report["checks"].append(check_case(f"bench shape {args.dtype}, {name}", inputs, "pallas_gpu", blocks,
