@@ -84,9 +84,9 @@ for part in ${PARTS//,/ }; do
                    --configs auto,16x16ck8j32w2,16x16ck8w2,16x16ck8j32,8x16ck8j32w2,32x16ck8j32w2,16x8cj32w2,16x16ck8j32s2w2 \
                    --out /tmp/owed_scan4.json
                cp /tmp/owed_scan4.json "$OUT/" 2>/dev/null ;;
-        trainab) run trainab_prof 150 python -m train.bench --only peak,ours --profile --json /tmp/owed_trainab.json
-                 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
+        trainab) XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
                      run trainab_notriton 100 python -m train.bench --only peak,ours --json /tmp/owed_trainab_nt.json
+                 run trainab_prof 150 python -m train.bench --only peak,ours --profile --json /tmp/owed_trainab.json
                  cp /tmp/owed_trainab.json /tmp/owed_trainab_nt.json "$OUT/" 2>/dev/null ;;
         scanfull) run scanfull 330 python -m kernels.ssm_scan.bench --alternatives associative,reference --reps 5 \
                       --configs auto,16x16ck8,16x32ck8,32x16ck8,16x16ck8w2,16x16ck8w4,32x16ck8w2,8x16ck8w2,16x32ck8w2,\
