@@ -56,7 +56,7 @@ def selective_scan(x, dt, A, B, C, D=None, *, initial_state=None, return_final_s
         return (y, h) if return_final_state else y
     args = (c.x, c.dt, c.A, c.B, c.C, c.D, c.h0)
     if impl == "pallas_gpu":
-        y, h = gpu.scan_canonical(*args, blocks=blocks or gpu.GpuBlocks(), interpret=interpret)
+        y, h = gpu.scan_canonical(*args, blocks=blocks, interpret=interpret)
     elif impl == "pallas_tpu":
         if interpret is True:
             from jax.experimental.pallas import tpu as pltpu

@@ -5,9 +5,10 @@ associative_scan, sequential lax.scan), forward and forward+backward, against th
     python -m kernels.ssm_scan.bench --out bench.json --configs 32x8,32x8p,32x8ps4,64x8b
 
 A config is block_p x chunk, then flags: b (batch_stores), p (prefetch), t (tile), c (parallel: the
-chunk scanned along time with Triton's scan), sN (N segments; none: 1), or `auto` (the default
-GpuBlocks: segments and prefetch chosen per shape); see
-kernels.ssm_scan.gpu.GpuBlocks. Every config is timed forward, then the XLA alternatives; the
+chunk scanned along time with Triton's scan), kN (backward chunk), jN (backward channels per program),
+sN (N segments; none: 1), wN (warps); or `auto` (the default, `gpu.default_blocks`: the chunk-parallel
+16x16ck8j32w2 where it applies) or `sequential` (the default before 2026-12-05, `GpuBlocks()`: segments
+and prefetch chosen per shape); see kernels.ssm_scan.gpu.GpuBlocks. Every config is timed forward, then the XLA alternatives; the
 fastest config is then timed forward + backward and checked against the reference.
 
 The floor is the bytes a forward must move (read x, Δ, B, C and write y once) over the copy
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.ssm_scan import GpuBlocks, selective_scan
-from kernels.ssm_scan.gpu import hbm_bytes
+from kernels.ssm_scan.gpu import default_blocks, hbm_bytes
 
 
 def timeit(fn, *args, reps: int = 10, groups: int = 3) -> float:
@@ -81,7 +82,9 @@ def fns(impl: str, blocks=None, interpret: bool = False):
 
 def parse_config(text: str, n: int) -> GpuBlocks:
     """'32x8ps4' -> GpuBlocks(block_p=32, chunk=8, prefetch=True, segments=4); 'wN' sets num_warps."""
-    if text == "auto":
+    if text == "auto":  # the default (kernels/ssm_scan/gpu.py default_blocks)
+        return default_blocks(n)
+    if text == "sequential":  # the default before 2026-12-05: 8 segments, scalar state
         return GpuBlocks()
     m = re.fullmatch(r"(\d+)x(\d+)(b?)(p?)(t?)(c?)(?:k(\d+))?(?:j(\d+))?(?:s(\d+))?(?:w(\d+))?", text)
     if not m:

@@ -123,6 +123,24 @@ class GpuBlocks:
         return self.bwd_chunk or self.chunk
 
 
+# The chunk-parallel forward (16 channels over 2 warps, 16-step chunks) with the sequential backward at its
+# usual width and chunk (32 channels, 8 steps): on an H200 (2026-12-05, session 11, B8 L4096 D1536 N16 fp32,
+# `python -m kernels.ssm_scan.bench --bwd auto`, docs/data/h200_2026-12-05_s11/scan4.log) 0.665 ms forward and
+# 14.0 ms forward + backward, against 0.995 / 14.4 for `GpuBlocks()` (8 segments, scalar state) in the same run.
+PARALLEL_BLOCKS = GpuBlocks(block_p=16, chunk=16, num_warps=2, max_state_regs=256, parallel=True, bwd_chunk=8,
+                            bwd_block_p=32, segments=1)
+
+
+def default_blocks(n: int) -> GpuBlocks:
+    """The blocks `selective_scan(impl="pallas_gpu")` uses without any: PARALLEL_BLOCKS for the state sizes
+    it was measured at (N a power of 2 up to 16, Triton's scan available), else `GpuBlocks()`."""
+    from kernels.ssm_scan.linrec import TRITON_UNAVAILABLE
+
+    if 2 <= n <= 16 and not n & (n - 1) and not TRITON_UNAVAILABLE:
+        return PARALLEL_BLOCKS
+    return GpuBlocks()
+
+
 def auto_segments(blocks: GpuBlocks, programs: int, length: int) -> int:
     """Segments for `segments=0` (see GpuBlocks): `programs` is the one-pass program count."""
     s = 1
@@ -530,11 +548,12 @@ def _scan_bwd(blocks, interpret, res, cts):
 _scan.defvjp(_scan_fwd, _scan_bwd)
 
 
-def scan_canonical(x, dt, A, B, C, D, h0, *, blocks: GpuBlocks = GpuBlocks(), interpret: bool = False):
-    """Canonical layout (see reference.py) in, (y, final state [Bt, H, P, N] fp32) out."""
+def scan_canonical(x, dt, A, B, C, D, h0, *, blocks: GpuBlocks | None = None, interpret: bool = False):
+    """Canonical layout (see reference.py) in, (y, final state [Bt, H, P, N] fp32) out; blocks default to
+    `default_blocks(N)`."""
     bt, l, h, p = x.shape
     n = A.shape[-1]
-    blocks = blocks.resolve(p, n)
+    blocks = (blocks or default_blocks(n)).resolve(p, n)
     if blocks.segments == 0:
         blocks = dataclasses.replace(blocks, segments=auto_segments(blocks, bt * h * -(-p // blocks.block_p), l))
     if blocks.prefetch is None:

@@ -222,3 +222,16 @@ def test_bench_config_names():
     for bad in ("32x8w3", "32x", "x8", "32x8q"):
         with pytest.raises(SystemExit, match="bad --configs entry"):
             parse_config(bad, 16)
+
+
+def test_gpu_default_blocks():
+    """Without blocks the GPU scan runs the chunk-parallel forward (with its own backward blocks) where it was
+    measured faster, N a power of 2 up to 16; other state sizes keep the sequential default. Values and
+    gradients of both against the reference, L not a multiple of either chunk."""
+    from kernels.ssm_scan import gpu
+
+    assert gpu.default_blocks(16) is gpu.PARALLEL_BLOCKS and gpu.default_blocks(8) is gpu.PARALLEL_BLOCKS
+    assert gpu.default_blocks(64) == GpuBlocks() and gpu.default_blocks(12) == GpuBlocks()
+    b = gpu.PARALLEL_BLOCKS.resolve(1536, 16)
+    assert (b.chunk, b.ck_every, b.backward_blocks().block_p, b.backward_blocks().chunk) == (16, 8, 32, 8)
+    check("pallas_gpu", "mamba1", 37, 16, jnp.float32)
