@@ -96,6 +96,9 @@ def print_origins(events, origins: dict, kinds: tuple, n_steps: int, top: int = 
     if missed:
         print(f"(no HLO instruction for {len(missed)} kernel names, e.g. {missed[:4]}; HLO names look like "
               f"{[k for k in origins if 'fusion' in k][:4]})")
+        if any(m.startswith("command_buffer") for m in missed):
+            print("(XLA ran these kernels inside CUDA graphs, which the trace names command_buffer: profile with "
+                  "XLA_FLAGS=--xla_gpu_enable_command_buffer= to see each kernel's source)")
     for kind in kinds:
         by = collections.defaultdict(lambda: [0, 0.0])
         for e in events:
