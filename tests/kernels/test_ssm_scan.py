@@ -85,11 +85,13 @@ def test_pallas_matches_reference(impl, blocks, layout, l, n, dtype):
     check(impl, layout, l, n, dtype, blocks)
 
 
-# the default's family (segments + prefetch) in the default run; the one-pass prefetch and the tile
-# layout in the slow run (CI's default run is kept under 15 minutes)
+# the default's family (chunk-parallel) in the default run; the sequential kernel's prefetch and tile variants
+# in the slow run (its segmented default runs in test_pallas_matches_reference; CI's default run is kept under
+# 15 minutes)
 @pytest.mark.parametrize("blocks", [pytest.param(GpuBlocks(block_p=16, chunk=4, prefetch=True, segments=1),
                                                  marks=pytest.mark.slow),
-                                    GpuBlocks(block_p=16, chunk=4, prefetch=True, segments=3),
+                                    pytest.param(GpuBlocks(block_p=16, chunk=4, prefetch=True, segments=3),
+                                                 marks=pytest.mark.slow),
                                     pytest.param(GpuBlocks(block_p=16, chunk=4, segments=3, tile=True),
                                                  marks=pytest.mark.slow),
                                     GpuBlocks(block_p=16, chunk=4, segments=1, parallel=True),
