@@ -286,8 +286,8 @@ def _mlp(p, x, c: LlamaConfig, tap, pre, norm=None, residual=None):
             x = nn.rms_norm(x, *norm)
         g = _proj(p["gate"], x, tap, pre + "gate")
         u = _proj(p["up"], x, tap, pre + "up")
-    a = jax.nn.silu(g) if c.act == "silu" else jax.nn.gelu(g, approximate=True)
-    return _proj(p["down"], a * u, tap, pre + "down", residual=residual)
+    h = nn.silu_mul(g, u) if c.act == "silu" else jax.nn.gelu(g, approximate=True) * u
+    return _proj(p["down"], h, tap, pre + "down", residual=residual)
 
 
 def forward(params, tokens, positions=None, cache: nn.KVCache | None = None, *, config: LlamaConfig,

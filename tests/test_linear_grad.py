@@ -108,3 +108,37 @@ def test_unknown_product_is_a_clear_error():
         lowp_einsum("ij,jk->ik", x, jnp.ones((3, 4), jnp.bfloat16))
     with pytest.raises(ValueError, match=r"einsum 'ij,jk->ik' is not one of"):
         fp32_einsum("ij,jk->ik", x, jnp.ones((3, 4), jnp.bfloat16))
+
+
+def _prims(jaxpr):
+    out = []
+    for eqn in jaxpr.eqns:
+        out.append(eqn.primitive.name)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            out += _prims(sub)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_silu_mul_gradient_is_autodiffs_in_one_expression(dtype):
+    """nn.silu_mul's hand-written backward (both cotangents from g, u and dh in one fp32 expression) equals
+    autodiff of silu(g) * u: to fp32 rounding in fp32, to one bf16 rounding of the fp32 value in bf16; its
+    backward has no add_any (autodiff sums silu's two terms with one)."""
+    from flashit_jax.nn import silu_mul
+
+    rng = np.random.default_rng(1)
+    g, u, w = (jnp.asarray(rng.standard_normal((3, 7, 64)) * 3, dtype) for _ in range(3))
+    loss = lambda f: lambda g, u: jnp.sum((f(g, u) * w).astype(jnp.float32))  # noqa: E731
+    ours = jax.grad(loss(silu_mul), argnums=(0, 1))(g, u)
+    f32 = [a.astype(jnp.float32) for a in (g, u)]
+    want = jax.grad(lambda g, u: jnp.sum(jax.nn.silu(g) * u * w.astype(jnp.float32)), argnums=(0, 1))(*f32)
+    for got, ref in zip(ours, want):
+        assert got.dtype == dtype
+        tol = 1e-6 if dtype == jnp.float32 else 2 ** -8
+        # near the zero of silu's derivative (g ~ -1.28) the two forms cancel differently: atol scales with the max
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref), rtol=tol,
+                                   atol=tol * float(jnp.max(jnp.abs(ref))))
+    assert float(jnp.max(jnp.abs(silu_mul(g, u) - jax.nn.silu(g) * u))) == 0.0
+    bwd = jax.make_jaxpr(jax.grad(loss(silu_mul), argnums=(0, 1)))(g, u).jaxpr
+    plain = jax.make_jaxpr(jax.grad(loss(lambda g, u: jax.nn.silu(g) * u), argnums=(0, 1)))(g, u).jaxpr
+    assert "add_any" not in _prims(bwd) and "add_any" in _prims(plain)
