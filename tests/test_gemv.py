@@ -115,7 +115,7 @@ def test_matvec_on_gpu(m, k, n):
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="runs the atomics of the in-kernel split sum for real")
 @pytest.mark.parametrize("k,n,fmt", [(2048, 3072, "bf16"), (8192, 2048, "i8"), (2048, 16384, "i8"), (2048, 4096, "u4")])
-def test_matvec_fixup_on_gpu(k, n, fmt, monkeypatch):
+def test_matvec_fixup_on_gpu(k, n, fmt):
     """Blocks.fixup with programs really running concurrently (interpret mode runs them one after another):
     every one of 20 calls gives the same bits (the last split adds the partials in split order) and the
     value of XLA's sum of the partials."""

@@ -305,12 +305,11 @@ def fixup_override() -> bool | None:
     return None if v == "" else v == "1"
 
 
-def resolve_fixup(blocks: Blocks, interpret) -> Blocks:
+def resolve_fixup(blocks: Blocks) -> Blocks:
     """`blocks` with FLASHIT_JAX_GEMV_FIXUP applied (every GEMV entry point). The in-kernel sum is off by
     default: on an H200 (2026-12-05, after its fix to one scalar atomic per column tile) it gave the same
     bits 20 calls in a row and XLA's values (tests/test_gemv.py::test_matvec_fixup_on_gpu) and the same
     decode tokens, but ran slower than XLA's sums of the partials (831 against 954 tokens/s for w8+emb8)."""
-    del interpret
     force = fixup_override()
     if force is not None and force != blocks.fixup:
         blocks = dataclasses.replace(blocks, fixup=force)
@@ -351,7 +350,7 @@ def matvec(x: jax.Array, w: jax.Array, *, blocks: Blocks | None = None, interpre
         raise ValueError(f"matvec: norm_scale has shape {tuple(norm_scale.shape)}, expected ({k},) like x's features")
     if out_scale is not None and out_scale.size != n:
         raise ValueError(f"matvec: out_scale has shape {tuple(out_scale.shape)}, expected one scale per column ({n})")
-    blocks = resolve_fixup(blocks or blocks_for(k, n, "i8" if w.dtype == jnp.int8 else "bf16"), interpret)
+    blocks = resolve_fixup(blocks or blocks_for(k, n, "i8" if w.dtype == jnp.int8 else "bf16"))
     # resolved here, outside the jit: its trace cache keys on the static arguments, not on the environment
     return _matvec(x, w, norm_scale, None if out_scale is None else out_scale.reshape(n), residual, blocks=blocks,
                    interpret=interpret, eps=float(eps), offset=float(offset), out_dtype=jnp.dtype(out_dtype), glu=glu)

@@ -93,7 +93,7 @@ def matvec_q4(x: jax.Array, q: jax.Array, scales: jax.Array, zeros: jax.Array | 
         raise ValueError(f"matvec_q4: norm_scale has shape {tuple(norm_scale.shape)}, expected ({k},)")
     if residual is not None and residual.shape != (m, n):
         raise ValueError(f"matvec_q4: residual has shape {tuple(residual.shape)}, expected {(m, n)}")
-    blocks = resolve_fixup(blocks or blocks_for(k, n, f"u4g{k // groups}"), interpret)
+    blocks = resolve_fixup(blocks or blocks_for(k, n, f"u4g{k // groups}"))
     norm = None if norm_scale is None else (float(eps), float(norm_offset))
     return _matvec_q4(x, q, scales, zeros, norm_scale, residual, n=n, offset=int(offset), blocks=blocks,
                       interpret=interpret, out_dtype=jnp.dtype(out_dtype), norm=norm, glu=glu)
