@@ -24,16 +24,21 @@ def _device_plane(pd):
     return gpu[0] if gpu else next(p for p in planes if p.name.startswith("/host:CPU"))
 
 
+def _kernel_kind(name: str) -> str:
+    """A kernel or instruction name without its number (loop_add_fusion.12 / _12 -> loop_add_fusion)."""
+    return re.sub(r"[._]\d+$", "", name)
+
+
 def _frames(hlo_text: str) -> dict:
     """stack_frame_id -> "file:line function" from the tables at the top of HLO text."""
     tables, cur = collections.defaultdict(dict), None
     for line in hlo_text.splitlines():
+        if line.startswith(("%", "ENTRY")):  # the computations: the tables are above them
+            break
         if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
             cur = line
-        elif not line.strip() or line.startswith("%") or line.startswith("ENTRY"):
-            cur = None if not line.strip() and cur else cur
-            if line.startswith("%") or line.startswith("ENTRY"):
-                break
+        elif not line.strip():
+            cur = None
         elif cur:
             k, _, v = line.partition(" ")
             tables[cur][k] = v
@@ -92,7 +97,7 @@ def print_origins(events, origins: dict, kinds: tuple, n_steps: int, top: int = 
 
     names = {id(e): hlo_op(e) for e in events}
     missed = sorted({names[id(e)] for e in events
-                     if names[id(e)] not in origins and re.sub(r"[._]\d+$", "", e.name) in kinds})
+                     if names[id(e)] not in origins and _kernel_kind(e.name) in kinds})
     if missed:
         print(f"(no HLO instruction for {len(missed)} kernel names, e.g. {missed[:4]}; HLO names look like "
               f"{[k for k in origins if 'fusion' in k][:4]})")
@@ -102,9 +107,9 @@ def print_origins(events, origins: dict, kinds: tuple, n_steps: int, top: int = 
     for kind in kinds:
         by = collections.defaultdict(lambda: [0, 0.0])
         for e in events:
-            if re.sub(r"[._]\d+$", "", e.name) != kind:
+            if _kernel_kind(e.name) != kind:
                 continue
-            shape, op_name, where = origins.get(names[id(e)], ("?", re.sub(r"[._]\d+$", "", names[id(e)]), ""))
+            shape, op_name, where = origins.get(names[id(e)], ("?", _kernel_kind(names[id(e)]), ""))
             # the op name's last two path parts say what it is (e.g. transpose(jvp(...))/add_any)
             key = (shape, "/".join(op_name.split("/")[-2:])[-90:], where)
             by[key][0] += 1
@@ -133,7 +138,7 @@ def summarize(trace_dir: str, n_steps: int, top: int = 30, hlo_text: str | None 
     events.sort(key=lambda e: e.start_ns)
     by = collections.defaultdict(lambda: [0, 0.0])
     for e in events:
-        name = re.sub(r"[._]\d+$", "", e.name)
+        name = _kernel_kind(e.name)
         by[name][0] += 1
         by[name][1] += e.duration_ns
     busy = sum(e.duration_ns for e in events)
