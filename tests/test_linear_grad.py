@@ -142,3 +142,45 @@ def test_silu_mul_gradient_is_autodiffs_in_one_expression(dtype):
     bwd = jax.make_jaxpr(jax.grad(loss(silu_mul), argnums=(0, 1)))(g, u).jaxpr
     plain = jax.make_jaxpr(jax.grad(loss(lambda g, u: jax.nn.silu(g) * u), argnums=(0, 1)))(g, u).jaxpr
     assert "add_any" not in _prims(bwd) and "add_any" in _prims(plain)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0], ids=["llama", "gemma-offset"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rms_norm_gradient_equals_autodiff(dtype, offset):
+    """nn.rms_norm's one-pass backward (dx from the saved 1/rms, dscale as one column sum) equals autodiff of
+    the same fp32 expression: to fp32 rounding in fp32, to one bf16 rounding in bf16; its forward is the
+    plain expression's bit for bit, and `plain_autodiff()` gives autodiff's backward (what train.bench's
+    ours-autodiff row times), with fewer passes."""
+    from flashit_jax.nn import rms_norm
+    from flashit_jax.nn.norms import plain_autodiff
+
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((3, 5, 64)) * 2, dtype)
+    scale = jnp.asarray(rng.standard_normal(64), dtype)
+    w = jnp.asarray(rng.standard_normal((3, 5, 64)), jnp.float32)
+    loss = lambda x, s: jnp.sum(rms_norm(x, s, 1e-5, offset).astype(jnp.float32) * w)  # noqa: E731
+    ours = jax.grad(loss, argnums=(0, 1))(x, scale)
+    with plain_autodiff():
+        plain = jax.grad(loss, argnums=(0, 1))(x, scale)
+        y_plain = rms_norm(x, scale, 1e-5, offset)
+    assert float(jnp.max(jnp.abs(rms_norm(x, scale, 1e-5, offset).astype(jnp.float32)
+                                 - y_plain.astype(jnp.float32)))) == 0.0
+
+    def ref_norm(x, s):
+        r = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-5)
+        return x * r * (s + offset)
+
+    f32 = [a.astype(jnp.float32) for a in (x, scale)]
+    want = jax.grad(lambda x, s: jnp.sum(ref_norm(x, s) * w), argnums=(0, 1))(*f32)
+    tol = 1e-5 if dtype == jnp.float32 else 2 ** -7
+    for got, alt, ref in zip(ours, plain, want):
+        assert got.dtype == dtype and got.shape == ref.shape
+        for g in (got, alt):
+            np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(ref), rtol=tol,
+                                       atol=tol * float(jnp.max(jnp.abs(ref))))
+    bwd = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, scale).jaxpr
+    with plain_autodiff():
+        bwd_plain = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, scale).jaxpr
+    # autodiff sums x's two paths (through x r and through r) with add_any and reduces 6 times; ours 4 times
+    assert "add_any" not in _prims(bwd) and "add_any" in _prims(bwd_plain)
+    assert _prims(bwd).count("reduce_sum") < _prims(bwd_plain).count("reduce_sum")

@@ -14,7 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from flashit_jax.nn.norms import rms_norm
+from flashit_jax.nn.norms import hand_vjp, rms_norm
 from kernels.gemv import api as gemv
 
 
@@ -125,9 +125,13 @@ GLUS = ("silu",)  # linear(glu=...): the gated activations a decode GEMV compute
 # training step on an H200 (2026-12-05, train.bench --profile) 267 us (d gate, an add_any of silu's two terms)
 # and 212 us (d up) per layer, against ~280 us for one pass writing both. The backward here computes both from
 # (g, u, dh) in one expression, in fp32, so XLA can emit it as one fusion (not yet timed on a GPU).
-@jax.custom_vjp
 def silu_mul(g: jax.Array, u: jax.Array) -> jax.Array:
     """silu(g) * u, the SwiGLU input of a gated MLP's down projection, in g's dtype."""
+    return _silu_mul_vjp(g, u) if hand_vjp() else jax.nn.silu(g) * u
+
+
+@jax.custom_vjp
+def _silu_mul_vjp(g, u):
     return jax.nn.silu(g) * u
 
 
@@ -145,7 +149,7 @@ def _silu_mul_bwd(res, dh):
     return dg.astype(g.dtype), du.astype(u.dtype)
 
 
-silu_mul.defvjp(_silu_mul_fwd, _silu_mul_bwd)
+_silu_mul_vjp.defvjp(_silu_mul_fwd, _silu_mul_bwd)
 
 
 def glu_input(x: jax.Array, glu: str) -> jax.Array:

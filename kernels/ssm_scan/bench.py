@@ -5,7 +5,7 @@ associative_scan, sequential lax.scan), forward and forward+backward, against th
     python -m kernels.ssm_scan.bench --out bench.json --configs 32x8,32x8p,32x8ps4,64x8b
 
 A config is block_p x chunk, then flags: b (batch_stores), p (prefetch), t (tile), c (parallel: the
-chunk scanned along time with Triton's scan), kN (backward chunk), jN (backward channels per program),
+chunk scanned along time with Triton's scan), o (with c: the session-11 state carry, GpuBlocks.carry_in off), kN (backward chunk), jN (backward channels per program),
 sN (N segments; none: 1), wN (warps); or `auto` (the default, `gpu.default_blocks`: the chunk-parallel
 16x16ck8j32w2 where it applies) or `sequential` (the default before 2026-12-05, `GpuBlocks()`: segments
 and prefetch chosen per shape); see kernels.ssm_scan.gpu.GpuBlocks. Every config is timed forward, then the XLA alternatives; the
@@ -86,17 +86,17 @@ def parse_config(text: str, n: int) -> GpuBlocks:
         return default_blocks(n)
     if text == "sequential":  # the default before 2026-12-05: 8 segments, scalar state
         return GpuBlocks()
-    m = re.fullmatch(r"(\d+)x(\d+)(b?)(p?)(t?)(c?)(?:k(\d+))?(?:j(\d+))?(?:s(\d+))?(?:w(\d+))?", text)
+    m = re.fullmatch(r"(\d+)x(\d+)(b?)(p?)(t?)(c?)(o?)(?:k(\d+))?(?:j(\d+))?(?:s(\d+))?(?:w(\d+))?", text)
     if not m:
-        raise SystemExit(f"bad --configs entry {text!r}: want block_p x chunk [b][p][t][c][kN][jN][sN][wN], e.g. "
+        raise SystemExit(f"bad --configs entry {text!r}: want block_p x chunk [b][p][t][c][o][kN][jN][sN][wN], e.g. "
                          "32x8ps4, 32x8tw4, 16x8c or 16x16ck8j32 (backward chunk 8, 32 channels per backward program)")
     bp, ch = int(m[1]), int(m[2])
-    warps = int(m[10] or 0)
+    warps = int(m[11] or 0)
     if warps & (warps - 1):
         raise SystemExit(f"bad --configs entry {text!r}: num_warps (w{warps}) must be a power of 2")
     return GpuBlocks(block_p=bp, chunk=ch, max_state_regs=max(128, ch * n), batch_stores=bool(m[3]),
-                     prefetch=bool(m[4]), tile=bool(m[5]), parallel=bool(m[6]), bwd_chunk=int(m[7] or 0),
-                     bwd_block_p=int(m[8] or 0), segments=int(m[9] or 1), num_warps=warps)
+                     prefetch=bool(m[4]), tile=bool(m[5]), parallel=bool(m[6]), carry_in=not m[7],
+                     bwd_chunk=int(m[8] or 0), bwd_block_p=int(m[9] or 0), segments=int(m[10] or 1), num_warps=warps)
 
 
 def rel_err(got, want) -> float:
@@ -179,6 +179,9 @@ def main(argv=None):
         return row
 
     with_bwd = {f"pallas {c}" for c in args.bwd.split(",") if c}
+    if on_gpu and with_bwd - {name for name, _, _ in configs}:
+        raise SystemExit(f"--bwd {args.bwd!r}: {sorted(b[7:] for b in with_bwd - {c[0] for c in configs})} not among "
+                         f"--configs {args.configs!r}")
     for name, impl, blocks in configs:
         report["rows"].append(run_row(name, impl, blocks, with_bwd=name in with_bwd))
         save()

@@ -85,6 +85,10 @@ class GpuBlocks:
     # thread, so the parallel forward's narrow programs (16 channels over 2 warps) would leave most
     # of its threads idle; its checkpoints do not depend on the forward's blocks.
     bwd_block_p: int = 0
+    # Parallel forward: the chunk's start state enters the scan as step 0's input and its end state is
+    # read with `take_last` (no instructions where time lies in each thread's registers), instead of a
+    # cumulative decay product times the state added to every step and a masked sum over the chunk.
+    carry_in: bool = True
 
     def resolve(self, p: int, n: int) -> "GpuBlocks":
         if self.segments < 0:
@@ -325,10 +329,10 @@ def _fwd_kernel_tile(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, h
 
 
 def _fwd_kernel_parallel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, hT_ref, *ck, n_state, chunk,
-                         block_p, heads_per_group, batch_stores=False, prefetch=False, ck_every=0):
+                         block_p, heads_per_group, batch_stores=False, prefetch=False, ck_every=0, carry_in=True):
     """`_fwd_kernel` scanning each chunk in parallel along time (GpuBlocks.parallel); the state is
     stored every `ck_every` steps (default: each chunk) for the backward."""
-    from kernels.ssm_scan.linrec import linrec
+    from kernels.ssm_scan.linrec import linrec, take_last
 
     del batch_stores, prefetch, n_state
     per = chunk // (ck_every or chunk)  # stored states per chunk
@@ -340,26 +344,35 @@ def _fwd_kernel_parallel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_re
     dd = d_ref[hi, cols].astype(f32)
     n_chunks = x_ref.shape[1] // chunk
     last = (jnp.arange(chunk, dtype=jnp.int32) == chunk - 1)[:, None, None]
+    first = (jnp.arange(chunk, dtype=jnp.int32) == 0)[:, None, None]
 
-    def body(i, h):  # h [N, P]: the state before chunk i
+    def body(i, h):  # h: the state before chunk i, [N, P] ([1, N, P] with carry_in)
         if ck:
-            ck[0][bi, hi, i * per, :, cols] = h
+            ck[0][bi, hi, i * per, :, cols] = take_last(h, 0) if carry_in else h
         ts = pl.ds(i * chunk, chunk)
         xs = x_ref[bi, ts, hi, cols].astype(f32)  # [T, P]
         dts = dt_ref[bi, ts, hi, cols].astype(f32)
         bs = b_ref[bi, ts, gi, :].astype(f32)  # [T, N]
         cs = c_ref[bi, ts, gi, :].astype(f32)
         decay = jnp.exp2(dts[:, None, :] * a2[None])  # [T, N, P]
-        decay_to, h_from_zero = linrec(decay, (dts * xs)[:, None, :] * bs[:, :, None], axis=0)
-        hs = decay_to * h[None] + h_from_zero  # the state after each step of the chunk
+        inp = (dts * xs)[:, None, :] * bs[:, :, None]
+        if carry_in:  # step 0's input takes the carried state; the other steps' selects fold away
+            _, hs = linrec(decay, jnp.where(first, decay * h + inp, inp), axis=0)
+        else:
+            decay_to, h_from_zero = linrec(decay, inp, axis=0)
+            hs = decay_to * h[None] + h_from_zero  # the state after each step of the chunk
         y_ref[bi, ts, hi, cols] = (jnp.sum(hs * cs[:, :, None], axis=1) + dd[None] * xs).astype(y_ref.dtype)
         if ck:  # the states before steps ck_every, 2 ck_every, ... of the chunk (no slicing in Triton)
             for j in range(1, per):
                 at = (jnp.arange(chunk, dtype=jnp.int32) == j * ck_every - 1)[:, None, None]
                 ck[0][bi, hi, i * per + j, :, cols] = jnp.sum(jnp.where(at, hs, 0.0), axis=0)
+        if carry_in:  # kept 3-D so the loop carries it in the layout of the chunk's tiles
+            return take_last(hs, 0)[None]
         return jnp.sum(jnp.where(last, hs, 0.0), axis=0)  # the last step's state
 
-    hT_ref[bi, hi, :, cols] = jax.lax.fori_loop(0, n_chunks, body, h0_ref[bi, hi, :, cols].astype(f32))
+    h0 = h0_ref[bi, hi, :, cols].astype(f32)
+    hT = jax.lax.fori_loop(0, n_chunks, body, h0[None] if carry_in else h0)
+    hT_ref[bi, hi, :, cols] = take_last(hT, 0) if carry_in else hT
 
 
 def _states_kernel_tile(x_ref, dt_ref, a_ref, b_ref, hT_ref, dts_ref, *, n_state, chunk, block_p, heads_per_group,
@@ -462,7 +475,7 @@ def _forward(x, dt, At, B, C, D, h0T, blocks: GpuBlocks, interpret: bool, save: 
     if save:
         outs.append(jax.ShapeDtypeStruct((bt, h, l // blocks.ck_every, n, p), f32))
     fwd = _fwd_kernel_parallel if blocks.parallel else _fwd_kernel_tile if blocks.tile else _fwd_kernel
-    extra = {"ck_every": blocks.ck_every} if blocks.parallel else {}
+    extra = {"ck_every": blocks.ck_every, "carry_in": blocks.carry_in} if blocks.parallel else {}
     kernel = functools.partial(fwd, n_state=n, chunk=blocks.chunk, **extra,
                                block_p=blocks.block_p, heads_per_group=h // g, batch_stores=blocks.batch_stores,
                                prefetch=blocks.prefetch)

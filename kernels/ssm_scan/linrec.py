@@ -1,6 +1,9 @@
 """`linrec(a, b, axis)`: the linear recurrence h_t = a_t h_{t-1} + b_t (h_{-1} = 0) along an axis, as one
 primitive that Pallas' Triton lowering turns into Triton's own parallel scan (`tt.scan` with a two-operand
 combine), so a kernel can scan a whole [T, ...] tile in registers instead of stepping through it.
+`take_last(x, axis)`: x's last entry along an axis, as a `tt.reduce` that keeps the entry with the larger
+index (Triton has no slicing; where the axis lies in each thread's registers it compiles to no instruction,
+where a sum of `where(last, x, 0)` costs an add per entry).
 
 Returns (prod_{s<=t} a_s, h_t). Pallas exposes `tt.scan` only for cumsum; the Triton rule here builds the
 combine region from arith ops (no jaxpr tracing, so it does not depend on the lowering's private tracing
@@ -45,6 +48,23 @@ def linrec(a: jax.Array, b: jax.Array, axis: int = 0) -> tuple[jax.Array, jax.Ar
     return tuple(linrec_p.bind(a, b, axis=axis % a.ndim))
 
 
+def _take_last_impl(x, idx, *, axis: int):
+    del idx
+    return jax.lax.index_in_dim(x, x.shape[axis] - 1, axis, keepdims=False)
+
+
+take_last_p = Primitive("flashit_take_last")
+take_last_p.def_impl(_take_last_impl)
+take_last_p.def_abstract_eval(lambda x, idx, *, axis: x.update(shape=x.shape[:axis] + x.shape[axis + 1:]))
+mlir.register_lowering(take_last_p, mlir.lower_fun(_take_last_impl, multiple_results=False))
+
+
+def take_last(x: jax.Array, axis: int = 0) -> jax.Array:
+    """x's last entry along `axis` (that axis removed)."""
+    axis = axis % x.ndim
+    return take_last_p.bind(x, jax.lax.broadcasted_iota(jnp.int32, x.shape, axis), axis=axis)
+
+
 def _register_triton() -> str:
     """'' once the Triton rule is registered, else why it could not be (the kernels that need it say so)."""
     try:
@@ -69,7 +89,21 @@ def _register_triton() -> str:
         op.verify()
         return list(op.result)
 
+    def last_rule(ctx, x, idx, *, axis):
+        del ctx
+        elt = ir.RankedTensorType(x.type).element_type
+        i32 = ir.IntegerType.get_signless(32)
+        op = tt.ReduceOp([x, idx], axis)
+        block = op.regions[0].blocks.append(elt, i32, elt, i32)
+        with ir.InsertionPoint.at_block_begin(block):
+            x1, i1, x2, i2 = block.arguments
+            later = arith.cmpi(arith.CmpIPredicate.sgt, i2, i1)  # associative and commutative, as tt.reduce needs
+            tt.reduce_return([arith.select(later, x2, x1), arith.select(later, i2, i1)])
+        op.verify()
+        return op.result[0] if hasattr(op.result, "type") else list(op.result)[0]
+
     rules[linrec_p] = rule
+    rules[take_last_p] = last_rule
     return ""
 
 

@@ -98,9 +98,10 @@ def test_pallas_matches_reference(impl, blocks, layout, l, n, dtype):
                                     pytest.param(GpuBlocks(block_p=8, chunk=8, segments=3, parallel=True),
                                                  marks=pytest.mark.slow),
                                     GpuBlocks(block_p=8, chunk=8, bwd_chunk=2, bwd_block_p=16, segments=2,
-                                              parallel=True)],
+                                              parallel=True),
+                                    GpuBlocks(block_p=16, chunk=4, segments=1, parallel=True, carry_in=False)],
                          ids=["prefetch", "prefetch-segments3", "tile-segments3", "parallel", "parallel-segments3",
-                              "parallel-bwdchunk2-bwdblock16-segments2"])
+                              "parallel-bwdchunk2-bwdblock16-segments2", "parallel-summed-carry"])
 @pytest.mark.parametrize("layout,l,n,dtype", [("mamba1", 29, 16, jnp.float32), ("multihead", 11, 8, jnp.bfloat16)],
                          ids=["mamba1-L29-N16-fp32", "multihead-L11-N8-bf16"])
 def test_gpu_pipelined_variants_match_reference(blocks, layout, l, n, dtype):
@@ -205,6 +206,44 @@ def test_gpu_forward_lowers_to_triton(blocks):
     assert exp.mlir_module().count("xla.gpu.triton") == (1 if blocks.segments == 1 else 2)
 
 
+def test_gpu_training_forward_and_backward_lower_to_triton():
+    """The chunk-parallel forward that stores states for the backward (take_last of a 3-D carry) and the
+    backward lower to Triton on CPU too."""
+    from kernels.ssm_scan import gpu
+
+    S = jax.ShapeDtypeStruct
+    f32 = jnp.float32
+
+    def loss(*a):
+        return jnp.sum(gpu.scan_canonical(*a, blocks=gpu.PARALLEL_BLOCKS)[0])
+
+    exp = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=("cuda",), disabled_checks=[
+        jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+        S((1, 256, 1, 64), f32), S((1, 256, 1, 64), f32), S((1, 64, 16), f32), S((1, 256, 1, 16), f32),
+        S((1, 256, 1, 16), f32), S((1, 64), f32), S((1, 1, 64, 16), f32))
+    assert exp.mlir_module().count("xla.gpu.triton") == 2
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_take_last(axis):
+    """linrec.take_last: the last entry along an axis, eagerly, under jit and inside a Pallas kernel
+    (interpret mode); its Triton rule is exercised by the lowering tests above."""
+    from jax.experimental import pallas as pl
+
+    from kernels.ssm_scan.linrec import take_last
+
+    x = jax.random.normal(jax.random.key(0), (4, 8, 16), jnp.float32)
+    want = np.take(np.asarray(x), -1, axis=axis)
+    np.testing.assert_array_equal(take_last(x, axis), want)
+    np.testing.assert_array_equal(jax.jit(lambda v: take_last(v, axis))(x), want)
+
+    def kernel(x_ref, o_ref):
+        o_ref[...] = take_last(x_ref[...], axis)
+
+    got = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(want.shape, x.dtype), interpret=True)(x)
+    np.testing.assert_array_equal(got, want)
+
+
 def test_bench_config_names():
     """`kernels.ssm_scan.bench --configs` names: block_p x chunk, flags, segments, warps; bad ones stop argparse."""
     from kernels.ssm_scan.bench import parse_config
@@ -215,6 +254,8 @@ def test_bench_config_names():
     assert (b.block_p, b.chunk, b.parallel, b.tile, b.segments, b.num_warps) == (16, 8, True, False, 1, 8)
     b = parse_config("16x16ck8j32s4", 16)
     assert (b.block_p, b.chunk, b.parallel, b.bwd_chunk, b.bwd_block_p, b.segments) == (16, 16, True, 8, 32, 4)
+    assert b.carry_in and not parse_config("16x16cok8w2", 16).carry_in
+    assert parse_config("16x16cok8w2", 16).num_warps == 2
     b = parse_config("64x16bs8", 16)
     assert (b.block_p, b.chunk, b.batch_stores, b.segments, b.num_warps, b.max_state_regs) == (64, 16, True, 8, 0, 256)
     with pytest.raises(ValueError, match="bwd_chunk"):
