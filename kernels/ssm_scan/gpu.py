@@ -331,10 +331,12 @@ def _fwd_kernel_tile(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, h
 def _fwd_kernel_parallel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, hT_ref, *ck, n_state, chunk,
                          block_p, heads_per_group, batch_stores=False, prefetch=False, ck_every=0, carry_in=True):
     """`_fwd_kernel` scanning each chunk in parallel along time (GpuBlocks.parallel); the state is
-    stored every `ck_every` steps (default: each chunk) for the backward."""
+    stored every `ck_every` steps (default: each chunk) for the backward. With `prefetch` the next chunk's
+    x, Δ, B and C loads are issued before this chunk's arithmetic (Triton pipelines only loads that feed
+    a dot, so without it each iteration waits out the memory latency)."""
     from kernels.ssm_scan.linrec import linrec, take_last
 
-    del batch_stores, prefetch, n_state
+    del batch_stores, n_state
     per = chunk // (ck_every or chunk)  # stored states per chunk
     f32 = jnp.float32
     bi, hi, pj = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -346,14 +348,18 @@ def _fwd_kernel_parallel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_re
     last = (jnp.arange(chunk, dtype=jnp.int32) == chunk - 1)[:, None, None]
     first = (jnp.arange(chunk, dtype=jnp.int32) == 0)[:, None, None]
 
-    def body(i, h):  # h: the state before chunk i, [N, P] ([1, N, P] with carry_in)
+    def load(i):  # x, Δ [T, P] and B, C [T, N] of chunk i
+        ts = pl.ds(i * chunk, chunk)
+        return x_ref[bi, ts, hi, cols], dt_ref[bi, ts, hi, cols], b_ref[bi, ts, gi, :], c_ref[bi, ts, gi, :]
+
+    def body(i, carry):  # carry[0]: the state before chunk i, [N, P] ([1, N, P] with carry_in)
+        h, tiles = (carry[0], carry[1:]) if prefetch else (carry, load(i))
+        if prefetch:
+            nxt = load(jnp.minimum(i + 1, n_chunks - 1))
         if ck:
             ck[0][bi, hi, i * per, :, cols] = take_last(h, 0) if carry_in else h
         ts = pl.ds(i * chunk, chunk)
-        xs = x_ref[bi, ts, hi, cols].astype(f32)  # [T, P]
-        dts = dt_ref[bi, ts, hi, cols].astype(f32)
-        bs = b_ref[bi, ts, gi, :].astype(f32)  # [T, N]
-        cs = c_ref[bi, ts, gi, :].astype(f32)
+        xs, dts, bs, cs = (a.astype(f32) for a in tiles)
         decay = jnp.exp2(dts[:, None, :] * a2[None])  # [T, N, P]
         inp = (dts * xs)[:, None, :] * bs[:, :, None]
         if carry_in:  # step 0's input takes the carried state; the other steps' selects fold away
@@ -367,11 +373,15 @@ def _fwd_kernel_parallel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_re
                 at = (jnp.arange(chunk, dtype=jnp.int32) == j * ck_every - 1)[:, None, None]
                 ck[0][bi, hi, i * per + j, :, cols] = jnp.sum(jnp.where(at, hs, 0.0), axis=0)
         if carry_in:  # kept 3-D so the loop carries it in the layout of the chunk's tiles
-            return take_last(hs, 0)[None]
-        return jnp.sum(jnp.where(last, hs, 0.0), axis=0)  # the last step's state
+            h = take_last(hs, 0)[None]
+        else:
+            h = jnp.sum(jnp.where(last, hs, 0.0), axis=0)  # the last step's state
+        return (h, *nxt) if prefetch else h
 
     h0 = h0_ref[bi, hi, :, cols].astype(f32)
-    hT = jax.lax.fori_loop(0, n_chunks, body, h0[None] if carry_in else h0)
+    h0 = h0[None] if carry_in else h0
+    out = jax.lax.fori_loop(0, n_chunks, body, (h0, *load(0)) if prefetch else h0)
+    hT = out[0] if prefetch else out
     hT_ref[bi, hi, :, cols] = take_last(hT, 0) if carry_in else hT
 
 

@@ -99,9 +99,12 @@ def test_pallas_matches_reference(impl, blocks, layout, l, n, dtype):
                                                  marks=pytest.mark.slow),
                                     GpuBlocks(block_p=8, chunk=8, bwd_chunk=2, bwd_block_p=16, segments=2,
                                               parallel=True),
-                                    GpuBlocks(block_p=16, chunk=4, segments=1, parallel=True, carry_in=False)],
+                                    GpuBlocks(block_p=16, chunk=4, segments=1, parallel=True, carry_in=False),
+                                    GpuBlocks(block_p=8, chunk=8, bwd_chunk=4, segments=1, parallel=True,
+                                              prefetch=True)],
                          ids=["prefetch", "prefetch-segments3", "tile-segments3", "parallel", "parallel-segments3",
-                              "parallel-bwdchunk2-bwdblock16-segments2", "parallel-summed-carry"])
+                              "parallel-bwdchunk2-bwdblock16-segments2", "parallel-summed-carry",
+                              "parallel-prefetch-bwdchunk4"])
 @pytest.mark.parametrize("layout,l,n,dtype", [("mamba1", 29, 16, jnp.float32), ("multihead", 11, 8, jnp.bfloat16)],
                          ids=["mamba1-L29-N16-fp32", "multihead-L11-N8-bf16"])
 def test_gpu_pipelined_variants_match_reference(blocks, layout, l, n, dtype):
