@@ -7,11 +7,10 @@
 #   OUT=$OUT PARTS=gemvfix bash eval/run_owed_gpu.sh                  # issue 7 (writes kernels/gemv/tuned.json)
 #   OUT=$OUT PARTS=decode bash eval/run_owed_gpu.sh                   # issue 3, on an H100
 #   OUT=$OUT PARTS=attnfull bash eval/run_owed_gpu.sh                 # issue 4 (closed; carry out/whl_tk)
-#   OUT=$OUT PARTS=scan5,train5 bash eval/run_owed_gpu.sh             # issues 5 and 8 (session 12, 500 s)
+#   OUT=$OUT PARTS=scan5 bash eval/run_owed_gpu.sh                    # issue 5 (done in session 12 on an H100)
 # Parts:
 #   scan5   [300] issue 5: the chunk-parallel forward with the state carried into the scan, warps 1/2/4, and the
 #                 issue's table (associative_scan, lax.scan, forward and forward + backward)
-#   train5  [200] issue 8: train.bench peak, ours, ours-autodiff (RMSNorm/SwiGLU backward by autodiff), plain
 #   gemvwide [170] issues 3, 7: GEMV tiles over the wide grid (bf16, tied head, int8), written to tuned.json
 #   moe     [170] issue 6: eval.bench_moe in one run with tokamax beside ours (its wheels in out/whl_tk, carried)
 #   train   [250] issue 8: train.bench peak, ours, ours-fused, plain, distill, and
@@ -85,9 +84,6 @@ for part in ${PARTS//,/ }; do
                    --bwd auto,sequential --configs auto,16x16cok8j32w2,8x16ck8j32w1,16x16pck8j32w2,8x16pck8j32w1,\
 32x16pck8j32w4,16x16ck8j32w4,sequential --out /tmp/owed_scan5.json
                cp /tmp/owed_scan5.json "$OUT/" 2>/dev/null ;;
-        train5) # issue 8: the one-pass RMSNorm and SwiGLU backwards (ours) vs autodiff's (ours-autodiff), one run
-                run train5 200 python -m train.bench --only peak,ours,ours-autodiff,plain --json /tmp/owed_train5.json
-                cp /tmp/owed_train5.json "$OUT/" 2>/dev/null ;;
         scan3) run scan3 180 python -m kernels.ssm_scan.bench --alternatives "" --no-check --reps 5 \
                    --configs auto,16x16ck8,16x32ck8,32x16ck8,16x16ck8w2,16x16ck8w4,32x16ck8w2,32x16ck8w4,8x16ck8w2,16x8cw2,32x8cw2,16x32ck8w2,\
 16x32ck8w4,16x16ck8s2,16x16ck8s4,8x16ck8s4,16x8cs4,16x16ck8s8,32x16ck8s4w2,16x16ck8s2w2,16x16ck8s4w2,8x8cs4,8x8cs8,16x8cs8w2 \

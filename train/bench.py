@@ -6,8 +6,7 @@ measured in the same run (and the datasheet peak).
 Rows: `peak` (bf16 8192^3 matmul), `plain` (a minimal jitted step: bf16 forward of the same
 model, mean CE, optax.adamw on fp32 master weights, donated), `ours` (train.step: fp32 master
 weights cast to bf16, masked CE, clipping, decay mask, metrics, jitted with the sharding rules on a
-1-device mesh; its forward runs q, k, v, gate and up as separate products, `ours-fused` as two;
-`ours-autodiff` with autodiff's backward for RMSNorm and SwiGLU instead of nn's one-pass ones),
+1-device mesh; its forward runs q, k, v, gate and up as separate products, `ours-fused` as two),
 `distill` (ours with a soft-target KD objective: the teacher is the model itself in
 bf16, the student every second of its layers; FLOPs count the teacher's forward).
 Model FLOPs per token: 6 N (N: matmul weights, the tied head included) + 6 L T d_attn / 2 * 2 (causal
@@ -17,7 +16,6 @@ Sections past --deadline seconds are skipped, so one short device call always re
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import time
@@ -91,9 +89,8 @@ def batch(key, b: int, t: int, vocab: int):
             "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(), "loss_mask": mask}
 
 
-def bench_ours(model, params, args, objective=None, teacher=None, label="ours", fuse=False, autodiff=False):
+def bench_ours(model, params, args, objective=None, teacher=None, label="ours", fuse=False):
     from flashit_jax import sharding as shd
-    from flashit_jax.nn.norms import plain_autodiff
     from train.config import TrainConfig
     from train.loop import build_state, compile_step, place_teacher
     from train.optim import make_optimizer
@@ -115,8 +112,7 @@ def bench_ours(model, params, args, objective=None, teacher=None, label="ours", 
     b = batch(jax.random.key(1), args.batch, args.seq, model.config.vocab_size)
     placed = shd.shard_batch(b, mesh)
     t = time.perf_counter()
-    with plain_autodiff() if autodiff else contextlib.nullcontext():  # traced here
-        compiled = step.lower(state, t_params, placed).compile()
+    compiled = step.lower(state, t_params, placed).compile()
     log(f"{label}: compiled in {time.perf_counter() - t:.1f}s")
     dt, state, m = time_steps(compiled, state, lambda: (t_params, placed), args.steps)
     log(f"{label}: loss {float(m['loss']):.4f}, {dt * 1e3:.1f} ms/step")
@@ -190,15 +186,14 @@ def main(argv=None):
     ap.add_argument("--peak-n", type=int, default=8192)
     ap.add_argument("--deadline", type=float, default=1e9, help="skip sections that start after this many seconds")
     ap.add_argument("--only", default="peak,plain,ours,distill",
-                    help="sections to run (also ours-fused, ours-autodiff); plain and ours run in this order (peak "
-                         "first, distill last)")
+                    help="sections to run (also ours-fused); plain and ours run in this order (peak first, "
+                         "distill last)")
     ap.add_argument("--profile", action="store_true", help="after timing ours: its kernels over 2 steps (top 25)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    unknown = set(args.only.split(",")) - {"peak", "plain", "ours", "ours-fused", "ours-autodiff", "distill"}
+    unknown = set(args.only.split(",")) - {"peak", "plain", "ours", "ours-fused", "distill"}
     if unknown:
-        ap.error(f"--only: unknown sections {sorted(unknown)}; use peak, plain, ours, ours-fused, ours-autodiff, "
-                 "distill")
+        ap.error(f"--only: unknown sections {sorted(unknown)}; use peak, plain, ours, ours-fused, distill")
 
     from flashit_jax.loading import load_model
     from train.step import Objective
@@ -222,17 +217,15 @@ def main(argv=None):
     fpt = train_flops_per_token(c, args.seq)
     log(f"{args.model}: {matmul_params(c) / 1e9:.3f}B matmul params, {fpt / 1e9:.2f} GFLOP/token (train)")
     rows = []
-    for name in [n for n in args.only.split(",") if n in ("plain", "ours", "ours-fused", "ours-autodiff")]:
+    for name in [n for n in args.only.split(",") if n in ("plain", "ours", "ours-fused")]:  # in --only's order
         if time.perf_counter() - T0 > args.deadline:
             log(f"{name}: skipped (past --deadline)")
             continue
         try:
             if name == "plain":
                 dt = bench_plain(model, fresh(), args)
-            else:  # ours-fused: the step with q|k|v and gate|up as one product each (train.step's option);
-                # ours-autodiff: RMSNorm and SwiGLU with autodiff's backward (nn.norms.plain_autodiff)
-                dt = bench_ours(model, fresh(), args, label=name, fuse=name == "ours-fused",
-                                autodiff=name == "ours-autodiff")
+            else:  # ours-fused: the step with q|k|v and gate|up as one product each (train.step's option)
+                dt = bench_ours(model, fresh(), args, label=name, fuse=name == "ours-fused")
         except Exception as e:  # OOM or a missing kernel: report, keep going
             log(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}")
             continue

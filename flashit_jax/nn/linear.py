@@ -14,7 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from flashit_jax.nn.norms import hand_vjp, rms_norm
+from flashit_jax.nn.norms import rms_norm
 from kernels.gemv import api as gemv
 
 
@@ -121,35 +121,11 @@ def _dense_matmul(x, w, out_dtype=jnp.float32):
 GLUS = ("silu",)  # linear(glu=...): the gated activations a decode GEMV computes in its prologue
 
 
-# Autodiff of silu(g) * u gives the two cotangents as separate passes over g, u and dh: in a Llama-3.2-1B
-# training step on an H200 (2026-12-05, train.bench --profile) 267 us (d gate, an add_any of silu's two terms)
-# and 212 us (d up) per layer, against ~280 us for one pass writing both. The backward here computes both from
-# (g, u, dh) in one expression, in fp32, so XLA can emit it as one fusion (not yet timed on a GPU).
 def silu_mul(g: jax.Array, u: jax.Array) -> jax.Array:
-    """silu(g) * u, the SwiGLU input of a gated MLP's down projection, in g's dtype."""
-    return _silu_mul_vjp(g, u) if hand_vjp() else jax.nn.silu(g) * u
-
-
-@jax.custom_vjp
-def _silu_mul_vjp(g, u):
+    """silu(g) * u, the SwiGLU input of a gated MLP's down projection, in g's dtype. Autodiff's backward: a
+    hand-written one-pass backward (with RMSNorm's) made a Llama-3.2-1B training step no faster on an H100
+    (253.7 vs 251.7 ms, train.bench, session 12; docs/training.md): XLA already fuses autodiff's passes."""
     return jax.nn.silu(g) * u
-
-
-def _silu_mul_fwd(g, u):
-    return jax.nn.silu(g) * u, (g, u)
-
-
-def _silu_mul_bwd(res, dh):
-    g, u = res
-    f32 = jnp.float32
-    gf, uf, dhf = g.astype(f32), u.astype(f32), dh.astype(f32)
-    s = jax.nn.sigmoid(gf)
-    du = dhf * gf * s
-    dg = dhf * uf * s * (1.0 + gf * (1.0 - s))
-    return dg.astype(g.dtype), du.astype(u.dtype)
-
-
-_silu_mul_vjp.defvjp(_silu_mul_fwd, _silu_mul_bwd)
 
 
 def glu_input(x: jax.Array, glu: str) -> jax.Array:

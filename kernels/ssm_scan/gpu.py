@@ -48,7 +48,9 @@ class GpuBlocks:
     batch_stores: bool = False
     # Forward: issue the next chunk's x/Δ loads (carried to the next iteration) and this chunk's
     # B/C loads before any arithmetic, so memory latency overlaps a whole chunk of compute.
-    # None: on when the sequence is segmented. On an H200 (2026-12-04) it made 8 / 16 segments
+    # The chunk-parallel forward prefetches the next chunk's x, Δ, B, C tiles (on in PARALLEL_BLOCKS: 0.55-0.58
+    # vs 0.59-0.64 ms on an H100, session 12). None: on when the sequence is segmented. On an H200 (2026-12-04,
+    # the sequential kernel) it made 8 / 16 segments
     # 12% / 4% faster (0.94 vs 1.07 ms, 1.01 vs 1.04 ms, two runs) and one pass 19% slower.
     prefetch: bool | None = None
     # Forward: split the sequence into this many segments run as separate programs (more warps
@@ -127,12 +129,14 @@ class GpuBlocks:
         return self.bwd_chunk or self.chunk
 
 
-# The chunk-parallel forward (16 channels over 2 warps, 16-step chunks) with the sequential backward at its
-# usual width and chunk (32 channels, 8 steps): on an H200 (2026-12-05, session 11, B8 L4096 D1536 N16 fp32,
-# `python -m kernels.ssm_scan.bench --bwd auto`, docs/data/h200_2026-12-05_s11/scan4.log) 0.665 ms forward and
-# 14.0 ms forward + backward, against 0.995 / 14.4 for `GpuBlocks()` (8 segments, scalar state) in the same run.
+# The chunk-parallel forward (16 channels over 2 warps, 16-step chunks, the next chunk's loads issued ahead,
+# the state carried into each chunk's scan) with the sequential backward at its usual width and chunk (32
+# channels, 8 steps). On an H100 (2026-12-05, session 12, B8 L4096 D1536 N16 fp32, docs/data/h100_2026-12-05_s12/)
+# 0.552-0.578 ms forward in four timings over two runs (35.9-36.5% of the 0.206-0.210 ms floor) and 13.9 ms
+# forward + backward; without the prefetch 0.590-0.636 ms, with the session-11 carry 0.658 ms, the sequential
+# GpuBlocks() 0.982 / 14.4 ms.
 PARALLEL_BLOCKS = GpuBlocks(block_p=16, chunk=16, num_warps=2, max_state_regs=256, parallel=True, bwd_chunk=8,
-                            bwd_block_p=32, segments=1)
+                            bwd_block_p=32, segments=1, prefetch=True)
 
 
 def default_blocks(n: int) -> GpuBlocks:
