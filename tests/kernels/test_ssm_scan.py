@@ -281,3 +281,28 @@ def test_gpu_default_blocks():
     b = gpu.PARALLEL_BLOCKS.resolve(1536, 16)
     assert (b.chunk, b.ck_every, b.backward_blocks().block_p, b.backward_blocks().chunk) == (16, 8, 32, 8)
     check("pallas_gpu", "mamba1", 37, 16, jnp.float32)
+
+
+def test_sass_tool_extracts_the_triton_ir():
+    """kernels.ssm_scan.sass (the CPU-side SASS inspection of docs/DEVELOPING.md): the default forward's IR,
+    without locations, holds the chunk scan and the take_last reduction; the loop counter finds the innermost
+    backward branch of a cuobjdump listing."""
+    from kernels.ssm_scan import gpu
+    from kernels.ssm_scan.sass import loop_counts, triton_modules
+
+    mods = triton_modules(gpu.PARALLEL_BLOCKS, batch=1, length=256, dim=64)
+    assert list(mods) == ["ssm_scan_fwd"]
+    ir = mods["ssm_scan_fwd"]
+    assert '"tt.scan"' in ir and '"tt.reduce"' in ir and "#loc" not in ir and "[unknown]" not in ir
+    assert ir.count("__nv_exp2f") == 1  # one exp2 per (step, state, channel), as one tile op
+    listing = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   MUFU.EX2 R2, R3 ;
+        /*0020*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0030*/                   FFMA R4, R2, R5, R6 ;
+        /*0040*/               @P0 BRA 0x10 ;
+        /*0050*/                   EXIT ;
+        /*0060*/                   BRA 0x60;
+    """
+    c = loop_counts(listing)
+    assert (c["loop_instructions"], c["barriers"], c["mufu"]) == (4, 1, 1)
