@@ -6,8 +6,7 @@ associative_scan, sequential lax.scan), forward and forward+backward, against th
 
 A config is block_p x chunk, then flags: b (batch_stores), p (prefetch), t (tile), c (parallel: the
 chunk scanned along time with Triton's scan), o (with c: the session-11 state carry, GpuBlocks.carry_in off), kN (backward chunk), jN (backward channels per program),
-sN (N segments; none: 1), wN (warps), eN (with c: every Nth step's decays by an FMA polynomial, not the
-MUFU); or `auto` (the default, `gpu.default_blocks`: the chunk-parallel
+sN (N segments; none: 1), wN (warps); or `auto` (the default, `gpu.default_blocks`: the chunk-parallel
 16x16pck8j32w2 where it applies) or `sequential` (the default before 2026-12-05, `GpuBlocks()`: segments
 and prefetch chosen per shape); see kernels.ssm_scan.gpu.GpuBlocks. Every config is timed forward, then the XLA alternatives; the
 fastest config is then timed forward + backward and checked against the reference.
@@ -87,9 +86,9 @@ def parse_config(text: str, n: int) -> GpuBlocks:
         return default_blocks(n)
     if text == "sequential":  # the default before 2026-12-05: 8 segments, scalar state
         return GpuBlocks()
-    m = re.fullmatch(r"(\d+)x(\d+)(b?)(p?)(t?)(c?)(o?)(?:k(\d+))?(?:j(\d+))?(?:s(\d+))?(?:w(\d+))?(?:e(\d+))?", text)
+    m = re.fullmatch(r"(\d+)x(\d+)(b?)(p?)(t?)(c?)(o?)(?:k(\d+))?(?:j(\d+))?(?:s(\d+))?(?:w(\d+))?", text)
     if not m:
-        raise SystemExit(f"bad --configs entry {text!r}: want block_p x chunk [b][p][t][c][o][kN][jN][sN][wN][eN], e.g. "
+        raise SystemExit(f"bad --configs entry {text!r}: want block_p x chunk [b][p][t][c][o][kN][jN][sN][wN], e.g. "
                          "32x8ps4, 32x8tw4, 16x8c or 16x16ck8j32 (backward chunk 8, 32 channels per backward program)")
     bp, ch = int(m[1]), int(m[2])
     warps = int(m[11] or 0)
@@ -97,8 +96,7 @@ def parse_config(text: str, n: int) -> GpuBlocks:
         raise SystemExit(f"bad --configs entry {text!r}: num_warps (w{warps}) must be a power of 2")
     return GpuBlocks(block_p=bp, chunk=ch, max_state_regs=max(128, ch * n), batch_stores=bool(m[3]),
                      prefetch=bool(m[4]), tile=bool(m[5]), parallel=bool(m[6]), carry_in=not m[7],
-                     bwd_chunk=int(m[8] or 0), bwd_block_p=int(m[9] or 0), segments=int(m[10] or 1), num_warps=warps,
-                     fma_exp=int(m[12] or 0))
+                     bwd_chunk=int(m[8] or 0), bwd_block_p=int(m[9] or 0), segments=int(m[10] or 1), num_warps=warps)
 
 
 def rel_err(got, want) -> float:

@@ -34,28 +34,6 @@ from jax.experimental import pallas as pl
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-# 2^f on [-1/2, 1/2], degree 5, fit for relative error (2.3e-7 evaluated in fp32; ex2.approx: ~2^-22)
-_EXP2_POLY = (1.0000001192092896, 0.6931469440460205, 0.24022120237350464, 0.05550713464617729,
-              0.009675540030002594, 0.0013276454992592335)
-_ROUND = 12582912.0  # 1.5 * 2^23: x + _ROUND rounds x to an integer held in the low mantissa bits
-
-
-def exp2_fma(x: jax.Array) -> jax.Array:
-    """2^x for fp32 x <= 0 on the FMA and integer pipes only (no MUFU, no float-to-int conversion, which
-    shares its rate): x = j + f with j = round(x) by the 1.5 * 2^23 trick, a degree-5 polynomial for 2^f,
-    j added to the exponent bits. Below 2^-125 it returns 2^-125 or so (the decay is then 0 for any use)."""
-    i32, f32 = jnp.int32, jnp.float32
-    x = jnp.maximum(x, f32(-125.0))
-    rb = jax.lax.bitcast_convert_type(x + f32(_ROUND), i32)  # 1.5 * 2^23 + round(x): round(x) in the low bits
-    # round(x) as a float is (x + R) - R, which XLA's simplifier folds to x; the OR (a no-op on these bits:
-    # 0x4B000000 is set in every value here) hides the pattern from it, not from the arithmetic
-    j = jax.lax.bitcast_convert_type(rb | i32(0x4B000000), f32) - f32(_ROUND)
-    f = x - j
-    p = f32(_EXP2_POLY[-1])
-    for c in _EXP2_POLY[-2::-1]:
-        p = p * f + f32(c)
-    bits = jax.lax.bitcast_convert_type(p, i32) + jax.lax.shift_left(rb, i32(23))  # + round(x) * 2^23 (mod 2^32)
-    return jax.lax.bitcast_convert_type(bits, f32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,11 +91,6 @@ class GpuBlocks:
     # read with `take_last` (no instructions where time lies in each thread's registers), instead of a
     # cumulative decay product times the state added to every step and a masked sum over the chunk.
     carry_in: bool = True
-    # Parallel forward: every `fma_exp`-th step of a chunk (0: none) computes its decays with `exp2_fma` instead of
-    # the MUFU's ex2 (16 per clock per SM on Hopper, one per (step, state, channel)), moving that share of the
-    # exponentials to the FMA pipe, as FlashAttention-4 does for softmax. Time lies in each thread's registers,
-    # so the per-step choice costs nothing.
-    fma_exp: int = 0
 
     def resolve(self, p: int, n: int) -> "GpuBlocks":
         if self.segments < 0:
@@ -360,8 +333,7 @@ def _fwd_kernel_tile(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, h
 
 
 def _fwd_kernel_parallel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, hT_ref, *ck, n_state, chunk,
-                         block_p, heads_per_group, batch_stores=False, prefetch=False, ck_every=0, carry_in=True,
-                         fma_exp=0):
+                         block_p, heads_per_group, batch_stores=False, prefetch=False, ck_every=0, carry_in=True):
     """`_fwd_kernel` scanning each chunk in parallel along time (GpuBlocks.parallel); the state is
     stored every `ck_every` steps (default: each chunk) for the backward. With `prefetch` the next chunk's
     x, Δ, B and C loads are issued before this chunk's arithmetic (Triton pipelines only loads that feed
@@ -379,7 +351,6 @@ def _fwd_kernel_parallel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_re
     n_chunks = x_ref.shape[1] // chunk
     last = (jnp.arange(chunk, dtype=jnp.int32) == chunk - 1)[:, None, None]
     first = (jnp.arange(chunk, dtype=jnp.int32) == 0)[:, None, None]
-    by_fma = (jnp.arange(chunk, dtype=jnp.int32) % max(fma_exp, 1) == max(fma_exp, 1) - 1)[:, None, None]
 
     def load(i):  # x, Δ [T, P] and B, C [T, N] of chunk i
         ts = pl.ds(i * chunk, chunk)
@@ -393,8 +364,7 @@ def _fwd_kernel_parallel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_re
             ck[0][bi, hi, i * per, :, cols] = take_last(h, 0) if carry_in else h
         ts = pl.ds(i * chunk, chunk)
         xs, dts, bs, cs = (a.astype(f32) for a in tiles)
-        la = dts[:, None, :] * a2[None]  # [T, N, P], log2 of the decays
-        decay = jnp.where(by_fma, exp2_fma(la), jnp.exp2(la)) if fma_exp else jnp.exp2(la)
+        decay = jnp.exp2(dts[:, None, :] * a2[None])  # [T, N, P]
         inp = (dts * xs)[:, None, :] * bs[:, :, None]
         if carry_in:  # step 0's input takes the carried state; the other steps' selects fold away
             _, hs = linrec(decay, jnp.where(first, decay * h + inp, inp), axis=0)
@@ -519,7 +489,7 @@ def _forward(x, dt, At, B, C, D, h0T, blocks: GpuBlocks, interpret: bool, save: 
     if save:
         outs.append(jax.ShapeDtypeStruct((bt, h, l // blocks.ck_every, n, p), f32))
     fwd = _fwd_kernel_parallel if blocks.parallel else _fwd_kernel_tile if blocks.tile else _fwd_kernel
-    extra = {"ck_every": blocks.ck_every, "carry_in": blocks.carry_in, "fma_exp": blocks.fma_exp} if blocks.parallel else {}
+    extra = {"ck_every": blocks.ck_every, "carry_in": blocks.carry_in} if blocks.parallel else {}
     kernel = functools.partial(fwd, n_state=n, chunk=blocks.chunk, **extra,
                                block_p=blocks.block_p, heads_per_group=h // g, batch_stores=blocks.batch_stores,
                                prefetch=blocks.prefetch)

@@ -101,10 +101,10 @@ def test_pallas_matches_reference(impl, blocks, layout, l, n, dtype):
                                               parallel=True),
                                     GpuBlocks(block_p=16, chunk=4, segments=1, parallel=True, carry_in=False),
                                     GpuBlocks(block_p=8, chunk=8, bwd_chunk=4, segments=1, parallel=True,
-                                              prefetch=True, fma_exp=2)],
+                                              prefetch=True)],
                          ids=["prefetch", "prefetch-segments3", "tile-segments3", "parallel", "parallel-segments3",
                               "parallel-bwdchunk2-bwdblock16-segments2", "parallel-summed-carry",
-                              "parallel-prefetch-bwdchunk4-fmaexp2"])
+                              "parallel-prefetch-bwdchunk4"])
 @pytest.mark.parametrize("layout,l,n,dtype", [("mamba1", 29, 16, jnp.float32), ("multihead", 11, 8, jnp.bfloat16)],
                          ids=["mamba1-L29-N16-fp32", "multihead-L11-N8-bf16"])
 def test_gpu_pipelined_variants_match_reference(blocks, layout, l, n, dtype):
@@ -192,10 +192,8 @@ def test_canonical_layouts_agree():
 
 @pytest.mark.parametrize("blocks", [GpuBlocks(), GpuBlocks(segments=1, prefetch=False), GpuBlocks(tile=True),
                                     GpuBlocks(block_p=16, chunk=8, segments=1, parallel=True),
-                                    GpuBlocks(block_p=16, chunk=16, segments=4, parallel=True),
-                                    GpuBlocks(block_p=16, chunk=16, segments=1, parallel=True, prefetch=True, fma_exp=2)],
-                         ids=["default-segmented", "one-pass", "tile", "parallel", "parallel-segments4",
-                              "parallel-prefetch-fmaexp2"])
+                                    GpuBlocks(block_p=16, chunk=16, segments=4, parallel=True)],
+                         ids=["default-segmented", "one-pass", "tile", "parallel", "parallel-segments4"])
 def test_gpu_forward_lowers_to_triton(blocks):
     """The Triton lowering runs on CPU (cross-platform export), so ops the GPU backend lacks fail here,
     not on the device: the forward at Mamba-130m's mixer shape (8 segments by default: two kernels)."""
@@ -261,8 +259,6 @@ def test_bench_config_names():
     assert (b.block_p, b.chunk, b.parallel, b.bwd_chunk, b.bwd_block_p, b.segments) == (16, 16, True, 8, 32, 4)
     assert b.carry_in and not parse_config("16x16cok8w2", 16).carry_in
     assert parse_config("16x16cok8w2", 16).num_warps == 2
-    b = parse_config("16x16pck8j32w2e4", 16)
-    assert (b.prefetch, b.parallel, b.num_warps, b.fma_exp) == (True, True, 2, 4)
     b = parse_config("64x16bs8", 16)
     assert (b.block_p, b.chunk, b.batch_stores, b.segments, b.num_warps, b.max_state_regs) == (64, 16, True, 8, 0, 256)
     with pytest.raises(ValueError, match="bwd_chunk"):
@@ -285,21 +281,6 @@ def test_gpu_default_blocks():
     b = gpu.PARALLEL_BLOCKS.resolve(1536, 16)
     assert (b.chunk, b.ck_every, b.backward_blocks().block_p, b.backward_blocks().chunk) == (16, 8, 32, 8)
     check("pallas_gpu", "mamba1", 37, 16, jnp.float32)
-
-
-def test_exp2_fma_matches_exp2():
-    """gpu.exp2_fma (the decays of GpuBlocks.fma_exp on the FMA pipe): within 3e-7 relative of 2^x over the
-    decays' range [-125, 0] (ex2.approx is within ~2^-22), eagerly and under jit (XLA folds (x + c) - c, which
-    the function must not rely on), and ~0 below."""
-    from kernels.ssm_scan.gpu import exp2_fma
-
-    x = -np.concatenate([np.linspace(0, 125, 100001), np.random.default_rng(0).exponential(2, 50000)]).astype(np.float32)
-    want = np.exp2(x.astype(np.float64))
-    for fn in (exp2_fma, jax.jit(exp2_fma)):
-        got = np.asarray(fn(jnp.asarray(x)), np.float64)
-        inside = x >= -125
-        assert np.max(np.abs(got[inside] - want[inside]) / want[inside]) < 3e-7
-        assert np.all(got[~inside] < 1e-37)
 
 
 def test_sass_tool_extracts_the_triton_ir():
