@@ -132,7 +132,7 @@ class GpuBlocks:
 # The chunk-parallel forward (16 channels over 2 warps, 16-step chunks, the next chunk's loads issued ahead,
 # the state carried into each chunk's scan) with the sequential backward at its usual width and chunk (32
 # channels, 8 steps). On an H100 (2026-12-05, session 12, B8 L4096 D1536 N16 fp32, docs/data/h100_2026-12-05_s12/)
-# 0.552-0.578 ms forward in five timings over two runs (35.9-37.3% of the 0.206-0.210 ms floor) and 13.9 ms
+# 0.532-0.578 ms forward over three runs on two machines (35.9-38.3% of the 0.204-0.210 ms floors) and 13.8-14.0 ms
 # forward + backward; without the prefetch 0.590-0.636 ms, with the session-11 carry 0.658 ms, the sequential
 # GpuBlocks() 0.982 / 14.4 ms.
 PARALLEL_BLOCKS = GpuBlocks(block_p=16, chunk=16, num_warps=2, max_state_regs=256, parallel=True, bwd_chunk=8,
