@@ -79,7 +79,8 @@ for part in ${PARTS//,/ }; do
                   --variants "bf16,w8+emb8,w8+emb8:fixup,w8+emb8:rope"
               cp /tmp/owed_fixq.json "$OUT/" 2>/dev/null ;;
         scan5) # issue 5 on an H100: the state carried into each chunk's scan (default) vs the session-11 carry (o),
-               # 1 vs 2 vs 4 warps, next chunk's loads issued ahead (p) or not, beside the sequential kernel, associative_scan and lax.scan (the issue's table)
+               # 1 vs 2 vs 4 warps, next chunk's loads issued ahead (p) or not, beside the sequential kernel,
+               # associative_scan and lax.scan (the issue's table)
                run scan5 300 python -m kernels.ssm_scan.bench --alternatives associative,reference --reps 5 \
                    --bwd auto,sequential --configs auto,16x16cok8j32w2,8x16ck8j32w1,16x16pck8j32w2,8x16pck8j32w1,\
 32x16pck8j32w4,16x16ck8j32w4,sequential --out /tmp/owed_scan5.json
