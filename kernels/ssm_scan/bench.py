@@ -6,10 +6,11 @@ associative_scan, sequential lax.scan), forward and forward+backward, against th
 
 A config is block_p x chunk, then flags: b (batch_stores), p (prefetch), t (tile), c (parallel: the
 chunk scanned along time with Triton's scan), o (with c: the session-11 state carry, GpuBlocks.carry_in
-off), kN (backward chunk), jN (backward channels per program), sN (N segments; none: 1), wN (warps); or `auto` (the default, `gpu.default_blocks`: the chunk-parallel
-16x16pck8j32w2 where it applies) or `sequential` (the default before 2026-12-05, `GpuBlocks()`: segments
-and prefetch chosen per shape); see kernels.ssm_scan.gpu.GpuBlocks. Every config is timed forward, then the XLA alternatives; the
-fastest config is then timed forward + backward and checked against the reference.
+off), kN (backward chunk), jN (backward channels per program), sN (N segments; none: 1), wN (warps); or
+`auto` (the default, `gpu.default_blocks`: the chunk-parallel 16x16pck8j32w2 where it applies) or
+`sequential` (the default before 2026-12-05, `GpuBlocks()`: segments and prefetch chosen per shape); see
+kernels.ssm_scan.gpu.GpuBlocks. Every config is timed forward, then the XLA alternatives; the fastest config
+is then timed forward + backward and checked against the reference.
 
 The floor is the bytes a forward must move (read x, Δ, B, C and write y once) over the copy
 bandwidth measured in the same run (x + 1 over a 1 GiB buffer: bytes read + written).
