@@ -248,10 +248,10 @@ def main(argv=None):
     plain = next((r for r in rows if r[0] == "plain"), None)
     print(f"\n{args.model} seq {args.seq} bf16 on {res['device']} ({res['date']}), "
           f"measured peak {peak or float('nan'):.0f} TFLOP/s, spec {args.spec_tflops:.0f}")
-    print(f"{'step':14} {'batch':>5} {'ms/step':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'%peak':>6} {'%spec':>6} {'vs plain':>8}")
+    print(f"{'step':12} {'batch':>5} {'ms/step':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'%peak':>6} {'%spec':>6} {'vs plain':>8}")
     for name, bsz, dt, tps, tf in rows:
         vs = f"{tps / plain[3]:.3f}" if plain and name.startswith("ours") else "-"
-        print(f"{name:14} {bsz:5d} {dt * 1e3:9.1f} {tps:10.0f} {tf:8.1f} {100 * tf / peak if peak else float('nan'):6.1f} "
+        print(f"{name:12} {bsz:5d} {dt * 1e3:9.1f} {tps:10.0f} {tf:8.1f} {100 * tf / peak if peak else float('nan'):6.1f} "
               f"{100 * tf / args.spec_tflops:6.1f} {vs:>8}")
         res[name] = {"batch": bsz, "step_s": dt, "tokens_per_s": tps, "tflops": tf}
     if args.json:

@@ -180,8 +180,9 @@ def main(argv=None):
         return row
 
     with_bwd = {f"pallas {c}" for c in args.bwd.split(",") if c}
-    if on_gpu and with_bwd - {name for name, _, _ in configs}:
-        raise SystemExit(f"--bwd {args.bwd!r}: {sorted(b[7:] for b in with_bwd - {c[0] for c in configs})} not among "
+    unknown = with_bwd - {name for name, _, _ in configs}
+    if on_gpu and unknown:
+        raise SystemExit(f"--bwd {args.bwd!r}: {sorted(b[len('pallas '):] for b in unknown)} not among "
                          f"--configs {args.configs!r}")
     for name, impl, blocks in configs:
         report["rows"].append(run_row(name, impl, blocks, with_bwd=name in with_bwd))

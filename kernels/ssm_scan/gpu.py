@@ -575,16 +575,22 @@ def _scan_bwd(blocks, interpret, res, cts):
 _scan.defvjp(_scan_fwd, _scan_bwd)
 
 
+def resolve_blocks(blocks: GpuBlocks, bt: int, l: int, h: int, p: int, n: int) -> GpuBlocks:
+    """`blocks` with every automatic choice made for x [bt, l, h, p] and state size n (idempotent)."""
+    blocks = blocks.resolve(p, n)
+    if blocks.segments == 0:
+        blocks = dataclasses.replace(blocks, segments=auto_segments(blocks, bt * h * -(-p // blocks.block_p), l))
+    if blocks.prefetch is None:
+        blocks = dataclasses.replace(blocks, prefetch=blocks.segments > 1)
+    return blocks
+
+
 def scan_canonical(x, dt, A, B, C, D, h0, *, blocks: GpuBlocks | None = None, interpret: bool = False):
     """Canonical layout (see reference.py) in, (y, final state [Bt, H, P, N] fp32) out; blocks default to
     `default_blocks(N)`."""
     bt, l, h, p = x.shape
     n = A.shape[-1]
-    blocks = (blocks or default_blocks(n)).resolve(p, n)
-    if blocks.segments == 0:
-        blocks = dataclasses.replace(blocks, segments=auto_segments(blocks, bt * h * -(-p // blocks.block_p), l))
-    if blocks.prefetch is None:
-        blocks = dataclasses.replace(blocks, prefetch=blocks.segments > 1)
+    blocks = resolve_blocks(blocks or default_blocks(n), bt, l, h, p, n)
     pad_l, pad_p = (-l) % (blocks.chunk * blocks.segments), (-p) % max(blocks.block_p, blocks.bwd_block_p)
     At, h0T = jnp.swapaxes(A, 1, 2), jnp.swapaxes(h0, 2, 3)
     if pad_l:  # Δ = 0 and x = 0 past the end leave the state unchanged

@@ -100,7 +100,7 @@ def _register_triton() -> str:
             later = arith.cmpi(arith.CmpIPredicate.sgt, i2, i1)  # associative and commutative, as tt.reduce needs
             tt.reduce_return([arith.select(later, x2, x1), arith.select(later, i2, i1)])
         op.verify()
-        return op.result[0] if hasattr(op.result, "type") else list(op.result)[0]
+        return list(op.result)[0]
 
     rules[linrec_p] = rule
     rules[take_last_p] = last_rule

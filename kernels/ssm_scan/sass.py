@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import io
 import json
 import os
@@ -28,7 +27,6 @@ import jax.numpy as jnp
 
 _COMPILE = r'''
 import json, re, subprocess, sys, os
-from collections import Counter
 from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import compile
 path, warps = sys.argv[1], int(sys.argv[2])
@@ -45,17 +43,16 @@ print(json.dumps({"sass": sass, "regs": int(re.search(r"REG:(\d+)", res).group(1
 '''
 
 
-def triton_modules(blocks, batch: int = 8, length: int = 4096, dim: int = 1536, state: int = 16) -> dict[str, str]:
+BATCH, LENGTH, DIM = 8, 4096, 1536  # the bench's shape (Mamba-130m's mixer at batch 8)
+
+
+def triton_modules(blocks, batch: int = BATCH, length: int = LENGTH, dim: int = DIM, state: int = 16) -> dict[str, str]:
     """{kernel name: Triton IR without locations} of the scan forward (Mamba-1 layout) with these GpuBlocks."""
     from jax.experimental import pallas as pl
 
     from kernels.ssm_scan import gpu
 
-    blocks = blocks.resolve(dim, state)
-    if blocks.segments == 0:
-        blocks = dataclasses.replace(blocks, segments=gpu.auto_segments(blocks, batch * dim // blocks.block_p, length))
-    if blocks.prefetch is None:
-        blocks = dataclasses.replace(blocks, prefetch=blocks.segments > 1)
+    blocks = gpu.resolve_blocks(blocks, batch, length, 1, dim, state)
     S, f32 = jax.ShapeDtypeStruct, jnp.float32
     x, bc = S((batch, length, 1, dim), f32), S((batch, length, 1, state), f32)
     args = (x, x, S((1, state, dim), f32), bc, bc, S((1, dim), f32), S((batch, 1, state, dim), f32))
@@ -83,7 +80,8 @@ def triton_modules(blocks, batch: int = 8, length: int = 4096, dim: int = 1536, 
 
 
 def loop_counts(sass: str) -> dict:
-    """Instructions of the innermost backward-branching loop of a cuobjdump listing, by opcode."""
+    """Instructions of the last backward-branching loop of a cuobjdump listing (the kernel's main loop), by
+    opcode; the whole listing where there is none."""
     lines = [(int(m.group(1), 16), m.group(2)) for m in
              re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[0-9T] )?([A-Z][A-Z0-9_]*)[^\n]*", sass)]
     loop = lines
@@ -107,19 +105,25 @@ def main(argv=None):
     ap.add_argument("--keep", default=None, help="directory for the .ttir/.ttgir/.cubin/.sass files")
     ap.add_argument("--state", type=int, default=16)
     args = ap.parse_args(argv)
-    probe = subprocess.run([args.triton_python, "-c", "import triton"], capture_output=True, text=True)
-    if probe.returncode:
-        raise SystemExit(f"{args.triton_python} cannot import triton ({probe.stderr.strip().splitlines()[-1:]}): "
-                         "pip install triton there, or name a Python that has it with --triton-python")
+    try:
+        probe = subprocess.run([args.triton_python, "-c", "import triton"], capture_output=True, text=True)
+        why = probe.stderr.strip().splitlines()[-1:] if probe.returncode else None
+    except OSError as e:  # not an executable
+        why = [str(e)]
+    if why:
+        raise SystemExit(f"{args.triton_python} cannot import triton ({why}): pip install triton there, or name a "
+                         "Python that has it with --triton-python")
     out_dir = args.keep or tempfile.mkdtemp(prefix="flashit_sass_")
     os.makedirs(out_dir, exist_ok=True)
+    from kernels.ssm_scan import gpu
+
     for name in args.configs.split(","):
-        blocks = parse_config(name, args.state)
+        blocks = gpu.resolve_blocks(parse_config(name, args.state), BATCH, LENGTH, 1, DIM, args.state)
         for kernel, ir in triton_modules(blocks, state=args.state).items():
             path = os.path.join(out_dir, f"{name}_{kernel}.ttir")
             with open(path, "w") as f:
                 f.write(ir)
-            r = subprocess.run([args.triton_python, "-c", _COMPILE, path, str(blocks.resolve(1536, args.state).num_warps)],
+            r = subprocess.run([args.triton_python, "-c", _COMPILE, path, str(blocks.num_warps)],
                                capture_output=True, text=True)
             if r.returncode:
                 print(f"{name} {kernel}: triton failed: {r.stderr.strip()[-500:]}")
