@@ -84,13 +84,29 @@ class GpuBlocks:
     # H100, 2026-12-05, against ~14 at 8). 0: `chunk`. Must divide `chunk`; parallel forward only.
     bwd_chunk: int = 0
     # Channels per backward program (0: block_p), a power of 2. The backward keeps one channel per
-    # thread, so the parallel forward's narrow programs (16 channels over 2 warps) would leave most
-    # of its threads idle; its checkpoints do not depend on the forward's blocks.
+    # thread, so the parallel forward's programs (4 threads per channel) would leave most of its
+    # threads idle; its checkpoints do not depend on the forward's blocks.
     bwd_block_p: int = 0
     # Parallel forward: the chunk's start state enters the scan as step 0's input and its end state is
     # read with `take_last` (no instructions where time lies in each thread's registers), instead of a
     # cumulative decay product times the state added to every step and a masked sum over the chunk.
     carry_in: bool = True
+    # Parallel forward: the tiles as [T, N_r, P_w, N_l, P_l] (N = N_r x N_l, block_p = P_w x P_l) instead of
+    # [T, N, P]. Triton gives a tensor its default layout from the last axis back: lanes on P, then the rest of
+    # the lanes and the warps on the next axis, which for [T, N, P] puts the warps on N, so the sum over N
+    # for y crossed warps through shared memory (4 rounds, 8 barriers per iteration). With P split the lanes
+    # run out on P_l x N_l and the warps land on P_w: the N sum is in registers (N_r) and shuffles (N_l).
+    # Needs P_l = block_p / num_warps to divide 32 and N_l = 32 / P_l to divide N; off where they do not.
+    split_n: bool = False
+    # split_n forward: chunks per loop iteration (1 or 2). With prefetch, one chunk per iteration ends each
+    # iteration moving the next chunk's tiles into the loop-carried registers (~24 moves of ~510 instructions
+    # per chunk in the SASS for sm_90); two per iteration let the tiles alternate between two register sets.
+    unroll: int = 1
+
+    def split_shape(self, n: int) -> tuple[int, int, int, int]:
+        """(N_r, P_w, N_l, P_l) of a resolved self with split_n (see split_n)."""
+        pl_ = self.block_p // self.num_warps
+        return n // (32 // pl_), self.num_warps, 32 // pl_, pl_
 
     def resolve(self, p: int, n: int) -> "GpuBlocks":
         if self.segments < 0:
@@ -114,14 +130,26 @@ class GpuBlocks:
         bbp = min(self.bwd_block_p, 1 << max(0, p - 1).bit_length()) if self.bwd_block_p else bp
         if bbp & (bbp - 1):
             raise ValueError(f"GpuBlocks.bwd_block_p must be a power of 2, got {self.bwd_block_p}")
-        return dataclasses.replace(self, block_p=bp, chunk=chunk, num_warps=warps, bwd_chunk=bc, bwd_block_p=bbp)
+        split = self.split_n
+        if split and not self.parallel:
+            raise ValueError("GpuBlocks.split_n applies to the chunk-parallel forward only (parallel=True)")
+        if split and not self.carry_in:
+            raise ValueError("GpuBlocks.split_n carries the state in (carry_in=True); it has no session-11 carry")
+        if self.unroll not in (1, 2) or (self.unroll == 2 and not split):
+            raise ValueError(f"GpuBlocks.unroll must be 1, or 2 with split_n=True; got {self.unroll}")
+        if split:  # where the channels or the state are too few to fill a warp's lanes, keep [T, N, P]
+            p_l = bp // warps
+            split = p_l >= 1 and 32 % p_l == 0 and n % (32 // p_l) == 0
+        return dataclasses.replace(self, block_p=bp, chunk=chunk, num_warps=warps, bwd_chunk=bc, bwd_block_p=bbp,
+                                   split_n=split, unroll=self.unroll if split else 1)
 
     def backward_blocks(self) -> "GpuBlocks":
         """The blocks the backward kernel runs with (a resolved self)."""
         if self.bwd_block_p == self.block_p and self.ck_every == self.chunk:
             return self
         bp = self.bwd_block_p or self.block_p
-        return dataclasses.replace(self, block_p=bp, chunk=self.ck_every, num_warps=max(1, bp // 32), parallel=False)
+        return dataclasses.replace(self, block_p=bp, chunk=self.ck_every, num_warps=max(1, bp // 32), parallel=False,
+                                   split_n=False)
 
     @property
     def ck_every(self) -> int:
@@ -129,14 +157,14 @@ class GpuBlocks:
         return self.bwd_chunk or self.chunk
 
 
-# The chunk-parallel forward (16 channels over 2 warps, 16-step chunks, the next chunk's loads issued ahead,
-# the state carried into each chunk's scan) with the sequential backward at its usual width and chunk (32
-# channels, 8 steps). On an H100 (2026-12-05, session 12, B8 L4096 D1536 N16 fp32, docs/data/h100_2026-12-05_s12/)
-# 0.532-0.578 ms forward over three runs on two machines (35.9-38.3% of the 0.204-0.210 ms floors) and 13.8-14.0 ms
-# forward + backward; without the prefetch 0.590-0.636 ms, with the session-11 carry 0.658 ms, the sequential
-# GpuBlocks() 0.982 / 14.4 ms.
-PARALLEL_BLOCKS = GpuBlocks(block_p=16, chunk=16, num_warps=2, max_state_regs=256, parallel=True, bwd_chunk=8,
-                            bwd_block_p=32, segments=1, prefetch=True)
+# The chunk-parallel forward on split tiles (32 channels over 4 warps, 16-step chunks, two chunks per loop
+# iteration, the next chunk's loads issued ahead, the state carried into each chunk's scan) with the sequential
+# backward at its usual width and chunk (32 channels, 8 steps). On an H100 (2026-12-05, session 13, B8 L4096 D1536
+# N16 fp32, docs/data/h100_2026-12-05_s13/) 0.463-0.487 ms forward in four timings on two machines (42.7-44.4%
+# of the 0.206-0.207 ms floors) and 14.1-14.2 ms forward + backward; session 12's default (16x16pck8j32w2, [T, N, P]
+# tiles) 0.544-0.578 ms in the same runs.
+PARALLEL_BLOCKS = GpuBlocks(block_p=32, chunk=16, num_warps=4, max_state_regs=256, parallel=True, split_n=True,
+                            unroll=2, bwd_chunk=8, bwd_block_p=32, segments=1, prefetch=True)
 
 
 def default_blocks(n: int) -> GpuBlocks:
@@ -389,6 +417,57 @@ def _fwd_kernel_parallel(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_re
     hT_ref[bi, hi, :, cols] = take_last(hT, 0) if carry_in else hT
 
 
+def _fwd_kernel_split(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, hT_ref, *ck, chunk, heads_per_group,
+                      prefetch, ck_every, unroll=1):
+    """`_fwd_kernel_parallel` (state carried in) on [T, N_r, P_w, N_l, P_l] tiles (GpuBlocks.split_n). The refs
+    are views the wrapper arranged: x, Δ, y [Bt, L, H, P/block_p, P_w, P_l]; B, C [Bt, L, G, N_r, N_l]; A, h0,
+    hT and the stored states with [N_r, P_w, N_l, P_l] last, D with [P_w, P_l]."""
+    from kernels.ssm_scan.linrec import linrec, take_last
+
+    per = chunk // ck_every
+    f32 = jnp.float32
+    bi, hi, pj = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    gi = hi // heads_per_group
+    a2 = a_ref[hi, pj, :, :, :, :].astype(f32)  # [N_r, P_w, N_l, P_l], A * log2(e)
+    dd = d_ref[hi, pj, :, :].astype(f32)
+    n_chunks = x_ref.shape[1] // chunk
+    steps = jnp.arange(chunk, dtype=jnp.int32)[:, None, None, None, None]
+    on_p = lambda a: a[:, None, :, None, :]  # [T, P_w, P_l] -> [T, 1, P_w, 1, P_l]
+    on_n = lambda a: a[:, :, None, :, None]  # [T, N_r, N_l] -> [T, N_r, 1, N_l, 1]
+
+    def load(i):
+        ts = pl.ds(i * chunk, chunk)
+        return (x_ref[bi, ts, hi, pj, :, :], dt_ref[bi, ts, hi, pj, :, :], b_ref[bi, ts, gi, :, :],
+                c_ref[bi, ts, gi, :, :])
+
+    def body(i, carry):  # carry[0]: the state before chunk i, [1, N_r, P_w, N_l, P_l]
+        h, tiles = (carry[0], carry[1:]) if prefetch else (carry, load(i))
+        if prefetch:
+            nxt = load(jnp.minimum(i + 1, n_chunks - 1))
+        if ck:
+            ck[0][bi, hi, i * per, pj, :, :, :, :] = take_last(h, 0)
+        xs, dts, bs, cs = (a.astype(f32) for a in tiles)
+        decay = jnp.exp2(on_p(dts) * a2[None])
+        inp = on_p(dts * xs) * on_n(bs)
+        _, hs = linrec(decay, jnp.where(steps == 0, decay * h + inp, inp), axis=0)
+        # N_r (registers) first, then N_l (lanes): the other order would shuffle every register
+        y = jnp.sum(jnp.sum(hs * on_n(cs), axis=1), axis=2) + dd[None] * xs
+        y_ref[bi, pl.ds(i * chunk, chunk), hi, pj, :, :] = y.astype(y_ref.dtype)
+        for j in range(1, per if ck else 1):  # the states before steps ck_every, 2 ck_every, ... of the chunk
+            ck[0][bi, hi, i * per + j, pj, :, :, :, :] = jnp.sum(jnp.where(steps == j * ck_every - 1, hs, 0.0), axis=0)
+        h = take_last(hs, 0)[None]
+        return (h, *nxt) if prefetch else h
+
+    h0 = h0_ref[bi, hi, pj, :, :, :, :].astype(f32)[None]
+    carry = (h0, *load(0)) if prefetch else h0
+    if unroll == 2:  # two chunks per iteration: the prefetched tiles alternate registers instead of being moved
+        carry = jax.lax.fori_loop(0, n_chunks // 2, lambda k, c: body(2 * k + 1, body(2 * k, c)), carry)
+        out = body(n_chunks - 1, carry) if n_chunks % 2 else carry
+    else:
+        out = jax.lax.fori_loop(0, n_chunks, body, carry)
+    hT_ref[bi, hi, pj, :, :, :, :] = take_last(out[0] if prefetch else out, 0)
+
+
 def _states_kernel_tile(x_ref, dt_ref, a_ref, b_ref, hT_ref, dts_ref, *, n_state, chunk, block_p, heads_per_group,
                         segments):
     """`_states_kernel` with the state as one [N, block_p] tile (GpuBlocks.tile)."""
@@ -488,6 +567,8 @@ def _forward(x, dt, At, B, C, D, h0T, blocks: GpuBlocks, interpret: bool, save: 
     outs = [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((bt, h, n, p), f32)]
     if save:
         outs.append(jax.ShapeDtypeStruct((bt, h, l // blocks.ck_every, n, p), f32))
+    if blocks.parallel and blocks.split_n:
+        return _forward_split(x, dt, At, B, C, D, h0T, blocks, interpret, save)
     fwd = _fwd_kernel_parallel if blocks.parallel else _fwd_kernel_tile if blocks.tile else _fwd_kernel
     extra = {"ck_every": blocks.ck_every, "carry_in": blocks.carry_in} if blocks.parallel else {}
     kernel = functools.partial(fwd, n_state=n, chunk=blocks.chunk, **extra,
@@ -496,6 +577,31 @@ def _forward(x, dt, At, B, C, D, h0T, blocks: GpuBlocks, interpret: bool, save: 
     return pl.pallas_call(kernel, out_shape=tuple(outs), grid=grid, interpret=interpret,
                           compiler_params=_compiler_params(blocks), name="ssm_scan_fwd")(
         x, dt, At * jnp.float32(LOG2E), B, C, D, h0T)
+
+
+def _forward_split(x, dt, At, B, C, D, h0T, blocks: GpuBlocks, interpret: bool, save: bool):
+    """The one-pass forward with GpuBlocks.split_n: the same outputs, through the kernel's views (x, Δ, B, C,
+    y by free reshapes; A, D, h0, hT and the stored states rearranged here, all small but the states, which
+    only the training forward writes)."""
+    bt, l, h, p, g, n, grid = _statics(x, B, blocks)
+    nr, pw, nl, pl_ = blocks.split_shape(n)
+    npb = p // blocks.block_p
+    f32 = jnp.float32
+    on_p = lambda a: a.reshape(*a.shape[:-1], npb, pw, pl_)  # [..., P] -> [..., P/bp, P_w, P_l]
+    # [..., N, P] -> [..., P/bp, N_r, P_w, N_l, P_l] and back
+    to_tiles = lambda a: jnp.moveaxis(on_p(a.reshape(*a.shape[:-2], nr, nl, p)), -3, -5).swapaxes(-3, -2)
+    from_tiles = lambda a: jnp.moveaxis(a.swapaxes(-3, -2), -5, -3).reshape(*a.shape[:-5], n, p)
+    a_t = to_tiles(At * f32(LOG2E))
+    outs = [jax.ShapeDtypeStruct(on_p(x).shape, x.dtype), jax.ShapeDtypeStruct((bt, h, npb, nr, pw, nl, pl_), f32)]
+    if save:
+        outs.append(jax.ShapeDtypeStruct((bt, h, l // blocks.ck_every, npb, nr, pw, nl, pl_), f32))
+    kernel = functools.partial(_fwd_kernel_split, chunk=blocks.chunk, heads_per_group=h // g,
+                               prefetch=blocks.prefetch, ck_every=blocks.ck_every, unroll=blocks.unroll)
+    res = pl.pallas_call(kernel, out_shape=tuple(outs), grid=grid, interpret=interpret,
+                         compiler_params=_compiler_params(blocks), name="ssm_scan_fwd")(
+        on_p(x), on_p(dt), a_t, B.reshape(bt, l, g, nr, nl), C.reshape(bt, l, g, nr, nl), on_p(D),
+        to_tiles(h0T))
+    return (res[0].reshape(x.shape), *(from_tiles(r) for r in res[1:]))
 
 
 def _forward_segmented(x, dt, At, B, C, D, h0T, blocks: GpuBlocks, interpret: bool, save: bool):

@@ -102,10 +102,17 @@ def test_pallas_matches_reference(impl, blocks, layout, l, n, dtype):
                                     pytest.param(GpuBlocks(block_p=16, chunk=4, segments=1, parallel=True,
                                                            carry_in=False), marks=pytest.mark.slow),
                                     GpuBlocks(block_p=8, chunk=8, bwd_chunk=4, segments=1, parallel=True,
-                                              prefetch=True)],
+                                              prefetch=True),
+                                    # split tiles: N_l = 4 lanes (mamba1, N 16 and 8), the multi-head layout's
+                                    # P = 8 over 2 warps leaves 4 lanes x 8 > N = 8: split off there
+                                    pytest.param(GpuBlocks(block_p=16, chunk=4, num_warps=2, segments=1, parallel=True,
+                                                           split_n=True), marks=pytest.mark.slow),
+                                    pytest.param(GpuBlocks(block_p=8, chunk=8, num_warps=1, segments=2, parallel=True,
+                                                           split_n=True, unroll=2, prefetch=True),
+                                                 marks=pytest.mark.slow)],
                          ids=["prefetch", "prefetch-segments3", "tile-segments3", "parallel", "parallel-segments3",
                               "parallel-bwdchunk2-bwdblock16-segments2", "parallel-summed-carry",
-                              "parallel-prefetch-bwdchunk4"])
+                              "parallel-prefetch-bwdchunk4", "parallel-split", "parallel-split-unroll2-segments2"])
 @pytest.mark.parametrize("layout,l,n,dtype", [("mamba1", 29, 16, jnp.float32), ("multihead", 11, 8, jnp.bfloat16)],
                          ids=["mamba1-L29-N16-fp32", "multihead-L11-N8-bf16"])
 def test_gpu_pipelined_variants_match_reference(blocks, layout, l, n, dtype):
@@ -193,8 +200,11 @@ def test_canonical_layouts_agree():
 
 @pytest.mark.parametrize("blocks", [GpuBlocks(), GpuBlocks(segments=1, prefetch=False), GpuBlocks(tile=True),
                                     GpuBlocks(block_p=16, chunk=8, segments=1, parallel=True),
-                                    GpuBlocks(block_p=16, chunk=16, segments=4, parallel=True)],
-                         ids=["default-segmented", "one-pass", "tile", "parallel", "parallel-segments4"])
+                                    GpuBlocks(block_p=16, chunk=16, segments=4, parallel=True),
+                                    GpuBlocks(block_p=32, chunk=16, num_warps=4, segments=4, parallel=True,
+                                              split_n=True, unroll=2, prefetch=True)],
+                         ids=["default-segmented", "one-pass", "tile", "parallel", "parallel-segments4",
+                              "parallel-split-segments4"])
 def test_gpu_forward_lowers_to_triton(blocks):
     """The Triton lowering runs on CPU (cross-platform export), so ops the GPU backend lacks fail here,
     not on the device: the forward at Mamba-130m's mixer shape (8 segments by default: two kernels)."""
@@ -266,6 +276,20 @@ def test_bench_config_names():
         parse_config("16x8k4", 16).resolve(64, 16)  # a shorter backward chunk needs the parallel forward
     with pytest.raises(ValueError, match="bwd_chunk"):
         parse_config("16x8ck3", 16).resolve(64, 16)
+    b = parse_config("32x16pcnk8j32u2w4", 16)
+    assert (b.block_p, b.chunk, b.prefetch, b.parallel, b.split_n, b.unroll, b.num_warps) == (32, 16, True, True, True,
+                                                                                             2, 4)
+    r = b.resolve(64, 16)
+    assert r.split_n and r.split_shape(16) == (4, 4, 4, 8)  # N_r, P_w, N_l, P_l
+    r = b.resolve(64, 2)  # N = 2 cannot fill the 4 lanes P_l = 8 leaves: [T, N, P] tiles, one chunk per iteration
+    assert (r.split_n, r.unroll) == (False, 1)
+    with pytest.raises(ValueError, match="split_n carries the state in"):
+        parse_config("16x16conw2", 16).resolve(64, 16)
+    with pytest.raises(ValueError, match="split_n applies to the chunk-parallel"):
+        parse_config("16x16nw2", 16).resolve(64, 16)
+    for bad in ("16x16cu2w2", "16x16cnu3w2"):  # unroll 2 needs split tiles; 1 or 2 only
+        with pytest.raises(ValueError, match="GpuBlocks.unroll"):
+            parse_config(bad, 16).resolve(64, 16)
     for bad in ("32x8w3", "32x", "x8", "32x8q"):
         with pytest.raises(SystemExit, match="bad --configs entry"):
             parse_config(bad, 16)
@@ -281,6 +305,8 @@ def test_gpu_default_blocks():
     assert gpu.default_blocks(64) == GpuBlocks() and gpu.default_blocks(12) == GpuBlocks()
     b = gpu.PARALLEL_BLOCKS.resolve(1536, 16)
     assert (b.chunk, b.ck_every, b.backward_blocks().block_p, b.backward_blocks().chunk) == (16, 8, 32, 8)
+    # below: D 48 (two 32-channel programs), L 37 = 3 chunks of 16, so two per iteration and one after the loop
+    assert b.split_n and b.unroll == 2 and not b.backward_blocks().split_n
     check("pallas_gpu", "mamba1", 37, 16, jnp.float32)
 
 
@@ -295,7 +321,8 @@ def test_sass_tool_extracts_the_triton_ir():
     assert list(mods) == ["ssm_scan_fwd"]
     ir = mods["ssm_scan_fwd"]
     assert '"tt.scan"' in ir and '"tt.reduce"' in ir and "#loc" not in ir and "[unknown]" not in ir
-    assert ir.count("__nv_exp2f") == 1  # one exp2 per (step, state, channel), as one tile op
+    # one exp2 per (step, state, channel), as one tile op per chunk of the loop body (16 chunks: no remainder)
+    assert ir.count("__nv_exp2f") == gpu.PARALLEL_BLOCKS.unroll
     listing = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
         /*0010*/                   MUFU.EX2 R2, R3 ;
