@@ -8,7 +8,10 @@
 #   OUT=$OUT PARTS=decode bash eval/run_owed_gpu.sh                   # issue 3, on an H100
 #   OUT=$OUT PARTS=attnfull bash eval/run_owed_gpu.sh                 # issue 4 (closed; carry out/whl_tk)
 #   OUT=$OUT PARTS=scan5 bash eval/run_owed_gpu.sh                    # issue 5 (done in session 12 on an H100)
+#   OUT=$OUT PARTS=scan13 bash eval/run_owed_gpu.sh                   # issue 5's table (done in session 13 on an H100)
 # Parts:
+#   scan13  [450] issue 5: the split-tile default, session 12's default, the sequential kernel, associative_scan and
+#                 lax.scan, forward and forward + backward, checked at the bench shape (the issue's table)
 #   scan5   [300] issue 5: the chunk-parallel forward with the state carried into the scan, warps 1/2/4, and the
 #                 issue's table (associative_scan, lax.scan, forward and forward + backward)
 #   gemvwide [170] issues 3, 7: GEMV tiles over the wide grid (bf16, tied head, int8), written to tuned.json
@@ -78,6 +81,10 @@ for part in ${PARTS//,/ }; do
               run fixq 200 python -m eval.quant_speed --model random:llama-3.2-1b --budget-s 180 --json /tmp/owed_fixq.json \
                   --variants "bf16,w8+emb8,w8+emb8:fixup,w8+emb8:rope"
               cp /tmp/owed_fixq.json "$OUT/" 2>/dev/null ;;
+        scan13) run scan13 450 python -m kernels.ssm_scan.bench --alternatives associative,reference --reps 5 \
+                    --no-multihead-check --bwd auto,sequential --configs auto,16x16pck8j32w2,sequential,auto \
+                    --out /tmp/owed_scan13.json
+                cp /tmp/owed_scan13.json "$OUT/" 2>/dev/null ;;
         scan5) # issue 5 on an H100: the state carried into each chunk's scan (default) vs the session-11 carry (o),
                # 1 vs 2 vs 4 warps, next chunk's loads issued ahead (p) or not, beside the sequential kernel,
                # associative_scan and lax.scan (the issue's table)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import re
 import statistics
 import time
@@ -37,9 +38,14 @@ from kernels.ssm_scan import GpuBlocks, selective_scan
 from kernels.ssm_scan.gpu import default_blocks, hbm_bytes
 
 
-def timeit(fn, *args, reps: int = 10, groups: int = 3) -> float:
-    """Median seconds per call."""
+def timeit(fn, *args, reps: int = 10, groups: int = 3, min_group_s: float = 0.05) -> float:
+    """Median seconds per call over `groups` runs of back-to-back calls, each run at least `reps` calls and
+    `min_group_s` long: a ~0.5 ms kernel timed in runs of 5 calls (2.5 ms) moved by up to 20% with the GPU's
+    clocks and launch latency (H100, 2026-12-05: one config 0.455-0.560 ms in one process)."""
     jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    reps = max(reps, min(10_000, math.ceil(min_group_s / max(time.perf_counter() - t0, 1e-6))))
     times = []
     for _ in range(groups):
         t0 = time.perf_counter()
@@ -51,10 +57,15 @@ def timeit(fn, *args, reps: int = 10, groups: int = 3) -> float:
     return statistics.median(times)
 
 
-def copy_bandwidth(nbytes: int = 1 << 30) -> float:
-    """Bytes/s of an elementwise pass (read + write) over a large fp32 buffer."""
+def copy_bandwidth(nbytes: int = 1 << 30, warmup_s: float = 2.0) -> float:
+    """Bytes/s of an elementwise pass (read + write) over a large fp32 buffer, after `warmup_s` of the same
+    pass, so that the GPU's clocks have risen before the first row is timed (the first row of a run was up to
+    20% slower than the same kernel timed later, H100 2026-12-05)."""
     x = jax.random.normal(jax.random.key(0), (nbytes // 4,), jnp.float32)
     f = jax.jit(lambda a: a + 1.0)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < warmup_s:
+        jax.block_until_ready(f(x))
     return 2 * nbytes / timeit(f, x, reps=20)
 
 

@@ -160,9 +160,9 @@ class GpuBlocks:
 # The chunk-parallel forward on split tiles (32 channels over 4 warps, 16-step chunks, two chunks per loop
 # iteration, the next chunk's loads issued ahead, the state carried into each chunk's scan) with the sequential
 # backward at its usual width and chunk (32 channels, 8 steps). On an H100 (2026-12-05, session 13, B8 L4096 D1536
-# N16 fp32, docs/data/h100_2026-12-05_s13/) 0.463-0.487 ms forward in four timings on two machines (42.7-44.4%
-# of the 0.206-0.207 ms floors) and 14.1-14.2 ms forward + backward; session 12's default (16x16pck8j32w2, [T, N, P]
-# tiles) 0.544-0.578 ms in the same runs.
+# N16 fp32, docs/data/h100_2026-12-05_s13/, the bench's warmed timing) 0.436 / 0.437 ms forward = 47.0 / 46.8% of the
+# 0.205 ms floor and 14.17 ms forward + backward; session 12's default (16x16pck8j32w2, [T, N, P] tiles) 0.529 ms in
+# the same run (0.46-0.49 vs 0.54-0.61 ms on three other H100s with the earlier, shorter timing).
 PARALLEL_BLOCKS = GpuBlocks(block_p=32, chunk=16, num_warps=4, max_state_regs=256, parallel=True, split_n=True,
                             unroll=2, bwd_chunk=8, bwd_block_p=32, segments=1, prefetch=True)
 
