@@ -99,8 +99,8 @@ class GpuBlocks:
     # Needs P_l = block_p / num_warps to divide 32 and N_l = 32 / P_l to divide N; off where they do not.
     split_n: bool = False
     # split_n forward: chunks per loop iteration (1 or 2). With prefetch, one chunk per iteration ends each
-    # iteration moving the next chunk's tiles into the loop-carried registers (~24 moves of ~510 instructions
-    # per chunk in the SASS for sm_90); two per iteration let the tiles alternate between two register sets.
+    # iteration moving the next chunk's tiles into the loop-carried registers (14-24 moves per chunk of ~510
+    # instructions in the SASS for sm_90); two per iteration let the tiles alternate between two register sets.
     unroll: int = 1
 
     def split_shape(self, n: int) -> tuple[int, int, int, int]:
@@ -162,7 +162,7 @@ class GpuBlocks:
 # backward at its usual width and chunk (32 channels, 8 steps). On an H100 (2026-12-05, session 13, B8 L4096 D1536
 # N16 fp32, docs/data/h100_2026-12-05_s13/, the bench's warmed timing) 0.436 / 0.437 ms forward = 47.0 / 46.8% of the
 # 0.205 ms floor and 14.17 ms forward + backward; session 12's default (16x16pck8j32w2, [T, N, P] tiles) 0.529 ms in
-# the same run (0.46-0.49 vs 0.54-0.61 ms on three other H100s with the earlier, shorter timing).
+# the same run (with the earlier, shorter timing on three other H100s: 0.46-0.49 ms vs 0.54-0.61).
 PARALLEL_BLOCKS = GpuBlocks(block_p=32, chunk=16, num_warps=4, max_state_regs=256, parallel=True, split_n=True,
                             unroll=2, bwd_chunk=8, bwd_block_p=32, segments=1, prefetch=True)
 
@@ -564,11 +564,11 @@ def _forward(x, dt, At, B, C, D, h0T, blocks: GpuBlocks, interpret: bool, save: 
         return _forward_segmented(x, dt, At, B, C, D, h0T, blocks, interpret, save)
     bt, l, h, p, g, n, grid = _statics(x, B, blocks)
     f32 = jnp.float32
+    if blocks.parallel and blocks.split_n:
+        return _forward_split(x, dt, At, B, C, D, h0T, blocks, interpret, save)
     outs = [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((bt, h, n, p), f32)]
     if save:
         outs.append(jax.ShapeDtypeStruct((bt, h, l // blocks.ck_every, n, p), f32))
-    if blocks.parallel and blocks.split_n:
-        return _forward_split(x, dt, At, B, C, D, h0T, blocks, interpret, save)
     fwd = _fwd_kernel_parallel if blocks.parallel else _fwd_kernel_tile if blocks.tile else _fwd_kernel
     extra = {"ck_every": blocks.ck_every, "carry_in": blocks.carry_in} if blocks.parallel else {}
     kernel = functools.partial(fwd, n_state=n, chunk=blocks.chunk, **extra,
