@@ -34,10 +34,10 @@ def _inputs(layout, bt, l, n, dtype, seed=0, d=48, heads=4, groups=2, p=8):
     return x, dt, A, B, C, D, h0
 
 
-def _run(impl, blocks=None):
+def _run(impl, blocks=None, interpret=True):
     def f(x, dt, A, B, C, D, h0):
         return selective_scan(x, dt, A, B, C, D, initial_state=h0, return_final_state=True, impl=impl, blocks=blocks,
-                              interpret=impl.startswith("pallas"), chunk=8)
+                              interpret=interpret and impl.startswith("pallas"), chunk=8)
     return f
 
 
@@ -56,17 +56,17 @@ def _close(got, want, dtype, what):
     assert err <= tol, f"{what}: max abs error {err:.3g} > {tol:.3g}"
 
 
-def check(impl, layout, l, n, dtype, blocks=None, bt=2):
+def check(impl, layout, l, n, dtype, blocks=None, bt=2, interpret=True):
     args = _inputs(layout, bt, l, n, dtype)
     want_y, want_h = _run("reference")(*args)
-    got_y, got_h = jax.jit(_run(impl, blocks))(*args)
+    got_y, got_h = jax.jit(_run(impl, blocks, interpret))(*args)
     assert got_y.dtype == args[0].dtype and got_y.shape == args[0].shape
     _close(got_y, want_y, dtype, f"{impl} y")
     _close(got_h, want_h, jnp.float32 if dtype == jnp.float32 else dtype, f"{impl} final state")
     kw, kh = jax.random.split(jax.random.key(7))
     wy, wh = jax.random.normal(kw, want_y.shape), jax.random.normal(kh, want_h.shape)
     want_g = jax.grad(_loss(_run("reference"), wy, wh), argnums=range(7))(*args)
-    got_g = jax.jit(jax.grad(_loss(_run(impl, blocks), wy, wh), argnums=range(7)))(*args)
+    got_g = jax.jit(jax.grad(_loss(_run(impl, blocks, interpret), wy, wh), argnums=range(7)))(*args)
     for name, g, w in zip(("x", "dt", "A", "B", "C", "D", "initial_state"), got_g, want_g):
         assert g.shape == w.shape and g.dtype == w.dtype, name
         _close(g, w, dtype, f"{impl} d{name}")
@@ -137,6 +137,18 @@ def test_gpu_pipelined_variants_match_reference(blocks, layout, l, n, dtype):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 def test_pallas_sweep(impl, blocks, layout, l, n, dtype):
     check(impl, layout, l, n, dtype, blocks)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiles the Triton kernels for real")
+@pytest.mark.parametrize("layout,l,n,dtype", [("mamba1", 37, 16, jnp.bfloat16), ("mamba1", 300, 16, jnp.float32),
+                                              ("mamba1", 37, 8, jnp.float32), ("mamba1", 45, 2, jnp.float32),
+                                              ("multihead", 77, 16, jnp.bfloat16)])
+def test_default_blocks_on_gpu(layout, l, n, dtype):
+    """The GPU default (split tiles for N = 16 and 8, [T, N, P] tiles for N = 2) compiled for real: values, final
+    state and gradients, L not a multiple of the chunk (37, 45, 77: odd chunk counts, so the unrolled loop's last
+    chunk runs after it)."""
+    check("pallas_gpu", layout, l, n, dtype, bt=2, interpret=False)
 
 
 @pytest.mark.slow
