@@ -162,7 +162,8 @@ class GpuBlocks:
 # backward at its usual width and chunk (32 channels, 8 steps). On an H100 (2026-12-05, session 13, B8 L4096 D1536
 # N16 fp32, docs/data/h100_2026-12-05_s13/, the bench's warmed timing) 0.436 / 0.437 ms forward = 47.0 / 46.8% of the
 # 0.205 ms floor and 14.17 ms forward + backward; session 12's default (16x16pck8j32w2, [T, N, P] tiles) 0.529 ms in
-# the same run (with the earlier, shorter timing on three other H100s: 0.46-0.49 ms vs 0.54-0.61).
+# the same run (with the earlier, shorter timing on three other H100s: 0.455-0.493 ms, 0.56 where timed first in its
+# run, vs 0.54-0.61 for the old default).
 PARALLEL_BLOCKS = GpuBlocks(block_p=32, chunk=16, num_warps=4, max_state_regs=256, parallel=True, split_n=True,
                             unroll=2, bwd_chunk=8, bwd_block_p=32, segments=1, prefetch=True)
 
