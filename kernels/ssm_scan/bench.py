@@ -40,7 +40,7 @@ from kernels.ssm_scan.gpu import default_blocks, hbm_bytes
 
 def timeit(fn, *args, reps: int = 10, groups: int = 3, min_group_s: float = 0.05) -> float:
     """Median seconds per call over `groups` runs of back-to-back calls, each run at least `reps` calls and
-    `min_group_s` long: a ~0.5 ms kernel timed in runs of 5 calls (2.5 ms) moved by up to 20% with the GPU's
+    `min_group_s` long: a ~0.5 ms kernel timed in runs of 5 calls (2.5 ms) moved by up to 23% with the GPU's
     clocks and launch latency (H100, 2026-12-05: one config 0.455-0.560 ms in one process)."""
     jax.block_until_ready(fn(*args))
     t0 = time.perf_counter()
@@ -60,7 +60,7 @@ def timeit(fn, *args, reps: int = 10, groups: int = 3, min_group_s: float = 0.05
 def copy_bandwidth(nbytes: int = 1 << 30, warmup_s: float = 2.0) -> float:
     """Bytes/s of an elementwise pass (read + write) over a large fp32 buffer, after `warmup_s` of the same
     pass, so that the GPU's clocks have risen before the first row is timed (the first row of a run was up to
-    20% slower than the same kernel timed later, H100 2026-12-05)."""
+    23% slower than the same kernel timed later, H100 2026-12-05)."""
     x = jax.random.normal(jax.random.key(0), (nbytes // 4,), jnp.float32)
     f = jax.jit(lambda a: a + 1.0)
     t0 = time.perf_counter()
