@@ -43,7 +43,7 @@ def test_bitnet_finetune_saves_the_packed_trained_model(tiny, tmp_path):
     assert ppl == pytest.approx(s["eval_ppl"], rel=1e-5)  # the loop evaluated the packed model
 
 
-@pytest.mark.parametrize("base", ["", "w4g16"])
+@pytest.mark.parametrize("base", [pytest.param("", marks=pytest.mark.slow), "w4g16"])  # 31 / 39 s; QLoRA here
 def test_lora_finetune_trains_adapters_only(tiny, tmp_path, base):
     from flashit_jax import lora, tree
     from flashit_jax.loading import load_model

@@ -112,7 +112,7 @@ def test_convert_layers():
         hybrid.convert_layers(30, 1.5)
 
 
-@pytest.mark.parametrize("layers", [(1, 3), (0, 1, 2, 3)])
+@pytest.mark.parametrize("layers", [(1, 3), pytest.param((0, 1, 2, 3), marks=pytest.mark.slow)])  # 32 s each
 def test_recurrent_decoding_equals_parallel_forward(layers):
     hc, hp = hybrid.from_llama(CFG, _llama(), layers, key=jax.random.key(3))
     for i in hc.mamba_layers:  # make every mixer term matter: D, conv taps, input-dependent Δ

@@ -48,7 +48,7 @@ def test_unsupported_and_switch(monkeypatch):
     assert rope_cache.mode() == ""  # no GPU here: the XLA ops
 
 
-@pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.bfloat16, jnp.int8])
+@pytest.mark.parametrize("cache_dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow), jnp.int8])
 def test_decode_steps_through_the_kernel(monkeypatch, cache_dtype):
     """Three decode steps of a Llama with FLASHIT_JAX_ROPE_KERNEL=interpret: the logits and the cache of the
     XLA ops (the int8 cache keeps the XLA path: it quantizes what it stores)."""
