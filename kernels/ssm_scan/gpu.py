@@ -454,8 +454,10 @@ def _fwd_kernel_split(x_ref, dt_ref, a_ref, b_ref, c_ref, d_ref, h0_ref, y_ref, 
         # N_r (registers) first, then N_l (lanes): the other order would shuffle every register
         y = jnp.sum(jnp.sum(hs * on_n(cs), axis=1), axis=2) + dd[None] * xs
         y_ref[bi, pl.ds(i * chunk, chunk), hi, pj, :, :] = y.astype(y_ref.dtype)
-        for j in range(1, per if ck else 1):  # the states before steps ck_every, 2 ck_every, ... of the chunk
-            ck[0][bi, hi, i * per + j, pj, :, :, :, :] = jnp.sum(jnp.where(steps == j * ck_every - 1, hs, 0.0), axis=0)
+        if ck:  # the states before steps ck_every, 2 ck_every, ... of the chunk
+            for j in range(1, per):
+                ck[0][bi, hi, i * per + j, pj, :, :, :, :] = jnp.sum(jnp.where(steps == j * ck_every - 1, hs, 0.0),
+                                                                     axis=0)
         h = take_last(hs, 0)[None]
         return (h, *nxt) if prefetch else h
 
@@ -563,10 +565,10 @@ def _statics(x, B, blocks: GpuBlocks):
 def _forward(x, dt, At, B, C, D, h0T, blocks: GpuBlocks, interpret: bool, save: bool):
     if blocks.segments > 1:
         return _forward_segmented(x, dt, At, B, C, D, h0T, blocks, interpret, save)
+    if blocks.split_n:  # resolve() allows it with parallel=True only
+        return _forward_split(x, dt, At, B, C, D, h0T, blocks, interpret, save)
     bt, l, h, p, g, n, grid = _statics(x, B, blocks)
     f32 = jnp.float32
-    if blocks.parallel and blocks.split_n:
-        return _forward_split(x, dt, At, B, C, D, h0T, blocks, interpret, save)
     outs = [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((bt, h, n, p), f32)]
     if save:
         outs.append(jax.ShapeDtypeStruct((bt, h, l // blocks.ck_every, n, p), f32))
@@ -586,7 +588,7 @@ def _forward_split(x, dt, At, B, C, D, h0T, blocks: GpuBlocks, interpret: bool, 
     only the training forward writes)."""
     bt, l, h, p, g, n, grid = _statics(x, B, blocks)
     nr, pw, nl, pl_ = blocks.split_shape(n)
-    npb = p // blocks.block_p
+    npb = grid[2]  # channel blocks
     f32 = jnp.float32
     on_p = lambda a: a.reshape(*a.shape[:-1], npb, pw, pl_)  # [..., P] -> [..., P/bp, P_w, P_l]
     # [..., N, P] -> [..., P/bp, N_r, P_w, N_l, P_l] and back
