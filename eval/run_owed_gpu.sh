@@ -10,6 +10,8 @@
 #   OUT=$OUT PARTS=scan5 bash eval/run_owed_gpu.sh                    # issue 5 (done in session 12 on an H100)
 #   OUT=$OUT PARTS=scan13 bash eval/run_owed_gpu.sh                   # issue 5's table (done in session 13 on an H100)
 # Parts:
+#   fuse14  [200+80+90+120] issue 7 (done in session 14 on an H100): decode with the rotary + KV write kernel and the
+#                 in-kernel K-split sums (bf16, w8+emb8), both profiled, then the rows under XLA's CUDA graphs
 #   scan13  [450] issue 5: the split-tile default, session 12's default, the sequential kernel, associative_scan and
 #                 lax.scan, forward and forward + backward, checked at the bench shape (the issue's table)
 #   scan5   [300] issue 5: the chunk-parallel forward with the state carried into the scan, warps 1/2/4, and the
@@ -139,6 +141,18 @@ for part in ${PARTS//,/ }; do
                    run attndecode 130 python -m kernels.attention.bench --only decode --decode-sweep --budget-s 110 \
                        --out /tmp/owed_attndecode
                    cp /tmp/owed_attndecode/bench.json "$OUT/owed_attn_decode.json" 2>/dev/null ;;
+        fuse14) # issue 7 (session 14): the step with fewer kernels (rotary + KV write kernel, K splits summed in
+                # the GEMVs, which also take the residual adds), timed and profiled; then XLA's CUDA graphs over
+                # the scan's while loop, to see what the ~2 us between kernels is
+                run fuse14 200 python -m eval.quant_speed --model random:llama-3.2-1b --budget-s 170 \
+                    --json /tmp/owed_fuse14.json --variants "bf16,bf16:rope:fixup,w8+emb8,w8+emb8:rope:fixup"
+                cp /tmp/owed_fuse14.json "$OUT/" 2>/dev/null
+                FLASHIT_JAX_ROPE_KERNEL=1 FLASHIT_JAX_GEMV_FIXUP=1 run profile_bf16_fused 80 python -m eval.profile_decode
+                FLASHIT_JAX_ROPE_KERNEL=1 FLASHIT_JAX_GEMV_FIXUP=1 run profile_w8_fused 90 python -m eval.profile_decode --recipe w8+emb8
+                XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL --xla_gpu_graph_min_graph_size=1" \
+                    run fuse14_graphs 120 python -m eval.quant_speed --model random:llama-3.2-1b --budget-s 100 \
+                    --json /tmp/owed_fuse14g.json --variants "bf16,w8+emb8,w8+emb8:rope:fixup"
+                cp /tmp/owed_fuse14g.json "$OUT/" 2>/dev/null ;;
         profile) run profile_bf16 90 python -m eval.profile_decode
                  run profile_w8 110 python -m eval.profile_decode --recipe w8+emb8 ;;
         mamba) run mamba 150 python -m eval.decode_bench --steps 64 --per-call 16 --out /tmp/owed_mamba.json
