@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -31,6 +32,26 @@ def layer_list(modules: list):
 HOST_INIT_MAX_BYTES = 16 << 30
 
 
+def _make_init(module_cls, config, dtype):
+    @jax.jit
+    def make(key):
+        return nnx.to_pure_dict(nnx.state(module_cls(config, rngs=nnx.Rngs(key), dtype=dtype), nnx.Param))
+
+    return make
+
+
+# One jitted init per (family, config, dtype): a new closure per call would recompile the whole random init
+# (seconds on a CPU even for a tiny model) every time the same model is built again in a process.
+_make_init_cached = functools.lru_cache(maxsize=32)(_make_init)
+
+
+def _init_fn(module_cls, config, dtype):
+    try:
+        return _make_init_cached(module_cls, config, dtype)
+    except TypeError:  # a config with an unhashable field: no reuse
+        return _make_init(module_cls, config, dtype)
+
+
 def init_pure_params(module_cls, config, key: jax.Array, dtype, host_init: bool | None = None) -> dict:
     """Random parameters of `module_cls(config)` as a plain pytree, built under jit (no eager
     per-op dispatch).
@@ -41,10 +62,7 @@ def init_pure_params(module_cls, config, key: jax.Array, dtype, host_init: bool 
     (Llama-3.2-1B ~60 s) before any benchmark could start; the CPU does it in seconds, and the
     values are the same (threefry is backend-independent)."""
 
-    @jax.jit
-    def make(key):
-        return nnx.to_pure_dict(nnx.state(module_cls(config, rngs=nnx.Rngs(key), dtype=dtype), nnx.Param))
-
+    make = _init_fn(module_cls, config, dtype)
     if host_init is None:
         shapes = jax.eval_shape(make, key)
         nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))

@@ -62,6 +62,15 @@ MGPU_FULL = [dict(zip(MGPU_FACTORS, v), segments=False, layout="default")
              for v in itertools.product(*MGPU_FACTORS.values())]
 
 
+def half_slow(cover: list[dict], keep: int) -> list:
+    """Pytest params of a cover with every second case (from index `keep`) in the default run and the others
+    marked slow: two backends given opposite halves check every case of the cover in CI's default run between
+    them (kept under 15 minutes on 2 cores), and each backend the whole cover with `-m slow`."""
+    import pytest
+
+    return [pytest.param(c, id=case_id(c), marks=() if i % 2 == keep else pytest.mark.slow) for i, c in enumerate(cover)]
+
+
 def case_id(c: dict) -> str:
     return (f"d{c['head_dim']}-g{c['group']}-{'causal' if c['causal'] else 'full'}-w{c['window']}-"
             f"{'seg' if c['segments'] else 'noseg'}-cap{c['softcap']}-{c['layout']}-{c['dtype']}")

@@ -19,12 +19,12 @@ TRITON = functools.partial(gpu_triton.flash_attention, interpret=True)
 TPU = functools.partial(tpu.flash_attention, interpret=True)
 
 
-@pytest.mark.parametrize("case", cases.PAIRWISE, ids=cases.case_id)
+@pytest.mark.parametrize("case", cases.half_slow(cases.PAIRWISE, 0))
 def test_triton_flash_pairwise(case):
     cases.check(TRITON, case)
 
 
-@pytest.mark.parametrize("case", cases.PAIRWISE, ids=cases.case_id)
+@pytest.mark.parametrize("case", cases.half_slow(cases.PAIRWISE, 1))
 def test_tpu_flash_pairwise(case):
     cases.check(TPU, case)
 

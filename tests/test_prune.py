@@ -126,7 +126,7 @@ def tiny():
 
 
 @pytest.mark.parametrize("recipe", ["magnitude-50", "global-magnitude-40", "wanda-50", "sparsegpt-50",
-                                    "wanda-2:4", "sparsegpt-4:8"])
+                                    "wanda-2:4", pytest.param("sparsegpt-4:8", marks=pytest.mark.slow)])
 def test_pruned_model_runs_through_linear(tiny, recipe):
     model, params, tokens, calib = tiny
     log = []

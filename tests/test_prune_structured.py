@@ -51,7 +51,9 @@ def test_compact_equals_masked_full_model(tiny):
     assert jax.tree.map(lambda a: a.shape, want) == jax.tree.map(lambda a: a.shape, small)
 
 
-@pytest.mark.parametrize("recipe", ["ffn-25", "heads-34", "kv-34", "depth-1", "ffn-25+kv-34+depth-1"])
+# ffn-25 and kv-34 alone in the slow run: the combined recipe makes both cuts in the default run
+@pytest.mark.parametrize("recipe", [pytest.param("ffn-25", marks=pytest.mark.slow), "heads-34",
+                                    pytest.param("kv-34", marks=pytest.mark.slow), "depth-1", "ffn-25+kv-34+depth-1"])
 def test_recipes_make_smaller_models_that_save_load_and_decode(tiny, recipe, tmp_path):
     from flashit_jax.generate import generate
     from flashit_jax.loading import load_model, save_model
