@@ -172,6 +172,7 @@ def test_wrong_expert_count_is_named():
 
 
 # ----------------------------------------------------------------------------- the model
+@pytest.mark.slow  # 16 s on 2 cores (2026-12-05): test_cached_decode_equals_prefill_logits stays in the default run
 def test_generate_greedy_matches_full_recompute():
     model, params = Model(TINY), _params()
     prompts = [[3, 7, 1, 9, 4], [5, 2]]

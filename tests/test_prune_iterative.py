@@ -3,7 +3,6 @@ in-process, one CPU device): rewinding restores the early weights exactly; prune
 through re-fine-tuning; the rounds reach their sparsities exactly."""
 import json
 
-import jax
 import numpy as np
 import pytest
 
@@ -84,6 +83,7 @@ def test_rewinding_restores_the_early_weights_exactly(teacher, tmp_path):
     assert summary["mode"] == "rewind" and len(summary["rounds_detail"]) == 3
 
 
+@pytest.mark.slow  # 20 s on 2 cores (2026-12-05): the masks' algebra stays in test_imp_masks_exact_and_monotone
 def test_refinetune_keeps_the_masks(teacher, tmp_path):
     """train.finetune on a pruned directory: the survivors train, the same masks and weight type
     come back, and the pruned weights are still exactly 0."""

@@ -92,6 +92,7 @@ def test_batch_rows_accept_independently(tiny):
         assert one.accepted[0] == batch.accepted[i] and one.rounds[0] == batch.rounds[i]
 
 
+@pytest.mark.slow  # 15 s on 2 cores (2026-12-05): plain decoding's EOS stays (tests/test_generate.py)
 def test_eos_stops_each_row(tiny):
     m, p = tiny
     prompts = _prompts(5, seed=3)
