@@ -9,6 +9,8 @@ Q4_1 matrices, Q8_0 embedding, F32 norms). Every row is evaluated in fp32 on the
 zeros as stored, float leaves (norms, unquantized embedding) counted as bf16. `kv-int8` is the
 baseline's weights with an int8 KV cache. Trained rows (BitNet QAT, QLoRA; docs/quantization.md):
 `bitnet=model:out/bitnet/model`, `qlora=qlora:out/qlora`, `qlora-merged-w4=model:out/qlora/model@w4g64`.
+`RECIPE:seq` calibrates layer by layer from the partly quantized model (GPTQ's order,
+flashit_jax.quant.sequential; one calibration pass per layer) instead of once from the float model.
 Finished rows are kept in --json and skipped when
 the command is run again with the same settings (--fresh recomputes).
 """
@@ -71,8 +73,15 @@ def _label(row: str) -> str:
     return row.split("=", 1)[0] if _spec(row) != row else row
 
 
+def _recipe(row: str) -> tuple[str, bool]:
+    """'w4g64-gptq:seq' -> ('w4g64-gptq', True): the recipe and whether it is calibrated sequentially."""
+    return (row[:-4], True) if row.endswith(":seq") else (row, False)
+
+
 def describe_row(row: str) -> str:
     row = _spec(row)
+    if row.endswith(":seq"):
+        return describe_row(_recipe(row)[0]) + "; calibrated layer by layer from the partly quantized model"
     if row == "baseline":
         return "as loaded"
     if row.startswith(("model:", "qlora:")):
@@ -115,7 +124,7 @@ def file_size(spec: str) -> int | None:
 
 def markdown(results: dict, rows: list[str], settings: dict, baseline_note: str) -> str:
     base = results["baseline"]["ppl"]
-    lines = [f"| recipe | ppl | Δ% vs baseline | size (MB) | what |", "|---|---:|---:|---:|---|"]
+    lines = ["| recipe | ppl | Δ% vs baseline | size (MB) | what |", "|---|---:|---:|---:|---|"]
     for row in rows:
         r = results.get(row)
         if r is None:
@@ -219,7 +228,7 @@ def main(argv=None):
 
         from eval.common import device_info, setup_jax
         from eval.perplexity import evaluate
-        from eval.quantize import calibration_for
+        from eval.quantize import calibration_for, quantize_for
         from flashit_jax.data import load_documents
         from flashit_jax.loading import load_model
         from flashit_jax.quant import quantize, resolve, size_bytes
@@ -236,7 +245,7 @@ def main(argv=None):
                 if recipe:
                     resolve(recipe)
             elif r not in ("baseline", "kv-int8"):
-                resolve(r)
+                resolve(_recipe(r)[0])
         settings = {k: getattr(args, k) for k in ("model", "data", "split", "ctx", "protocol", "max_chunks", "calib",
                                                   "calib_split", "calib_seqs", "calib_len")}
         state_path = Path(args.json)
@@ -257,6 +266,10 @@ def main(argv=None):
                 cache_dtype = "int8"
             elif _spec(row).startswith(("model:", "qlora:")):
                 params = trained_row_params(_spec(row), loaded)
+            elif row.endswith(":seq"):
+                params, _ = quantize_for(loaded, loaded.tokenizer, _recipe(row)[0], args.calib, args.calib_split,
+                                         args.calib_seqs, args.calib_len, sequential=True)
+                jax.block_until_ready(params)
             elif row != "baseline":
                 _, rules = resolve(row)
                 if calib is None and any(m is not None and m.needs_calibration for _, m in rules):

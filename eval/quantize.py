@@ -17,11 +17,11 @@ import time
 from flashit_jax.errors import FlashitError, user_errors
 
 
-def calibration_for(loaded, tokenizer, recipe, data: str | None, split: str, seqs: int, seq_len: int,
-                    seed: int = 0, progress: bool = True):
-    """The Calibration a recipe needs (None if it needs none); FlashitError if it needs one and `data` is None."""
+def calibration_tokens_for(tokenizer, recipe, data: str | None, split: str, seqs: int, seq_len: int, seed: int = 0):
+    """The calibration tokens [seqs, seq_len] a recipe needs (None if it needs none); FlashitError if it needs
+    them and `data` is None."""
     from flashit_jax.data import load_documents
-    from flashit_jax.quant import calibrate, calibration_tokens, resolve
+    from flashit_jax.quant import calibration_tokens, resolve
 
     name, rules = resolve(recipe)
     needy = sorted({m.name for _, m in rules if m is not None and m.needs_calibration})
@@ -32,18 +32,47 @@ def calibration_for(loaded, tokenizer, recipe, data: str | None, split: str, seq
                            "(e.g. --calib bundled, a .jsonl file or hf:NAME)")
     if tokenizer is None:
         raise FlashitError("calibration needs a tokenizer; pass --tokenizer")
-    docs = load_documents(data, split)
-    tokens = calibration_tokens(tokenizer, docs, n_seqs=seqs, seq_len=seq_len, seed=seed)
+    return calibration_tokens(tokenizer, load_documents(data, split), n_seqs=seqs, seq_len=seq_len, seed=seed)
+
+
+def calibration_for(loaded, tokenizer, recipe, data: str | None, split: str, seqs: int, seq_len: int,
+                    seed: int = 0, progress: bool = True):
+    """The Calibration a recipe needs (None if it needs none); FlashitError if it needs one and `data` is None."""
+    from flashit_jax.quant import calibrate
+
+    tokens = calibration_tokens_for(tokenizer, recipe, data, split, seqs, seq_len, seed)
+    if tokens is None:
+        return None
     return calibrate(loaded.model, loaded.params, tokens, progress=progress,
                      source={"data": data, "split": split, "seed": seed})
 
 
+def quantize_for(loaded, tokenizer, recipe, data: str | None, split: str, seqs: int, seq_len: int, seed: int = 0,
+                 sequential: bool = False):
+    """(quantized params, calibration record or None): one calibration pass, or with `sequential` one per layer
+    from the partly quantized model (flashit_jax.quant.sequential)."""
+    from flashit_jax.quant import quantize
+
+    if not sequential:
+        calib = calibration_for(loaded, tokenizer, recipe, data, split, seqs, seq_len, seed)
+        return quantize(loaded.params, recipe, calib, progress=True), None if calib is None else calib.describe()
+    from flashit_jax.quant.sequential import quantize_sequential
+
+    tokens = calibration_tokens_for(tokenizer, recipe, data, split, seqs, seq_len, seed)
+    if tokens is None:
+        raise FlashitError(f"recipe {recipe} needs no calibration, so sequential calibration does not apply")
+    params = quantize_sequential(loaded.model, loaded.params, recipe, tokens, progress=True)
+    return params, {"n_tokens": int(tokens.size), "data": data, "split": split, "seed": seed, "sequences": len(tokens),
+                    "seq_len": int(tokens.shape[1]), "sequential": True}
+
+
 def transform_record(recipe, calib) -> dict:
+    """calib: a Calibration, its describe() dict, or None."""
     from flashit_jax.quant import resolve, rules_to_json
 
     name, rules = resolve(recipe)
     return {"transform": "quantize", "recipe": name, "rules": rules_to_json(rules),
-            "calibration": None if calib is None else calib.describe(),
+            "calibration": calib.describe() if hasattr(calib, "describe") else calib,
             "date": datetime.date.today().isoformat()}
 
 
@@ -60,20 +89,21 @@ def main(argv=None):
     ap.add_argument("--tokenizer", default=None, help="tokenizer source when the model has none")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="compute dtype of the saved model")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sequential", action="store_true",
+                    help="calibrate layer by layer from the partly quantized model (GPTQ's order; one pass per layer)")
     args = ap.parse_args(argv)
     with user_errors("eval.quantize"):
         from eval.common import setup_jax
         from flashit_jax.loading import load_model, load_tokenizer, save_model
-        from flashit_jax.quant import quantize, resolve, size_bytes
+        from flashit_jax.quant import resolve, size_bytes
 
         setup_jax()
         resolve(args.recipe)  # fail on a bad name before loading anything
         loaded = load_model(args.model, args.dtype)
         tok = load_tokenizer(args.tokenizer) if args.tokenizer else loaded.tokenizer
         t0 = time.perf_counter()
-        calib = calibration_for(loaded, tok, args.recipe, args.calib, args.calib_split, args.calib_seqs,
-                                args.calib_len, args.seed)
-        qparams = quantize(loaded.params, args.recipe, calib, progress=True)
+        qparams, calib = quantize_for(loaded, tok, args.recipe, args.calib, args.calib_split, args.calib_seqs,
+                                      args.calib_len, args.seed, sequential=args.sequential)
         elapsed = time.perf_counter() - t0
         out = save_model(args.out, loaded.config, qparams, tokenizer=tok,
                          transforms=list(loaded.transforms) + [transform_record(args.recipe, calib)])
