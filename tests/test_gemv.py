@@ -52,7 +52,7 @@ def test_matvec_t(m, d, v):
     assert got.shape == (m, v) and rel < 1e-5
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=pytest.mark.slow)])  # True: 22 s on 2 cores
 def test_model_logits_through_the_kernel(monkeypatch, fused):
     """A decode step through nn.linear/unembed with the kernel equals the XLA path, and its grads."""
     from models import Model

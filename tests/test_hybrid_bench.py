@@ -25,6 +25,7 @@ def tiny_shapes():
         configs.SHAPES.pop(name, None)
 
 
+@pytest.mark.slow  # 15 s on 2 cores (2026-12-06): scanned decode steps stay in tests/test_generate.py
 def test_scanned_steps_equal_one_call_per_token():
     from eval.decode_bench import _filled_cache, _step, _steps
 

@@ -162,6 +162,7 @@ def test_param_axes_cover_every_parameter():
         assert axes is not None and len(axes) == len(leaf.shape), path
 
 
+@pytest.mark.slow  # 19 s on 2 cores (2026-12-06): the multi-head scan stays in tests/kernels/test_ssm_scan.py
 def test_multihead_mixer_decode_and_attention_init():
     """The Mamba-2-layout mixer: recurrent steps equal its parallel pass; from_attention maps weights."""
     from models.mamba import MultiHeadConfig, from_attention, init_multihead, multihead_mixer

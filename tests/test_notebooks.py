@@ -71,6 +71,7 @@ def test_notebook_runs_on_cpu(name, tiny, tmp_path, monkeypatch):
         assert r.returncode == 0, r.stderr[-3000:]
 
 
+@pytest.mark.slow  # 18 s on 2 cores (2026-12-06): the quickstart notebook still runs in the default set
 @pytest.mark.skipif(not (have("nbclient") and have("ipykernel")), reason="nbclient/ipykernel not installed")
 def test_run_notebooks_records_success_and_the_failing_cells_error(tiny, tmp_path, monkeypatch):
     """eval.run_notebooks (the accelerator run of the notebooks) saves each executed notebook and a
