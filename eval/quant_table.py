@@ -73,15 +73,15 @@ def _label(row: str) -> str:
     return row.split("=", 1)[0] if _spec(row) != row else row
 
 
-def _recipe(row: str) -> tuple[str, bool]:
-    """'w4g64-gptq:seq' -> ('w4g64-gptq', True): the recipe and whether it is calibrated sequentially."""
-    return (row[:-4], True) if row.endswith(":seq") else (row, False)
+def _recipe(row: str) -> str:
+    """'w4g64-gptq:seq' -> 'w4g64-gptq': the recipe of a row calibrated sequentially (or the row itself)."""
+    return row.removesuffix(":seq")
 
 
 def describe_row(row: str) -> str:
     row = _spec(row)
     if row.endswith(":seq"):
-        return describe_row(_recipe(row)[0]) + "; calibrated layer by layer from the partly quantized model"
+        return describe_row(_recipe(row)) + "; calibrated layer by layer from the partly quantized model"
     if row == "baseline":
         return "as loaded"
     if row.startswith(("model:", "qlora:")):
@@ -245,7 +245,7 @@ def main(argv=None):
                 if recipe:
                     resolve(recipe)
             elif r not in ("baseline", "kv-int8"):
-                resolve(_recipe(r)[0])
+                resolve(_recipe(r))
         settings = {k: getattr(args, k) for k in ("model", "data", "split", "ctx", "protocol", "max_chunks", "calib",
                                                   "calib_split", "calib_seqs", "calib_len")}
         state_path = Path(args.json)
@@ -267,7 +267,7 @@ def main(argv=None):
             elif _spec(row).startswith(("model:", "qlora:")):
                 params = trained_row_params(_spec(row), loaded)
             elif row.endswith(":seq"):
-                params, _ = quantize_for(loaded, loaded.tokenizer, _recipe(row)[0], args.calib, args.calib_split,
+                params, _ = quantize_for(loaded, loaded.tokenizer, _recipe(row), args.calib, args.calib_split,
                                          args.calib_seqs, args.calib_len, sequential=True)
                 jax.block_until_ready(params)
             elif row != "baseline":
